@@ -1,0 +1,79 @@
+"""Outcome-reward advantage estimators (DESIGN §4.4) and their per-node token weights.
+
+`norm(R, G) = (R − mean_G) / (std_G + eps)` with the unbiased std; a group of size 1 or with zero
+spread gives 0. Per-leaf estimators act on every trainable token of the leaf's path, so a node on the
+paths of k leaves carries A⁺ = Σ positive and A⁻ = Σ negative advantages of those leaves and
+multiplicity k — exactly what duplicating the k trajectories does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+ESTIMATORS = ("grpo", "dr_grpo", "tree", "tree_intra", "tree_inter")
+
+LeafKey = tuple[str, int, int]  # (prompt_id, tree_id, leaf node_id)
+
+
+def group_norm(rewards: np.ndarray, eps: float = 1e-6, scale: bool = True) -> np.ndarray:
+    """Normalise rewards within one group; size-1 or zero-spread groups give zeros."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.size < 2 or np.ptp(rewards) == 0:
+        return np.zeros_like(rewards)
+    centred = rewards - rewards.mean()
+    return centred / (rewards.std(ddof=1) + eps) if scale else centred
+
+
+def leaf_advantages(rewards: dict[LeafKey, float], estimator: str, eps: float = 1e-6) -> dict[LeafKey, float]:
+    """Advantage per leaf. Groups: the prompt's leaves (inter / grpo) and the tree's leaves (intra)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ESTIMATORS}")
+    by_prompt: dict[str, list[LeafKey]] = defaultdict(list)
+    by_tree: dict[tuple[str, int], list[LeafKey]] = defaultdict(list)
+    for key in rewards:
+        by_prompt[key[0]].append(key)
+        by_tree[key[:2]].append(key)
+
+    def over(groups: dict, scale: bool = True) -> dict[LeafKey, float]:
+        out = {}
+        for keys in groups.values():
+            for key, a in zip(keys, group_norm([rewards[k] for k in keys], eps, scale)):
+                out[key] = float(a)
+        return out
+
+    if estimator == "grpo":
+        return over(by_prompt)
+    if estimator == "dr_grpo":
+        return over(by_prompt, scale=False)
+    if estimator == "tree_inter":
+        return over(by_prompt)
+    if estimator == "tree_intra":
+        return over(by_tree)
+    inter, intra = over(by_prompt), over(by_tree)
+    return {k: intra[k] + inter[k] for k in rewards}
+
+
+def node_weights(
+    parents: dict[tuple[str, int, int], int | None], leaf_adv: dict[LeafKey, float]
+) -> dict[tuple[str, int, int], tuple[float, float, int]]:
+    """(A⁺, A⁻, multiplicity) per node, summing the advantages of the leaves below it.
+
+    `parents` maps every node (prompt_id, tree_id, node_id) to its parent node_id (None for a first step).
+    """
+    out: dict[tuple[str, int, int], list] = {k: [0.0, 0.0, 0] for k in parents}
+    for leaf, adv in leaf_adv.items():
+        if leaf not in parents:
+            raise KeyError(f"leaf {leaf} has a reward but no node")
+        node: int | None = leaf[2]
+        while node is not None:
+            key = (leaf[0], leaf[1], node)
+            w = out[key]
+            if adv > 0:
+                w[0] += adv
+            elif adv < 0:
+                w[1] += adv
+            w[2] += 1
+            node = parents[key]
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}

@@ -1,0 +1,215 @@
+"""Typed configuration: pydantic models (unknown keys are errors), YAML files and `key.sub=value` overrides.
+
+Every field carries its help text; `configs/tiny.yaml` documents the same keys with comments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    name: str = Field("tiny", description="Run name; outputs go to <output_root>/<name>/.")
+    output_root: str = Field("runs", description="Root URI (local path or s3://...) for all run outputs.")
+    seed: int = Field(0, description="Global seed: world, sampling, training and evaluation derive from it.")
+    iterations: int = Field(20, ge=0, description="RL iterations (sample → verify → label → train → evaluate).")
+    eval_every: int = Field(5, ge=1, description="Evaluate on val/test every this many iterations (the last always).")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto picks cuda when present.")
+
+
+class WorldConfig(Strict):
+    num_people: int = Field(600, ge=10, description="People in the synthetic knowledge base.")
+    num_cities: int = Field(40, ge=3, description="Cities.")
+    num_countries: int = Field(12, ge=2, description="Countries.")
+    num_companies: int = Field(30, ge=2, description="Companies.")
+    hop_mix: dict[int, float] = Field(
+        default_factory=lambda: {1: 0.2, 2: 0.5, 3: 0.3},
+        description="Share of questions per hop count (1, 2, 3); normalised.",
+    )
+    test_people_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of people held out as test subjects.")
+    val_people_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of people held out as val subjects.")
+    num_train: int = Field(4000, ge=1, description="Training questions (demonstrations and RL prompts).")
+    num_val: int = Field(100, ge=1, description="Fixed validation questions.")
+    num_test: int = Field(300, ge=1, description="Fixed test questions (held-out people only).")
+    search_top_k: int = Field(3, ge=1, description="Documents returned by the search tool.")
+
+    @model_validator(mode="after")
+    def _hops(self) -> WorldConfig:
+        bad = [h for h in self.hop_mix if h not in (1, 2, 3)]
+        if bad or not self.hop_mix or min(self.hop_mix.values()) < 0 or sum(self.hop_mix.values()) <= 0:
+            raise ValueError(f"hop_mix keys must be 1, 2 or 3 with non-negative shares, got {self.hop_mix}")
+        return self
+
+
+class ModelConfig(Strict):
+    path: str | None = Field(None, description="Existing Hugging Face model directory; null builds a tiny Llama.")
+    hidden_size: int = Field(128, ge=8, description="Hidden size of the tiny Llama.")
+    num_layers: int = Field(4, ge=1, description="Transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(512, ge=32, description="Context window in tokens.")
+
+
+class WarmstartConfig(Strict):
+    num_demos: int = Field(6000, ge=1, description="Demonstration episodes generated from train questions.")
+    steps: int = Field(600, ge=0, description="Optimizer steps of supervised warm start.")
+    batch_size: int = Field(32, ge=1, description="Demonstrations per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    early_answer_prob: float = Field(
+        0.6, ge=0, le=1,
+        description="Per remaining hop, chance a demonstration stops searching and guesses an answer.",
+    )
+    sloppy_query_prob: float = Field(0.2, ge=0, le=1, description="Chance a demonstration query drops the first name.")
+
+
+class AgentConfig(Strict):
+    max_turns: int = Field(4, ge=1, description="Model turns per episode (search calls + answer).")
+    max_tokens_per_turn: int = Field(16, ge=2, description="Cap on generated tokens in one turn.")
+    max_total_tokens: int = Field(256, ge=16, description="Cap on the whole episode (prompt + turns + observations).")
+
+
+class SamplingConfig(Strict):
+    prompts_per_iteration: int = Field(32, ge=1, description="Training questions per iteration.")
+    trees_per_prompt: int = Field(2, ge=1, description="M: trees per prompt, each started from one full chain.")
+    expansions_per_round: int = Field(2, ge=1, description="N: nodes drawn (with replacement) per tree per round.")
+    expansion_rounds: int = Field(
+        1, ge=0, description="L: expansion rounds; 0 is chain mode (M independent chains, the GRPO baseline)."
+    )
+    keep_leaves: int | None = Field(None, ge=1, description="K: keep at most K random leaves per tree (null: all).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+
+class VerifyConfig(Strict):
+    correct_format: float = Field(1.0, description="Reward: correct answer, valid format.")
+    correct_bad_format: float = Field(0.8, description="Reward: correct answer, invalid format.")
+    wrong_format: float = Field(0.2, description="Reward: wrong answer, valid format.")
+    wrong_bad_format: float = Field(0.1, description="Reward: answer present but wrong, invalid format.")
+    no_answer: float = Field(0.0, description="Reward: no answer.")
+
+
+class AdvantageConfig(Strict):
+    estimator: Literal["tree", "tree_intra", "tree_inter", "grpo", "dr_grpo"] = Field(
+        "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a prompt."
+    )
+    eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
+
+
+class TrainConfig(Strict):
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate.")
+    clip_low: float = Field(0.2, ge=0, description="PPO ε_low.")
+    clip_high: float = Field(0.2, ge=0, description="PPO ε_high.")
+    dual_clip: float = Field(3.0, gt=1, description="Dual-clip constant c for negative advantages.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over the batch per iteration.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch.")
+    micro_batch_size: int = Field(64, ge=1, description="Trajectories per forward/backward.")
+
+
+class EvaluateConfig(Strict):
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled (one-sample) evaluation.")
+    batch_size: int = Field(256, ge=1, description="Questions generated together.")
+
+
+class TrackingConfig(Strict):
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; null uses $MLFLOW_TRACKING_URI or sqlite:///<output_root>/mlflow.db."
+    )
+    experiment: str = Field("arborl", description="MLflow experiment name.")
+    enabled: bool = Field(True, description="Log to MLflow at all.")
+
+
+class Config(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def section_hash(self, *sections: str, **params: Any) -> str:
+        """Stable hash of the named sections (all when none), the seed and extra params; manifests use it
+        to tell whether a finished stage was made with the same settings."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        payload = {"config": data, "seed": self.run.seed, "params": params}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the file and key."""
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` → ("a.b", value) with the value parsed as YAML (so 3, 0.1, true, null, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (default `configs/tiny.yaml`) and apply `key.sub=value` overrides.
+
+    Raises ConfigError naming the file and the offending key.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value, str(path))
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key {key!r}")
+            else:
+                problems.append(f"key {key!r}: {err['msg']}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None

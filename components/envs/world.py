@@ -1,0 +1,185 @@
+"""A seeded synthetic world for multi-hop search: people, cities, countries, companies and relations.
+
+Every relation is one fact sentence (the search tool's corpus). Questions follow relation paths of
+1, 2 or 3 hops. People are split into train / val / test *subjects*: a test question's subject never
+appears as a subject of a training prompt or demonstration; every name part of a held-out person also
+belongs to some training person, so no word of the test set is untrained.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+from components.config import WorldConfig
+from components.envs.protocol import question_prompt
+
+DATA_SOURCE = "synthetic_kb"
+
+# relation -> (fact template, question phrase used in a gold query, object type)
+RELATIONS = {
+    "born_in": ("{s} was born in {o} .", "{s} born", "city"),
+    "works_for": ("{s} works for {o} .", "{s} works for", "company"),
+    "mentor": ("the mentor of {s} is {o} .", "mentor of {s}", "person"),
+    "located_in": ("{s} is a city in {o} .", "{s} city in", "country"),
+    "headquartered_in": ("{s} is headquartered in {o} .", "{s} headquartered in", "city"),
+}
+
+# relation path -> question template over the subject person
+QUESTIONS: dict[tuple[str, ...], str] = {
+    ("born_in",): "where was {p} born ?",
+    ("works_for",): "which company does {p} work for ?",
+    ("mentor",): "who is the mentor of {p} ?",
+    ("born_in", "located_in"): "in which country was {p} born ?",
+    ("works_for", "headquartered_in"): "in which city is the company of {p} headquartered ?",
+    ("mentor", "born_in"): "where was the mentor of {p} born ?",
+    ("mentor", "works_for"): "which company does the mentor of {p} work for ?",
+    ("works_for", "headquartered_in", "located_in"): "in which country is the company of {p} headquartered ?",
+    ("mentor", "born_in", "located_in"): "in which country was the mentor of {p} born ?",
+    ("mentor", "works_for", "headquartered_in"): "in which city is the company of the mentor of {p} headquartered ?",
+}
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "k"]
+
+
+def _pseudo_words(rng: random.Random, n: int, syllables: tuple[int, int], taken: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        k = rng.randint(*syllables)
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(k)) + rng.choice(_CODAS)
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+@dataclass
+class World:
+    people: list[str]
+    cities: list[str]
+    countries: list[str]
+    companies: list[str]
+    facts: dict[tuple[str, str], str]  # (subject, relation) -> object
+    split_of: dict[str, str] = field(default_factory=dict)  # person -> train / val / test
+
+    def entities(self, kind: str) -> list[str]:
+        return {"person": self.people, "city": self.cities, "country": self.countries, "company": self.companies}[kind]
+
+    def fact_rows(self) -> list[dict]:
+        rows = []
+        for i, ((subject, relation), obj) in enumerate(sorted(self.facts.items())):
+            template = RELATIONS[relation][0]
+            rows.append(
+                {"doc_id": i, "subject": subject, "relation": relation, "object": obj,
+                 "text": template.format(s=subject, o=obj)}
+            )
+        return rows
+
+    def follow(self, subject: str, path: tuple[str, ...]) -> list[str]:
+        """Entities visited along `path` from `subject` (the last one is the answer)."""
+        chain, node = [], subject
+        for rel in path:
+            node = self.facts[(node, rel)]
+            chain.append(node)
+        return chain
+
+
+def build_world(cfg: WorldConfig, seed: int) -> World:
+    rng = random.Random(seed)
+    taken = {"the", "of", "in", "is", "a", "for", "was", "born", "works", "mentor", "city", "company"}
+    n_first = n_last = max(8, int((cfg.num_people * 1.5) ** 0.5) + 2)
+    firsts = _pseudo_words(rng, n_first, (1, 2), taken)
+    lasts = _pseudo_words(rng, n_last, (2, 2), taken)
+    cities = _pseudo_words(rng, cfg.num_cities, (2, 3), taken)
+    countries = _pseudo_words(rng, cfg.num_countries, (3, 3), taken)
+    companies = _pseudo_words(rng, cfg.num_companies, (2, 2), taken)
+    if n_first * n_last < cfg.num_people:
+        raise ValueError(f"world.num_people={cfg.num_people} exceeds the {n_first * n_last} possible names")
+    names = [f"{f} {last}" for f in firsts for last in lasts]
+    rng.shuffle(names)
+    people = names[: cfg.num_people]
+
+    # Held-out subjects: only people whose first and last names both occur among the remaining people.
+    order = people[:]
+    rng.shuffle(order)
+    n_test = int(round(cfg.num_people * cfg.test_people_fraction))
+    n_val = int(round(cfg.num_people * cfg.val_people_fraction))
+    split_of = {p: "train" for p in people}
+    for split, n in (("test", n_test), ("val", n_val)):
+        chosen = 0
+        for p in order:
+            if chosen == n:
+                break
+            if split_of[p] != "train":
+                continue
+            first, last = p.split()
+            rest = [q for q in people if q != p and split_of[q] == "train"]
+            if any(q.split()[0] == first for q in rest) and any(q.split()[1] == last for q in rest):
+                split_of[p] = split
+                chosen += 1
+
+    facts: dict[tuple[str, str], str] = {}
+    for p in people:
+        facts[(p, "born_in")] = rng.choice(cities)
+        facts[(p, "works_for")] = rng.choice(companies)
+        facts[(p, "mentor")] = rng.choice([q for q in people if q != p])
+    for c in cities:
+        facts[(c, "located_in")] = rng.choice(countries)
+    for co in companies:
+        facts[(co, "headquartered_in")] = rng.choice(cities)
+    return World(people, cities, countries, companies, facts, split_of)
+
+
+def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int) -> list[dict]:
+    """`n` prompt rows (DESIGN §3 prompts schema) whose subjects are people of `split`."""
+    rng = random.Random(f"{seed}-{split}")
+    subjects = sorted(p for p, s in world.split_of.items() if s == split)
+    if not subjects:
+        raise ValueError(f"no people in split {split!r}; raise world.num_people or the split fractions")
+    hops = sorted(cfg.hop_mix)
+    weights = [cfg.hop_mix[h] for h in hops]
+    paths_by_hops = {h: [p for p in QUESTIONS if len(p) == h] for h in hops}
+    rows, seen = [], set()
+    tries = 0
+    while len(rows) < n:
+        tries += 1
+        h = rng.choices(hops, weights)[0]
+        path = rng.choice(paths_by_hops[h])
+        subject = rng.choice(subjects)
+        if (subject, path) in seen and tries < 50 * n:
+            continue
+        seen.add((subject, path))
+        chain = world.follow(subject, path)
+        question = QUESTIONS[path].format(p=subject)
+        rows.append(
+            {
+                "prompt_id": f"{split}-{len(rows):05d}",
+                "data_source": DATA_SOURCE,
+                "prompt": question_prompt(question),
+                "ground_truth": [chain[-1]],
+                "split": split,
+                "extra_info": json.dumps(
+                    {"hops": h, "subject": subject, "path": list(path), "chain": chain, "question": question}
+                ),
+            }
+        )
+    return rows
+
+
+def vocabulary(world: World) -> list[str]:
+    """Every word the world can produce: fact sentences, questions, name parts (sorted, deterministic)."""
+    from components.envs.protocol import words
+
+    vocab: set[str] = set()
+    for row in world.fact_rows():
+        vocab.update(words(row["text"]))
+    for template in QUESTIONS.values():
+        vocab.update(words(template.format(p="")))
+    for _, query, _ in RELATIONS.values():
+        vocab.update(words(query.format(s="")))
+    for name in world.people + world.cities + world.countries + world.companies:
+        vocab.update(words(name))
+    return sorted(vocab)

@@ -1,0 +1,146 @@
+"""Explicit, versioned Arrow schemas of every Parquet artifact (DESIGN §3).
+
+The version is stored in each file's schema metadata and checked on read, so a file written by an
+incompatible version fails with a clear message instead of a KeyError deep in a stage.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from components import storage
+
+SCHEMA_VERSION = "1"
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": SCHEMA_VERSION})
+
+
+FACTS = _schema(
+    "facts",
+    [
+        pa.field("doc_id", pa.int32(), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("object", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ],
+)
+
+PROMPTS = _schema(
+    "prompts",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("data_source", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("ground_truth", pa.list_(pa.string()), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("extra_info", pa.string(), nullable=False),  # JSON: hops, subject, relation path, gold chain
+    ],
+)
+
+NODES = _schema(
+    "nodes",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("tree_id", pa.int32(), nullable=False),
+        pa.field("node_id", pa.int32(), nullable=False),
+        pa.field("parent_id", pa.int32(), nullable=True),  # null for a first agent step
+        pa.field("depth", pa.int32(), nullable=False),  # 1 for a first step
+        pa.field("expansion_round", pa.int32(), nullable=False),  # 0 = initial chain
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),  # false on observation tokens
+        pa.field("logprobs", pa.list_(pa.float32()), nullable=False),  # behaviour policy; NaN where masked
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),  # search / answer / invalid
+        pa.field("is_leaf", pa.bool_(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=True),  # leaves: answer / eos / max_turns / length
+        pa.field("policy_version", pa.int32(), nullable=False),
+    ],
+)
+
+REWARDS = _schema(
+    "rewards",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("tree_id", pa.int32(), nullable=False),
+        pa.field("leaf_id", pa.int32(), nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("f1", pa.float32(), nullable=False),
+        pa.field("verifier", pa.string(), nullable=False),
+        pa.field("details", pa.string(), nullable=False),  # JSON
+        pa.field("error", pa.string(), nullable=True),
+    ],
+)
+
+ADVANTAGES = _schema(
+    "advantages",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("tree_id", pa.int32(), nullable=False),
+        pa.field("node_id", pa.int32(), nullable=False),
+        pa.field("adv_pos", pa.float32(), nullable=False),  # Σ positive leaf advantages through this node
+        pa.field("adv_neg", pa.float32(), nullable=False),  # Σ negative leaf advantages through this node
+        pa.field("multiplicity", pa.int32(), nullable=False),  # leaves under this node
+        pa.field("leaf_advantage", pa.float32(), nullable=True),  # leaves only
+        pa.field("estimator", pa.string(), nullable=False),
+    ],
+)
+
+EVAL = _schema(
+    "eval",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("data_source", pa.string(), nullable=False),
+        pa.field("hops", pa.int32(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # greedy / sampled
+        pa.field("sample", pa.int32(), nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("em", pa.float32(), nullable=False),
+        pa.field("f1", pa.float32(), nullable=False),
+        pa.field("answer", pa.string(), nullable=True),
+        pa.field("tool_calls", pa.int32(), nullable=False),
+        pa.field("generated_tokens", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ],
+)
+
+ALL = {s.metadata[b"arborl.schema"].decode(): s for s in (FACTS, PROMPTS, NODES, REWARDS, ADVANTAGES, EVAL)}
+
+
+class SchemaError(ValueError):
+    """A Parquet artifact that does not match the schema this code expects; the message names the file."""
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write(rows_or_table: list[dict] | pa.Table, schema: pa.Schema, uri: str) -> int:
+    """Validate against `schema` and write atomically; returns the row count."""
+    table = rows_or_table if isinstance(rows_or_table, pa.Table) else to_table(rows_or_table, schema)
+    table = table.cast(schema) if table.schema != schema else table
+    table = table.replace_schema_metadata(schema.metadata)
+    storage.write_parquet(table, uri)
+    return table.num_rows
+
+
+def read(uri: str, schema: pa.Schema) -> pa.Table:
+    """Read a Parquet artifact and check its name, version and columns against `schema`."""
+    table = storage.read_parquet(uri)
+    name = schema.metadata[b"arborl.schema"].decode()
+    meta = table.schema.metadata or {}
+    got_name = meta.get(b"arborl.schema", b"").decode()
+    got_version = meta.get(b"arborl.schema_version", b"").decode()
+    if got_name != name or got_version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{uri}: expected a {name!r} table of schema version {SCHEMA_VERSION}, "
+            f"found {got_name or 'no arborl schema'!r} version {got_version or '?'}"
+        )
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{uri}: missing columns {missing}")
+    return table.select(schema.names)

@@ -1,0 +1,71 @@
+"""What every stage shares: the skip-if-done / write-manifest-last wrapper and small loaders."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from components import schemas, storage
+from components.config import Config
+from components.envs.retriever import FTSRetriever
+
+
+@dataclass
+class StageResult:
+    stage: str
+    out: str
+    outputs: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def run_stage(
+    stage: str,
+    cfg: Config,
+    inputs: dict[str, str],
+    out: str,
+    sections: tuple[str, ...],
+    body: Callable[[], tuple[dict[str, str], dict[str, Any]]],
+    **params: Any,
+) -> StageResult:
+    """Run `body` unless `out` already holds a manifest for the same inputs, config sections and params.
+
+    `body` writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
+    """
+    config_hash = cfg.section_hash(*sections, **params)
+    done = storage.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
+    if done is not None:
+        return StageResult(stage, out, done["outputs"], done["metrics"], done["seconds"], skipped=True)
+    for name, uri in inputs.items():
+        if storage.read_manifest(uri) is None:
+            raise FileNotFoundError(f"stage {stage!r}: input {name!r} at {uri} is missing or incomplete (no manifest)")
+    storage.prepare_output(out)
+    started = time.time()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    outputs, metrics = body()
+    manifest = storage.write_manifest(
+        out, stage=stage, inputs=inputs, config_hash=config_hash, outputs=outputs, metrics=metrics, started=started
+    )
+    return StageResult(stage, out, outputs, metrics, manifest["seconds"])
+
+
+def device(cfg: Config) -> str:
+    if cfg.run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.run.device
+
+
+def load_retriever(world_uri: str, cfg: Config) -> FTSRetriever:
+    return FTSRetriever.from_facts(schemas.read(storage.join(world_uri, "facts.parquet"), schemas.FACTS),
+                                   top_k=cfg.world.search_top_k)
+
+
+def load_prompts(world_uri: str, split: str | None = None) -> list[dict]:
+    rows = schemas.read(storage.join(world_uri, "prompts.parquet"), schemas.PROMPTS).to_pylist()
+    return [r for r in rows if split is None or r["split"] == split]

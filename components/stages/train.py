@@ -1,0 +1,45 @@
+"""train: one clipped policy-gradient update on the labelled trees → the next model directory."""
+
+from __future__ import annotations
+
+import torch
+
+from components import schemas, storage
+from components.config import Config
+from components.models import load_policy, prompt_ids, save_policy
+from components.stages.base import StageResult, device, load_prompts, run_stage
+from components.training.trainer import build_trajectories, policy_update
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
+    def body():
+        model, tokenizer = load_policy(inputs["model"], device(cfg))
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        state_uri = storage.join(inputs["model"], OPTIMIZER_FILE)
+        if storage.exists(state_uri):  # Adam moments carry over from the previous iteration's update
+            with storage.filesystem(state_uri)[0].open(storage.filesystem(state_uri)[1], "rb") as fh:
+                optimizer.load_state_dict(torch.load(fh, map_location=device(cfg)))
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.train.lr
+        nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
+        adv = schemas.read(storage.join(inputs["advantages"], "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
+        leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
+                    for a in adv if a["leaf_advantage"] is not None}
+        wanted = {n["prompt_id"] for n in nodes}
+        prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
+                   for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
+        trajectories = build_trajectories(prompts, nodes, leaf_adv)
+        metrics = policy_update(model, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
+                                seed=cfg.run.seed * 7919 + iteration)
+        save_policy(model, tokenizer, out)
+        buf = storage.join(out, OPTIMIZER_FILE)
+        import io
+
+        data = io.BytesIO()
+        torch.save(optimizer.state_dict(), data)
+        storage.write_bytes(buf, data.getvalue())
+        return {"model": out}, metrics
+
+    return run_stage("train", cfg, inputs, out, ("train",), body, iteration=iteration)

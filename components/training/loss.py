@@ -1,0 +1,38 @@
+"""Clipped policy-gradient loss (DESIGN §4.5) on per-token advantage weights.
+
+Each trainable token carries A⁺ (sum of the positive advantages of the trajectories through it), A⁻
+(sum of the negative ones) and a multiplicity. A duplicated trajectory with advantage A is the special
+case A⁺ = max(A, 0), A⁻ = min(A, 0), multiplicity 1, so one function serves both forms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clipped_objective(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv_pos: torch.Tensor,
+    adv_neg: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO objective with dual clip (to be maximised) and the clipped-token indicator.
+
+    All inputs have the same shape (any); returns (objective, clipped) of that shape.
+    A > 0: A·min(r, 1+ε_high).  A < 0: A·min(max(r, 1−ε_low), c).
+    """
+    ratio = torch.exp(logp - old_logp)
+    pos = adv_pos * torch.clamp(ratio, max=1.0 + clip_high)
+    neg = adv_neg * torch.clamp(torch.clamp(ratio, min=1.0 - clip_low), max=dual_clip)
+    clipped = ((adv_pos > 0) & (ratio > 1.0 + clip_high)) | (
+        (adv_neg < 0) & ((ratio < 1.0 - clip_low) | (ratio > dual_clip))
+    )
+    return pos + neg, clipped
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log π(target) per position. logits: (B, T, V) float; targets: (B, T) long → (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
