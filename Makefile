@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    builds .venv and runs the pipeline on configs/tiny.yaml
+#   make test   builds .venv and runs the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: run test install lint clean
+
+$(BIN)/arborl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# CPU torch first: with it present nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/arborl
+
+install: $(BIN)/arborl
+
+run: install
+	$(BIN)/arborl run --config $(CONFIG) $(ARGS)
+
+test: install
+	$(BIN)/pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache

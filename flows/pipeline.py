@@ -1,0 +1,138 @@
+"""The training flow: prepare → warm start → evaluate → iterations × (sample → verify → label → train
+[→ evaluate]). It only wires stages: tasks pass URIs and small dicts. A crashed run resumes when run
+again with the same config — every finished stage is skipped by its manifest."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, task
+
+from components import storage
+from components.config import Config
+from components.stages import STAGES
+from components.tracking import Tracker
+from flows.progress import Reporter, get_reporter
+
+SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
+                "test_tool_calls_sampled")
+
+
+@task(name="stage", retries=1, retry_delay_seconds=2)
+def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
+    reporter = get_reporter()
+    reporter.stage_started(name, params.get("iteration"))
+    extra = {"on_step": reporter.warmstart_step} if name == "warmstart" else {}
+    result = STAGES[name](cfg, inputs, out, **params, **extra)
+    reporter.stage_finished(name, params.get("iteration"), result.seconds, result.skipped)
+    return asdict(result)
+
+
+def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, **params: Any) -> dict:
+    it = params.get("iteration")
+    label = name if it is None else f"{name}-it{it:03d}"
+    return run_stage_task.with_options(name=name, task_run_name=label)(name, cfg, inputs, out, params)
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return storage.join(root, f"iter_{iteration:03d}")
+
+
+@flow(name="arborl-tree-grpo")
+def train_pipeline(config: dict) -> dict:
+    """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary."""
+    cfg = Config.model_validate(config)
+    reporter: Reporter = get_reporter()
+    started = time.time()
+    root = storage.join(cfg.run.output_root, cfg.run.name)
+    storage.makedirs(root)
+    storage.write_json(storage.join(root, "config.json"), cfg.model_dump(mode="json"))
+    tracker = Tracker(cfg, root)
+    stage_seconds: dict[str, float] = defaultdict(float)
+    history: list[dict] = []
+
+    def record(res: dict, step: int, prefix: str) -> dict:
+        stage_seconds[res["stage"]] += res["seconds"]
+        if not (res["skipped"] and tracker.resumed):
+            tracker.log_metrics(res["metrics"], step=step, prefix=prefix)
+            tracker.log_metrics({f"{res['stage']}_seconds": res["seconds"]}, step=step, prefix="time/")
+        return res
+
+    try:
+        reporter.run_started(cfg)
+        world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
+        model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0, "warmstart/")["out"]
+        warm_eval = record(
+            _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
+        )["metrics"]
+        reporter.evaluated(0, warm_eval)
+        last_eval, last_eval_iter = warm_eval, 0
+        for it in range(1, cfg.run.iterations + 1):
+            d = iteration_dir(root, it)
+            s = record(_stage("sample", cfg, {"model": model, "world": world}, storage.join(d, "sample"), iteration=it), it, "sample/")
+            v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")), it, "verify/")
+            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")), it, "label/")
+            t = record(
+                _stage("train", cfg, {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world},
+                       storage.join(d, "train"), iteration=it),
+                it, "train/",
+            )
+            model = t["out"]
+            row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],
+                   "trajectories": s["metrics"]["trajectories"], "generated_tokens": s["metrics"]["generated_tokens"]}
+            if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
+                last_eval = record(
+                    _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(d, "eval")), it, "eval/"
+                )["metrics"]
+                last_eval_iter = it
+                row.update({k: last_eval[k] for k in ("test_em", "test_em_sampled")})
+                reporter.evaluated(it, last_eval)
+            history.append(row)
+            reporter.iteration_finished(it, row)
+
+        summary = {
+            "run_name": cfg.run.name,
+            "iterations": cfg.run.iterations,
+            "final_iteration_evaluated": last_eval_iter,
+            "model": model,
+            "warmstart": {k: warm_eval[k] for k in SUMMARY_KEYS},
+            "final": {k: last_eval[k] for k in SUMMARY_KEYS},
+            "final_by_hops": {k: v for k, v in last_eval.items() if k.startswith("test_") and "_hop" in k},
+            "warmstart_by_hops": {k: v for k, v in warm_eval.items() if k.startswith("test_") and "_hop" in k},
+            "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
+            "wall_seconds": round(time.time() - started, 2),
+            "mlflow_run_id": tracker.run_id,
+            "config_hash": cfg.section_hash(),
+            "history": history,
+        }
+        summary_uri = storage.join(root, "summary.json")
+        storage.write_json(summary_uri, summary)
+        tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
+        tracker.log_metrics({"wall_seconds": summary["wall_seconds"]}, step=cfg.run.iterations)
+        if storage.is_local(summary_uri):
+            tracker.log_artifact(storage.filesystem(summary_uri)[1])
+            tracker.log_artifact(storage.filesystem(storage.join(root, "config.json"))[1])
+        _publish_summary(summary)
+        tracker.finish("FINISHED")
+        reporter.run_finished(summary)
+        return summary
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+
+
+def _publish_summary(summary: dict) -> None:
+    """A markdown artifact in the Prefect UI with the headline numbers."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = ["| metric | warm start | final |", "|---|---|---|"]
+    for k in SUMMARY_KEYS:
+        lines.append(f"| {k} | {summary['warmstart'][k]:.3f} | {summary['final'][k]:.3f} |")
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()]
+    create_markdown_artifact(
+        key="arborl-summary", markdown="\n".join(lines), description=f"run {summary['run_name']}"
+    )
