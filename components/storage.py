@@ -7,8 +7,10 @@ current call means the stage is done and is skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -59,11 +61,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_local(uri):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     else:  # object stores publish a PUT only once it is complete
         with fs.open(path, "wb") as fh:
             fh.write(data)
@@ -107,22 +113,35 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             write_bytes(join(uri, str(file.relative_to(local_dir))), file.read_bytes())
 
 
+def _listing_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A digest of a remote directory's file names, sizes and versions (ETag / mtime when the store has them)."""
+    entries = []
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+        entries.append(f"{name}|{info.get('size')}|{version}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def local_dir(uri: str, cache_root: str | Path | None = None) -> Path:
-    """A local directory holding the files under `uri` (the path itself when local, else a downloaded copy)."""
+    """A local directory holding the files under `uri`: the path itself when local, else a downloaded copy.
+
+    Copies are cached per URI and fetched again whenever the remote listing (names, sizes, versions) changes.
+    """
     fs, path = filesystem(uri)
     if is_local(uri):
         return Path(path)
     cache_root = Path(cache_root or Path(tempfile.gettempdir()) / "arborl-cache")
-    target = cache_root / path.replace("/", "_")
-    if not (target / ".complete").exists():
+    cache_root.mkdir(parents=True, exist_ok=True)
+    target = cache_root / hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:24]
+    digest = _listing_digest(fs, path)
+    stamp = target / ".complete"
+    if not (stamp.exists() and stamp.read_text() == digest):
         tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        (tmp / ".complete").write_text(digest)
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         os.replace(tmp, target)
-        (target / ".complete").touch()
     return target
 
 

@@ -1,4 +1,10 @@
-"""The `search` tool: fact sentences in an in-memory SQLite FTS5 index, ranked by bm25."""
+"""The `search` tool: fact sentences in an in-memory SQLite FTS5 index.
+
+Ranking: documents that contain the whole query as a phrase come first, then every document that
+matches any query term, each group by bm25. Plain bm25 ignores word order, so "the mentor of X" would
+tie X's own mentor fact with every fact naming X as somebody else's mentor; the phrase tier breaks that
+tie the way a reader would.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ class RetrieverError(RuntimeError):
 
 
 class FTSRetriever:
-    """Top-k bm25 search over a list of documents. Query terms are OR-ed, so a sloppy query still ranks."""
+    """Top-k search over a list of documents: phrase matches first, then OR-ed terms by bm25."""
 
     def __init__(self, docs: list[str], top_k: int = 3):
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.top_k = top_k
         self.docs = docs
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -28,16 +36,27 @@ class FTSRetriever:
     def from_facts(cls, facts: pa.Table, top_k: int = 3) -> FTSRetriever:
         return cls(facts.column("text").to_pylist(), top_k=top_k)
 
+    def _match(self, expression: str, limit: int) -> list[tuple[int, str]]:
+        return self._db.execute(
+            "SELECT rowid, text FROM docs WHERE docs MATCH ? ORDER BY bm25(docs), rowid LIMIT ?", (expression, limit)
+        ).fetchall()
+
     def search(self, query: str, k: int | None = None) -> list[str]:
-        terms = sorted(set(_TERM.findall(query.lower())), key=query.lower().find)
+        k = self.top_k if k is None else k
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        terms = _TERM.findall(query.lower())
         if not terms:
             return []
-        match = " OR ".join(f'"{t}"' for t in terms)
+        unique = list(dict.fromkeys(terms))
         try:
-            rows = self._db.execute(
-                "SELECT text FROM docs WHERE docs MATCH ? ORDER BY bm25(docs), rowid LIMIT ?",
-                (match, k or self.top_k),
-            ).fetchall()
+            phrase = self._match('"' + " ".join(terms) + '"', k) if len(terms) > 1 else []
+            anyterm = self._match(" OR ".join(f'"{t}"' for t in unique), k + len(phrase))
         except sqlite3.Error as exc:
             raise RetrieverError(f"search failed for query {query!r}: {exc}") from exc
-        return [r[0] for r in rows]
+        seen, out = set(), []
+        for rowid, text in phrase + anyterm:
+            if rowid not in seen:
+                seen.add(rowid)
+                out.append(text)
+        return out[:k]

@@ -17,13 +17,13 @@ from components.envs.protocol import question_prompt
 
 DATA_SOURCE = "synthetic_kb"
 
-# relation -> (fact template, question phrase used in a gold query, object type)
+# relation -> (fact template, gold query: the fact's words up to the object, object type)
 RELATIONS = {
-    "born_in": ("{s} was born in {o} .", "{s} born", "city"),
+    "born_in": ("{s} was born in {o} .", "{s} was born in", "city"),
     "works_for": ("{s} works for {o} .", "{s} works for", "company"),
-    "mentor": ("the mentor of {s} is {o} .", "mentor of {s}", "person"),
-    "located_in": ("{s} is a city in {o} .", "{s} city in", "country"),
-    "headquartered_in": ("{s} is headquartered in {o} .", "{s} headquartered in", "city"),
+    "mentor": ("the mentor of {s} is {o} .", "the mentor of {s}", "person"),
+    "located_in": ("{s} is a city in {o} .", "{s} is a city in", "country"),
+    "headquartered_in": ("{s} is headquartered in {o} .", "{s} is headquartered in", "city"),
 }
 
 # relation path -> question template over the subject person

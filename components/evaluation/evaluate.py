@@ -34,7 +34,7 @@ def evaluate_policy(
     `<split>_em[_sampled]_hop<h>`, `<split>_tool_calls[_sampled]`, `<split>_reward[_sampled]`.
     """
     rows: list[dict] = []
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=backend.device).manual_seed(seed)
     for mode in ("greedy", "sampled"):
         episodes = [Episode(prompt_ids(env.tokenizer, r["prompt"]), agent.max_turns) for r in prompt_rows]
         run_episodes(backend, env, episodes, agent, temperature, greedy=(mode == "greedy"), generator=gen)

@@ -102,7 +102,7 @@ def sample_trees(
 ) -> list[Tree]:
     """Grow M trees per prompt by random expansion. `prompts` holds (prompt_id, prompt token ids)."""
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=backend.device).manual_seed(seed)
     trees = [Tree(pid, m, ids) for pid, ids in prompts for m in range(sampling.trees_per_prompt)]
 
     def grow(picks: list[tuple[Tree, int]], expansion_round: int) -> None:

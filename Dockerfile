@@ -1,0 +1,28 @@
+# CPU image that runs the arborl pipeline (`arborl run` on configs/tiny.yaml by default).
+#   docker build -t arborl .
+#   docker run --rm -v "$PWD/runs:/app/runs" arborl                       # the default run
+#   docker run --rm arborl stage evaluate --config configs/tiny.yaml --in model=... --in world=... --out ...
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1
+
+WORKDIR /app
+
+# CPU torch first, from PyTorch's CPU wheel index, so the project's "torch>=2.4" is already met.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+
+COPY pyproject.toml README.md ./
+COPY components ./components
+COPY flows ./flows
+COPY configs ./configs
+RUN pip install .
+
+RUN useradd --create-home arborl && chown -R arborl /app
+USER arborl
+
+ENTRYPOINT ["arborl"]
+CMD ["run", "--config", "configs/tiny.yaml"]

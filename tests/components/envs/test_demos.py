@@ -1,0 +1,122 @@
+"""components.envs.demos: imperfect demonstrations in the agent format."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from components.envs.demos import demonstration
+from components.envs.protocol import ANSWER_OPEN, INFO_OPEN, SEARCH_OPEN, extract_answer, is_valid_sequence
+from components.envs.world import RELATIONS
+
+
+def _all_questions(questions):
+    return [q for rows in questions.values() for q in rows]
+
+
+def _demo(q, retriever, fact_index, entities_by_type, seed, early, sloppy):
+    return demonstration(q, retriever, fact_index, entities_by_type, random.Random(seed), early, sloppy)
+
+
+def _answer(segments) -> str | None:
+    return extract_answer(segments[-1][0])
+
+
+def _check_structure(q, segments):
+    assert segments[0] == (q["prompt"], False)
+    body = segments[1:]
+    assert body, "a demonstration has at least one model turn"
+    # model turns and observations alternate: (search, observation)* then one answer
+    for i, (text, trainable) in enumerate(body):
+        if i % 2 == 0:
+            assert trainable, text
+            last = i == len(body) - 1
+            assert text.startswith(f" {ANSWER_OPEN if last else SEARCH_OPEN} "), text
+        else:
+            assert not trainable, text
+            assert text.startswith(f" {INFO_OPEN}"), text
+    assert len(body) % 2 == 1
+    response = "".join(text for text, _ in body)
+    assert is_valid_sequence(response) == (True, "ok"), response
+
+
+@pytest.mark.parametrize(("early", "sloppy"), [(0.0, 0.0), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
+def test_demonstrations_alternate_turns_and_observations_in_valid_format(
+    questions, retriever, fact_index, entities_by_type, early, sloppy
+):
+    for i, q in enumerate(_all_questions(questions)):
+        _check_structure(q, _demo(q, retriever, fact_index, entities_by_type, i, early, sloppy))
+
+
+def test_noise_free_demo_searches_every_hop(questions, retriever, fact_index, entities_by_type):
+    for i, q in enumerate(_all_questions(questions)):
+        info = json.loads(q["extra_info"])
+        segments = _demo(q, retriever, fact_index, entities_by_type, i, 0.0, 0.0)
+        searches = [t for t, trainable in segments[1:] if trainable and t.startswith(f" {SEARCH_OPEN}")]
+        assert len(searches) == info["hops"]
+        # the first query is the gold query about the subject
+        assert searches[0] == f" {SEARCH_OPEN} {RELATIONS[info['path'][0]][1].format(s=info['subject'])} </search>"
+
+
+def test_noise_free_demo_is_right_when_no_hop_is_a_mentor_hop(questions, retriever, fact_index, entities_by_type):
+    checked = 0
+    for i, q in enumerate(_all_questions(questions)):
+        if "mentor" in json.loads(q["extra_info"])["path"]:
+            continue
+        checked += 1
+        assert _answer(_demo(q, retriever, fact_index, entities_by_type, i, 0.0, 0.0)) == q["ground_truth"][0]
+    assert checked >= 20
+
+
+def test_noise_free_demo_answers_most_questions_correctly(questions, retriever, fact_index, entities_by_type):
+    rows = _all_questions(questions)
+    right = sum(
+        _answer(_demo(q, retriever, fact_index, entities_by_type, i, 0.0, 0.0)) == q["ground_truth"][0]
+        for i, q in enumerate(rows)
+    )
+    assert right / len(rows) >= 0.95
+
+
+def test_early_answer_always_gives_a_single_answer_turn(questions, retriever, fact_index, entities_by_type, world):
+    for i, q in enumerate(_all_questions(questions)):
+        segments = _demo(q, retriever, fact_index, entities_by_type, i, 1.0, 0.0)
+        assert len(segments) == 2
+        text, trainable = segments[1]
+        assert trainable and text.startswith(f" {ANSWER_OPEN} ")
+        answer_type = RELATIONS[json.loads(q["extra_info"])["path"][-1]][2]
+        assert _answer(segments) in world.entities(answer_type)
+
+
+def test_early_answer_rate_roughly_matches_probability(questions, retriever, fact_index, entities_by_type):
+    rows = [q for q in _all_questions(questions)]
+    immediate = sum(
+        len(_demo(q, retriever, fact_index, entities_by_type, i, 0.5, 0.0)) == 2 for i, q in enumerate(rows)
+    )
+    assert 0.3 < immediate / len(rows) < 0.7
+
+
+def test_sloppy_queries_drop_the_first_name(questions, retriever, fact_index, entities_by_type):
+    for i, q in enumerate(_all_questions(questions)):
+        info = json.loads(q["extra_info"])
+        segments = _demo(q, retriever, fact_index, entities_by_type, i, 0.0, 1.0)
+        first_query = segments[1][0]
+        last_name = info["subject"].split()[-1]
+        assert first_query == f" {SEARCH_OPEN} {RELATIONS[info['path'][0]][1].format(s=last_name)} </search>"
+
+
+def test_demonstrations_are_reproducible(questions, retriever, fact_index, entities_by_type):
+    q = questions["train"][0]
+    a = _demo(q, retriever, fact_index, entities_by_type, 5, 0.5, 0.5)
+    b = _demo(q, retriever, fact_index, entities_by_type, 5, 0.5, 0.5)
+    assert a == b
+
+
+def test_observations_are_the_retrieved_documents(questions, retriever, fact_index, entities_by_type):
+    from components.envs.protocol import observation, search_query
+
+    q = questions["train"][3]
+    segments = _demo(q, retriever, fact_index, entities_by_type, 0, 0.0, 0.0)
+    for (turn, _), (obs, _) in zip(segments[1::2], segments[2::2], strict=False):
+        assert obs == observation(retriever.search(search_query(turn)))

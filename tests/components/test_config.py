@@ -1,0 +1,219 @@
+"""components.config: YAML files, strict validation with messages naming file and key, overrides, hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_are_config_files_to_check():
+    assert DEFAULT_CONFIG in CONFIG_FILES
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_keeps_its_values(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    raw = yaml.safe_load(path.read_text()) or {}
+    dumped = cfg.model_dump()
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            assert dumped[section][key] == value, f"{path.name}: {section}.{key}"
+
+
+def test_default_config_is_tiny_yaml():
+    assert load_config() == load_config(DEFAULT_CONFIG)
+
+
+def _write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _tiny() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    data = _tiny()
+    data["run"]["colour"] = "red"
+    path = _write(tmp_path, data, "typo.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "run.colour" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_section_names_section_and_file(tmp_path):
+    data = _tiny()
+    data["sampler"] = {"temperature": 1.0}
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "'sampler'" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("run", "iterations", "abc"), ("run", "iterations", -1), ("train", "lr", "fast"), ("run", "device", "tpu"),
+     ("sampling", "keep_leaves", 0), ("tracking", "enabled", "perhaps")],
+)
+def test_mistyped_value_names_key_and_file(tmp_path, section, key, value):
+    data = _tiny()
+    data[section][key] = value
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{section}.{key}" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_bad_hop_mix_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="hop_mix"):
+        load_config(DEFAULT_CONFIG, ["world.hop_mix={4: 1.0}"])
+
+
+def test_missing_file_and_invalid_yaml_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml"):
+        load_config(listing)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a.b=3", ("a.b", 3)),
+        ("a.b=0.25", ("a.b", 0.25)),
+        ("a.b=null", ("a.b", None)),
+        ("a.b=true", ("a.b", True)),
+        ("a.b=[1, 2]", ("a.b", [1, 2])),
+        ("a.b={1: 0.5}", ("a.b", {1: 0.5})),
+        ("a.b=word", ("a.b", "word")),
+        ("a.b=x=y", ("a.b", "x=y")),
+        ("a.b=", ("a.b", "")),
+        (" a.b =7", ("a.b", 7)),
+    ],
+)
+def test_parse_override_uses_yaml_typing(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["no_equals_sign", "=3"])
+def test_parse_override_rejects_malformed(text):
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(text)
+
+
+def test_overrides_apply_with_yaml_typing():
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [
+            "run.iterations=7",
+            "train.lr=0.01",
+            "warmstart.lr=1e-3",
+            "sampling.keep_leaves=3",
+            "tracking.mlflow_uri=null",
+            "tracking.enabled=false",
+            "run.name=other",
+            "world.hop_mix={2: 1.0}",
+        ],
+    )
+    assert cfg.run.iterations == 7 and isinstance(cfg.run.iterations, int)
+    assert cfg.train.lr == 0.01
+    assert cfg.warmstart.lr == pytest.approx(1e-3)
+    assert cfg.sampling.keep_leaves == 3
+    assert cfg.tracking.mlflow_uri is None
+    assert cfg.tracking.enabled is False
+    assert cfg.run.name == "other"
+    assert cfg.world.hop_mix == {2: 1.0}
+    # untouched keys keep the file's values
+    assert cfg.run.eval_every == _tiny()["run"]["eval_every"]
+
+
+def test_later_override_wins_and_null_resets():
+    cfg = load_config(DEFAULT_CONFIG, ["sampling.keep_leaves=3", "sampling.keep_leaves=null"])
+    assert cfg.sampling.keep_leaves is None
+
+
+@pytest.mark.parametrize(("override", "named"), [("run.colour=red", "run.colour"), ("nosuch.key=1", "nosuch")])
+def test_override_of_unknown_key_errors(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT_CONFIG, [override])
+    assert named in str(err.value)
+
+
+def test_override_into_a_scalar_errors():
+    with pytest.raises(ConfigError, match="run.iterations.x"):
+        load_config(DEFAULT_CONFIG, ["run.iterations.x=1"])
+
+
+def test_mistyped_override_names_key():
+    with pytest.raises(ConfigError, match="run.iterations"):
+        load_config(DEFAULT_CONFIG, ["run.iterations=abc"])
+
+
+def test_config_from_dict_names_its_source():
+    with pytest.raises(ConfigError, match="<mine>: unknown key 'train.nope'"):
+        config_from_dict({"train": {"nope": 1}}, source="<mine>")
+
+
+def test_assignment_is_validated():
+    cfg = Config()
+    with pytest.raises(ValueError):
+        cfg.run.iterations = "abc"
+
+
+def test_section_hash_tracks_only_its_sections():
+    base = Config()
+    lr = config_from_dict({"train": {"lr": 0.123}})
+    temp = config_from_dict({"sampling": {"temperature": 0.5}})
+
+    assert base.section_hash("train") == Config().section_hash("train")  # stable
+    assert base.section_hash("train") != lr.section_hash("train")
+    assert base.section_hash("train") == temp.section_hash("train")
+    assert base.section_hash("sampling", "agent") != temp.section_hash("sampling", "agent")
+    assert base.section_hash("sampling", "agent") == lr.section_hash("sampling", "agent")
+    # all sections when none are named
+    assert base.section_hash() != lr.section_hash()
+    assert base.section_hash() != temp.section_hash()
+    # extra params and the seed are part of the hash
+    assert base.section_hash("train", iteration=1) != base.section_hash("train", iteration=2)
+    assert base.section_hash("train", iteration=1) == Config().section_hash("train", iteration=1)
+    assert base.section_hash("train") != config_from_dict({"run": {"seed": 5}}).section_hash("train")
+    # the section list matters
+    assert base.section_hash("train") != base.section_hash("train", "agent")
+
+
+def test_section_hash_of_unknown_section_errors():
+    with pytest.raises(KeyError):
+        Config().section_hash("nosuch")

@@ -1,0 +1,100 @@
+"""components.training.warmstart: demo tokenisation with loss masks and the supervised warm start."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from components.config import ModelConfig, WarmstartConfig
+from components.envs.demos import demonstration
+from components.models import build_model, encode
+from components.training.warmstart import supervised_train, tokenize_demo
+
+SEGMENTS = [
+    ("<question> where was kai born ? </question>", False),
+    (" <search> kai born </search>", True),
+    (" <information> kai was born in paris . </information>", False),
+    (" <answer> paris </answer>", True),
+]
+
+
+def test_tokenize_demo_masks_by_segment(tokenizer, world):
+    person, city = world.people[0], world.cities[0]
+    segments = [(text.replace("kai", person).replace("paris", city), learn) for text, learn in SEGMENTS]
+    ids, trainable = tokenize_demo(tokenizer, segments)
+    assert ids[0] == tokenizer.bos_token_id and trainable[0] is False
+    assert len(ids) == len(trainable)
+    pos = 1
+    for text, learn in segments:
+        toks = encode(tokenizer, text)
+        assert ids[pos : pos + len(toks)] == toks
+        assert trainable[pos : pos + len(toks)] == [learn] * len(toks)
+        pos += len(toks)
+    assert pos == len(ids)
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids[1:]) == " ".join(text.strip() for text, _ in segments)
+    learned = tokenizer.convert_ids_to_tokens([i for i, m in zip(ids, trainable, strict=True) if m])
+    assert learned[0] == "<search>" and learned[-1] == "</answer>" and "<information>" not in learned
+
+
+def _masked_ce(model, demo) -> float:
+    """Mean next-token cross-entropy over the trainable targets of one demo (independent of HF's labels)."""
+    ids, trainable = demo
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+    terms = [-float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if trainable[t]]
+    return sum(terms) / len(terms)
+
+
+@pytest.fixture
+def demos(tokenizer, questions, retriever, fact_index, entities_by_type):
+    rng = random.Random(0)
+    episodes = [
+        demonstration(q, retriever, fact_index, entities_by_type, rng, 0.0, 0.0) for q in questions["train"][:4]
+    ]
+    return [tokenize_demo(tokenizer, ep) for ep in episodes]
+
+
+def test_first_loss_is_the_masked_cross_entropy(tiny_model, tokenizer, demos):
+    """With one demo repeated the first batch is deterministic: its loss is the CE on trainable tokens only."""
+    expected = _masked_ce(tiny_model, demos[0])
+    metrics = supervised_train(tiny_model, [demos[0]], WarmstartConfig(steps=1, batch_size=3, lr=1e-3),
+                               tokenizer.pad_token_id, seed=0)
+    assert metrics["loss_first"] == pytest.approx(expected, rel=1e-4)
+    # and it differs from the CE over every token, so the mask matters
+    ids, trainable = demos[0]
+    assert expected != pytest.approx(_masked_ce(tiny_model, (ids, [True] * len(ids))), rel=1e-3)
+
+
+def test_supervised_train_lowers_the_loss(tiny_model, tokenizer, demos):
+    before = [_masked_ce(tiny_model, d) for d in demos]
+    calls = []
+    metrics = supervised_train(tiny_model, demos, WarmstartConfig(steps=40, batch_size=4, lr=1e-2),
+                               tokenizer.pad_token_id, seed=0, on_step=lambda *a: calls.append(a))
+    after = [_masked_ce(tiny_model, d) for d in demos]
+    assert sum(after) < 0.5 * sum(before)
+    assert metrics["loss_final"] < 0.5 * metrics["loss_first"]
+    assert metrics["steps"] == 40
+    assert [c[:2] for c in calls] == [(i, 40) for i in range(1, 41)]
+    assert all(math.isfinite(c[2]) for c in calls)
+    assert not tiny_model.training
+
+
+def test_supervised_train_is_reproducible(tokenizer, demos):
+    results = []
+    for _ in range(2):
+        model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer, 0)
+        supervised_train(model, demos, WarmstartConfig(steps=3, batch_size=2, lr=1e-2), tokenizer.pad_token_id, 0)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_zero_steps_is_a_no_op(tiny_model, tokenizer, demos):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    metrics = supervised_train(tiny_model, demos, WarmstartConfig(steps=0), tokenizer.pad_token_id, 0)
+    assert math.isnan(metrics["loss_first"]) and metrics["steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters(), strict=True))

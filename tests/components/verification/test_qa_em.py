@@ -1,0 +1,116 @@
+"""components.verification.qa_em: SQuAD normalisation, EM, F1 and the Search-R1 format rewards."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from components.config import VerifyConfig
+from components.verification.qa_em import exact_match, f1_score, normalize_answer, score_response
+
+
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  a   cat, an apple;  the end ", "cat apple end"),
+        ("Theatre anthem", "theatre anthem"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+        ("", ""),
+        ("A", ""),
+        ("kai-ron", "kairon"),
+        ("Tab\tand\nnewline", "tab and newline"),
+    ],
+)
+def test_normalize_answer(text, normal):
+    assert normalize_answer(text) == normal
+
+
+def test_exact_match():
+    assert exact_match("The Paris.", ["paris"])
+    assert exact_match("paris", ["london", "Paris"])
+    assert not exact_match("paris france", ["paris"])
+    assert not exact_match("paris", [])
+    assert exact_match("", ["the"])  # both normalise to the empty string
+
+
+@pytest.mark.parametrize(
+    ("pred", "golds", "f1"),
+    [
+        ("paris", ["paris"], 1.0),
+        ("the paris", ["Paris!"], 1.0),
+        ("paris france", ["paris"], 2 * 0.5 * 1.0 / 1.5),  # p = 1/2, r = 1
+        ("kai ron lee", ["kai ron"], 2 * (2 / 3) * 1.0 / (2 / 3 + 1)),
+        ("w x c d", ["c d e f g h"], 2 * 0.5 * (2 / 6) / (0.5 + 2 / 6)),
+        ("a b c d", ["c d e f g h"], 2 * (2 / 3) * (2 / 6) / (2 / 3 + 2 / 6)),  # "a" is dropped first
+        ("x x y", ["x y y"], 2 / 3),  # counts clip: common = {x: 1, y: 1}
+        ("london", ["paris"], 0.0),
+        ("", ["paris"], 0.0),
+        ("paris", [""], 0.0),
+        ("kai", ["london", "kai ron", "kai"], 1.0),  # best over ground truths
+        ("kai", [], 0.0),
+    ],
+)
+def test_f1_score(pred, golds, f1):
+    assert f1_score(pred, golds) == pytest.approx(f1)
+
+
+CFG = VerifyConfig()
+SEARCH = "<search> kai ron born </search> <information> kai ron was born in paris . </information>"
+
+
+@pytest.mark.parametrize(
+    ("response", "reward", "correct"),
+    [
+        (f"{SEARCH} <answer> paris </answer>", 1.0, True),  # correct, valid format
+        ("<search> q </search> <answer> paris </answer>", 0.8, True),  # correct, no <information>
+        ("text <answer> Paris. </answer>", 0.8, True),  # correct, text outside tags
+        (f"{SEARCH} <answer> london </answer>", 0.2, False),  # wrong, valid format
+        ("<answer> london </answer> <answer> rome </answer>", 0.1, False),  # wrong, two answers
+        ("<search> q </search> <answer> london </answer>", 0.1, False),  # wrong, bad format
+        (SEARCH, 0.0, False),  # no answer
+        ("", 0.0, False),
+    ],
+)
+def test_score_response_five_cases(response, reward, correct):
+    score = score_response(response, ["paris"], CFG)
+    assert score.reward == pytest.approx(reward)
+    assert score.correct is correct
+
+
+def test_score_response_details():
+    s = score_response(f"{SEARCH} <answer> paris france </answer>", ["paris"], CFG)
+    assert s.answer == "paris france" and not s.correct and s.valid_format
+    assert s.f1 == pytest.approx(2 / 3)
+    assert s.reward == pytest.approx(0.2)
+    none = score_response("nothing here", ["paris"], CFG)
+    assert none.answer is None and none.f1 == 0.0 and not none.valid_format
+
+
+def test_score_response_uses_the_configured_rewards():
+    cfg = VerifyConfig(correct_format=5.0, correct_bad_format=4.0, wrong_format=3.0, wrong_bad_format=2.0,
+                       no_answer=-1.0)
+    assert score_response("<answer> paris </answer>", ["paris"], cfg).reward == 5.0
+    assert score_response("x <answer> paris </answer>", ["paris"], cfg).reward == 4.0
+    assert score_response("<answer> rome </answer>", ["paris"], cfg).reward == 3.0
+    assert score_response("x <answer> rome </answer>", ["paris"], cfg).reward == 2.0
+    assert score_response("x", ["paris"], cfg).reward == -1.0
+
+
+def test_the_last_answer_is_scored():
+    s = score_response("<answer> rome </answer> <answer> paris </answer>", ["paris"], CFG)
+    assert s.answer == "paris" and s.correct and s.reward == pytest.approx(0.8)
+
+
+def test_malformed_responses_never_raise():
+    rng = random.Random(0)
+    pieces = ["<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>", "<answer",
+              "</", "<", ">", "paris", "the", ".", "\n", "\x00", "é", "🙂", "<think>", "(", "[", "\\", "*", " "]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        s = score_response(text, ["paris"], CFG)
+        assert s.reward in {0.0, 0.1, 0.2, 0.8, 1.0}
+    deep = "<search>" * 1000 + "</search>" * 1000 + "<answer>" * 500
+    assert score_response(deep, ["paris"], CFG).reward == 0.0
+    assert score_response("<answer>" + "x " * 10000 + "</answer>", [""], CFG).reward == pytest.approx(0.2)
