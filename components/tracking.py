@@ -86,8 +86,9 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [

@@ -64,7 +64,8 @@ def train_pipeline(config: dict) -> dict:
     try:
         reporter.run_started(cfg)
         world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
-        model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0, "warmstart/")["out"]
+        model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
+                       "warmstart/")["out"]
         warm_eval = record(
             _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
         )["metrics"]
@@ -72,14 +73,14 @@ def train_pipeline(config: dict) -> dict:
         last_eval, last_eval_iter = warm_eval, 0
         for it in range(1, cfg.run.iterations + 1):
             d = iteration_dir(root, it)
-            s = record(_stage("sample", cfg, {"model": model, "world": world}, storage.join(d, "sample"), iteration=it), it, "sample/")
-            v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")), it, "verify/")
-            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")), it, "label/")
-            t = record(
-                _stage("train", cfg, {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world},
-                       storage.join(d, "train"), iteration=it),
-                it, "train/",
-            )
+            s = record(_stage("sample", cfg, {"model": model, "world": world}, storage.join(d, "sample"),
+                              iteration=it), it, "sample/")
+            v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
+                       it, "verify/")
+            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
+                         it, "label/")
+            train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
+            t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
             row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],
                    "trajectories": s["metrics"]["trajectories"], "generated_tokens": s["metrics"]["generated_tokens"]}

@@ -39,7 +39,7 @@ def leaf_advantages(rewards: dict[LeafKey, float], estimator: str, eps: float = 
     def over(groups: dict, scale: bool = True) -> dict[LeafKey, float]:
         out = {}
         for keys in groups.values():
-            for key, a in zip(keys, group_norm([rewards[k] for k in keys], eps, scale)):
+            for key, a in zip(keys, group_norm([rewards[k] for k in keys], eps, scale), strict=True):
                 out[key] = float(a)
         return out
 

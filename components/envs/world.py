@@ -78,6 +78,17 @@ class World:
             )
         return rows
 
+    def to_json(self) -> dict:
+        return {"people": self.people, "cities": self.cities, "countries": self.countries,
+                "companies": self.companies, "split_of": self.split_of}
+
+    @classmethod
+    def from_artifacts(cls, world_json: dict, fact_rows: list[dict]) -> World:
+        """Rebuild a World from `world.json` and the rows of `facts.parquet` written by the prepare stage."""
+        facts = {(f["subject"], f["relation"]): f["object"] for f in fact_rows}
+        return cls(world_json["people"], world_json["cities"], world_json["countries"], world_json["companies"],
+                   facts, world_json["split_of"])
+
     def follow(self, subject: str, path: tuple[str, ...]) -> list[str]:
         """Entities visited along `path` from `subject` (the last one is the answer)."""
         chain, node = [], subject

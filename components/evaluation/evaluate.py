@@ -38,7 +38,7 @@ def evaluate_policy(
     for mode in ("greedy", "sampled"):
         episodes = [Episode(prompt_ids(env.tokenizer, r["prompt"]), agent.max_turns) for r in prompt_rows]
         run_episodes(backend, env, episodes, agent, temperature, greedy=(mode == "greedy"), generator=gen)
-        for r, ep in zip(prompt_rows, episodes):
+        for r, ep in zip(prompt_rows, episodes, strict=True):
             score = score_response(response_text(ep.steps), list(r["ground_truth"]), verify)
             rows.append(
                 {

@@ -85,7 +85,7 @@ def run_episodes(
         contexts = [e.context() for e in live]
         budgets = [min(agent.max_tokens_per_turn, agent.max_total_tokens - len(c)) for c in contexts]
         outs = backend.generate(contexts, budgets, env.stop_ids, temperature, greedy, generator)
-        for ep, ctx, out in zip(live, contexts, outs):
+        for ep, ctx, out in zip(live, contexts, outs, strict=True):
             text = decode(out.tokens)
             action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
             step = Step(out.tokens, out.logprobs, text, action)

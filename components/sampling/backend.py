@@ -42,9 +42,8 @@ class HFBackend:
         out: list[TurnOutput] = []
         for start in range(0, len(contexts), self.batch_size):
             end = start + self.batch_size
-            out.extend(
-                self._generate_batch(contexts[start:end], max_new_tokens[start:end], stop_ids, temperature, greedy, generator)
-            )
+            batch = contexts[start:end], max_new_tokens[start:end]
+            out.extend(self._generate_batch(*batch, stop_ids, temperature, greedy, generator))
         return out
 
     def _generate_batch(self, contexts, max_new, stop_ids, temperature, greedy, generator) -> list[TurnOutput]:

@@ -111,7 +111,7 @@ def sample_trees(
             for tree, node in picks
         ]
         run_episodes(backend, env, episodes, agent, sampling.temperature, greedy=False, generator=gen)
-        for (tree, node), ep in zip(picks, episodes):
+        for (tree, node), ep in zip(picks, episodes, strict=True):
             tree.attach(node, ep.steps, expansion_round)
 
     grow([(t, ROOT) for t in trees], 0)

@@ -17,10 +17,7 @@ def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
             prompts += make_questions(world, cfg.world, cfg.run.seed, split, n)
         schemas.write(facts, schemas.FACTS, storage.join(out, "facts.parquet"))
         schemas.write(prompts, schemas.PROMPTS, storage.join(out, "prompts.parquet"))
-        storage.write_json(storage.join(out, "world.json"), {
-            "people": world.people, "cities": world.cities, "countries": world.countries,
-            "companies": world.companies, "split_of": world.split_of,
-        })
+        storage.write_json(storage.join(out, "world.json"), world.to_json())
         counts = {s: sum(p["split"] == s for p in prompts) for s in ("train", "val", "test")}
         return (
             {"facts": storage.join(out, "facts.parquet"), "prompts": storage.join(out, "prompts.parquet"),

@@ -51,6 +51,7 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         }
         metrics["generated_tokens_per_prompt"] = metrics["generated_tokens"] / max(n_prompts, 1)
         metrics["tool_calls_per_prompt"] = metrics["tool_calls"] / max(n_prompts, 1)
-        return {"nodes": storage.join(out, "nodes.parquet"), "prompt_stats": storage.join(out, "prompt_stats.json")}, metrics
+        outputs = {"nodes": storage.join(out, "nodes.parquet"), "prompt_stats": storage.join(out, "prompt_stats.json")}
+        return outputs, metrics
 
     return run_stage("sample", cfg, inputs, out, ("sampling", "agent"), body, iteration=iteration)

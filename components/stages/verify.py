@@ -33,7 +33,9 @@ def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
         rows = []
         for pid, tid, leaf, response in leaf_responses(nodes):
             if pid not in truths:
-                raise KeyError(f"{inputs['nodes']}/nodes.parquet: prompt_id {pid!r} (tree {tid}, leaf {leaf}) has no ground truth")
+                raise KeyError(
+                    f"{inputs['nodes']}/nodes.parquet: prompt_id {pid!r} (tree {tid}, leaf {leaf}) has no ground truth"
+                )
             try:
                 s = score_response(response, truths[pid], cfg.verify)
                 row = {"reward": s.reward, "correct": s.correct, "f1": s.f1, "error": None,

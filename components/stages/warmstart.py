@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from components import storage
+from components import schemas, storage
 from components.config import Config
 from components.envs.demos import demonstration
 from components.envs.world import RELATIONS, World, vocabulary
@@ -13,20 +13,12 @@ from components.stages.base import StageResult, device, load_prompts, load_retri
 from components.training.warmstart import supervised_train, tokenize_demo
 
 
-def _world(world_uri: str) -> World:
-    w = storage.read_json(storage.join(world_uri, "world.json"))
-    return World(w["people"], w["cities"], w["countries"], w["companies"], {}, w["split_of"])
-
-
 def run(cfg: Config, inputs: dict[str, str], out: str, on_step=None) -> StageResult:
     world_uri = inputs["world"]
 
     def body():
-        from components import schemas
-
         facts = schemas.read(storage.join(world_uri, "facts.parquet"), schemas.FACTS).to_pylist()
-        world = _world(world_uri)
-        world.facts = {(f["subject"], f["relation"]): f["object"] for f in facts}
+        world = World.from_artifacts(storage.read_json(storage.join(world_uri, "world.json")), facts)
         retriever = load_retriever(world_uri, cfg)
         fact_index = {f["text"]: (f["subject"], f["relation"], f["object"]) for f in facts}
         by_type = {kind: world.entities(kind) for kind in {t for _, _, t in RELATIONS.values()}}

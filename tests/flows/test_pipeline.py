@@ -68,7 +68,8 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     assert summary2["mlflow_run_id"] == summary["mlflow_run_id"]
     unchanged = {k for k in before if after[k] == before[k]}
     assert unchanged == set(before)  # iteration 1 and the warm start were skipped, not redone
-    assert {k for k in after if k not in before} == {f"iter_002/{s}" for s in ("sample", "verify", "label", "train", "eval")}
+    redone = {f"iter_002/{s}" for s in ("sample", "verify", "label", "train", "eval")}
+    assert {k for k in after if k not in before} == redone
     assert summary2["final"] == summary["final"]  # same seed, same inputs: the redone iteration matches
 
 
