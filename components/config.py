@@ -22,7 +22,7 @@ class RunConfig(Strict):
     name: str = Field("tiny", description="Run name; outputs go to <output_root>/<name>/.")
     output_root: str = Field("runs", description="Root URI (local path or s3://...) for all run outputs.")
     seed: int = Field(0, description="Global seed: world, sampling, training and evaluation derive from it.")
-    iterations: int = Field(30, ge=0, description="RL iterations (sample → verify → label → train → evaluate).")
+    iterations: int = Field(40, ge=0, description="RL iterations (sample → verify → label → train → evaluate).")
     eval_every: int = Field(10, ge=1, description="Evaluate on val/test every this many iterations (the last always).")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto picks cuda when present.")
@@ -63,7 +63,7 @@ class ModelConfig(Strict):
 
 class WarmstartConfig(Strict):
     num_demos: int = Field(6000, ge=1, description="Demonstration episodes generated from train questions.")
-    steps: int = Field(2500, ge=0, description="Optimizer steps of supervised warm start.")
+    steps: int = Field(3000, ge=0, description="Optimizer steps of supervised warm start.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per step.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
     early_answer_prob: float = Field(
