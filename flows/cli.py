@@ -49,7 +49,9 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
     reporter = RichReporter(console)
     set_reporter(reporter)
     try:
-        summary = train_pipeline(cfg.model_dump(mode="json"))
+        from components.config import DEFAULT_CONFIG
+
+        summary = train_pipeline(cfg.model_dump(mode="json"), str(config or DEFAULT_CONFIG))
     finally:
         reporter.close()
     root = f"{cfg.run.output_root.rstrip('/')}/{cfg.run.name}"

@@ -42,8 +42,11 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 
 @flow(name="arborl-tree-grpo")
-def train_pipeline(config: dict) -> dict:
-    """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary."""
+def train_pipeline(config: dict, config_file: str | None = None) -> dict:
+    """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
+
+    `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config.
+    """
     cfg = Config.model_validate(config)
     reporter: Reporter = get_reporter()
     started = time.time()
@@ -116,6 +119,8 @@ def train_pipeline(config: dict) -> dict:
         if storage.is_local(summary_uri):
             tracker.log_artifact(storage.filesystem(summary_uri)[1])
             tracker.log_artifact(storage.filesystem(storage.join(root, "config.json"))[1])
+        if config_file:
+            tracker.log_artifact(config_file, "config_file")
         _publish_summary(summary)
         tracker.finish("FINISHED")
         reporter.run_finished(summary)

@@ -26,7 +26,7 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     from flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path)
-    summary = train_pipeline(cfg.model_dump(mode="json"))
+    summary = train_pipeline(cfg.model_dump(mode="json"), str(ROOT / "configs" / "micro.yaml"))
     run_root = tmp_path / "runs" / "micro"
 
     on_disk = json.loads((run_root / "summary.json").read_text())
@@ -56,7 +56,8 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/test_em")} == {0, 1, 2}
     assert "train/loss" in run.data.metrics and "sample/generated_tokens" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "config.json"} <= artifacts
+    assert {"summary.json", "config.json", "config_file"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config_file")] == ["config_file/micro.yaml"]
 
     # A crash after iteration 1: iteration 2's outputs are half-written (no manifests). Re-running the same
     # config redoes only those, in the same MLflow run.
