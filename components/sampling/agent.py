@@ -28,6 +28,7 @@ class Step:
     obs_text: str = ""
     finish_reason: str | None = None  # set on the episode's last step
     tool_error: str | None = None
+    prefilled: int = 0  # context tokens fed to the model before this turn's first generated token
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_episodes(
         for ep, ctx, out in zip(live, contexts, outs, strict=True):
             text = decode(out.tokens)
             action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
-            step = Step(out.tokens, out.logprobs, text, action)
+            step = Step(out.tokens, out.logprobs, text, action, prefilled=len(ctx))
             ep.steps.append(step)
             ep.turns_left -= 1
             if action == "answer":

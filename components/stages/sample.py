@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 
 from components import schemas, storage
 from components.config import Config
 from components.models import load_policy, prompt_ids
 from components.sampling.agent import SearchEnv
 from components.sampling.backend import HFBackend
+from components.sampling.budget import budget
 from components.sampling.tree import node_rows, sample_trees
 from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
@@ -32,25 +32,9 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         nodes = node_rows(trees, policy_version=iteration - 1)
         schemas.write(nodes, schemas.NODES, storage.join(out, "nodes.parquet"))
 
-        per_prompt: dict[str, dict] = defaultdict(lambda: {"generated_tokens": 0, "tool_calls": 0, "trajectories": 0})
-        for t in trees:
-            stats = per_prompt[t.prompt_id]
-            for n in t.nodes:
-                stats["generated_tokens"] += len(n.step.action_ids)
-                stats["tool_calls"] += int(n.step.action == "search" and bool(n.step.obs_ids))
-                stats["trajectories"] += int(n.is_leaf)
+        per_prompt, metrics = budget(trees)
+        metrics["nodes"] = len(nodes)
         storage.write_json(storage.join(out, "prompt_stats.json"), per_prompt)
-        n_prompts = len(per_prompt)
-        metrics = {
-            "prompts": n_prompts,
-            "trees": len(trees),
-            "nodes": len(nodes),
-            "trajectories": sum(s["trajectories"] for s in per_prompt.values()),
-            "generated_tokens": sum(s["generated_tokens"] for s in per_prompt.values()),
-            "tool_calls": sum(s["tool_calls"] for s in per_prompt.values()),
-        }
-        metrics["generated_tokens_per_prompt"] = metrics["generated_tokens"] / max(n_prompts, 1)
-        metrics["tool_calls_per_prompt"] = metrics["tool_calls"] / max(n_prompts, 1)
         outputs = {"nodes": storage.join(out, "nodes.parquet"), "prompt_stats": storage.join(out, "prompt_stats.json")}
         return outputs, metrics
 

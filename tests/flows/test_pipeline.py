@@ -55,6 +55,9 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     assert sorted(reward_steps) == [1, 2]
     assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/test_em")} == {0, 1, 2}
     assert "train/loss" in run.data.metrics and "sample/generated_tokens" in run.data.metrics
+    for budget_metric in ("sample/prefilled_tokens", "sample/chain_equivalents_per_prompt",
+                          "sample/trajectories_per_chain_equivalent", "sample/round1_generated_tokens"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, budget_metric)) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config.json", "config_file"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config_file")] == ["config_file/micro.yaml"]

@@ -273,3 +273,11 @@ def test_hand_made_node_rows():
 def test_node_is_leaf_follows_finish_reason():
     assert Node(0, None, 1, 0, _step([1], finish="answer")).is_leaf
     assert not Node(0, None, 1, 0, _step([1], [2])).is_leaf
+
+
+def test_prefilled_tokens_are_the_context_before_each_turn(trees):
+    """Budget input: every step records as prefilled exactly the prompt plus the path above it."""
+    for tree in trees:
+        for node in tree.nodes:
+            parent = ROOT if node.parent_id is None else node.parent_id
+            assert node.step.prefilled == len(tree.prefix(parent))
