@@ -7,6 +7,7 @@ through `MlflowClient`, which is safe from Prefect task threads.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,6 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
         if not self.enabled:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 
 from components import schemas, storage
@@ -19,8 +21,8 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         state_uri = storage.join(inputs["model"], OPTIMIZER_FILE)
         if storage.exists(state_uri):  # Adam moments carry over from the previous iteration's update
-            with storage.filesystem(state_uri)[0].open(storage.filesystem(state_uri)[1], "rb") as fh:
-                optimizer.load_state_dict(torch.load(fh, map_location=device(cfg)))
+            state = torch.load(io.BytesIO(storage.read_bytes(state_uri)), map_location=device(cfg))
+            optimizer.load_state_dict(state)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.lr
         nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
@@ -34,12 +36,9 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         metrics = policy_update(model, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
                                 seed=cfg.run.seed * 7919 + iteration)
         save_policy(model, tokenizer, out)
-        buf = storage.join(out, OPTIMIZER_FILE)
-        import io
-
         data = io.BytesIO()
         torch.save(optimizer.state_dict(), data)
-        storage.write_bytes(buf, data.getvalue())
+        storage.write_bytes(storage.join(out, OPTIMIZER_FILE), data.getvalue())
         return {"model": out}, metrics
 
     return run_stage("train", cfg, inputs, out, ("train",), body, iteration=iteration)
