@@ -105,7 +105,33 @@ class AdvantageConfig(Strict):
     eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
 
 
+class LoraSettings(Strict):
+    enabled: bool = Field(False, description="Train low-rank adapters (peft LoRA) instead of all weights.")
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the linear modules that get adapters (Llama/Qwen: q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj).",
+    )
+
+
 class TrainConfig(Strict):
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA adapters; off by default (full fine-tuning for tiny models)."
+    )
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (gradients summed across ranks) or fsdp (CUDA only); none refuses "
+        "to run with more than one rank. Ignored in a single process."
+    )
+    bf16: bool = Field(False, description="bfloat16 autocast for forward passes (CUDA; CPU autocast is slow).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    save_every_steps: int = Field(
+        0, ge=0, description="Checkpoint model, optimizer and RNG state every this many optimizer steps inside a "
+        "train stage (0: never); a rerun of a killed stage resumes from the last one."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept per train stage (oldest removed).")
     lr: float = Field(5e-4, gt=0, description="Adam learning rate.")
     clip_low: float = Field(0.2, ge=0, description="PPO ε_low.")
     clip_high: float = Field(0.2, ge=0, description="PPO ε_high.")

@@ -1,0 +1,81 @@
+"""LoRA adapters (peft) on the policy: wrap for training, merge for saving.
+
+With `train.lora.enabled` only the adapter matrices train. The model directory a train stage writes is always
+the merged one (W + (alpha / r)·B·A), an ordinary Hugging Face model that sampling, evaluation and the
+registry load like any other. Next to it go the adapter (`adapter/`, peft format) and a pointer to the base
+model it sits on (`lora_base.json`), so the next iteration continues the same adapter, and its Adam moments,
+on the same base instead of stacking a fresh adapter on merged weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerFast
+
+from components import storage
+from components.config import LoraSettings
+from components.models import load_policy, save_policy
+
+ADAPTER_DIR = "adapter"
+BASE_FILE = "lora_base.json"
+
+
+def wrap(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
+    """Freeze `model` and add fresh adapters (B = 0, so the wrapped model computes exactly what `model` did)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in settings.target_modules if t not in names]
+    if missing:
+        raise ValueError(f"train.lora.target_modules: {missing} not found in the model "
+                         f"(linear modules there: {sorted(n for n in names if n.endswith('proj'))})")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def has_adapter(model_uri: str) -> bool:
+    return storage.exists(storage.join(model_uri, BASE_FILE))
+
+
+def load_for_training(
+    model_uri: str, settings: LoraSettings, device: str = "cpu"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, str | None]:
+    """The model to train from the model directory `model_uri`, its tokenizer, and the LoRA base URI.
+
+    LoRA off: the model itself, base None. LoRA on: when `model_uri` was written by a LoRA train stage, its
+    adapter reattached (trainable) to the base it points to; otherwise fresh adapters on `model_uri`.
+    """
+    if not settings.enabled:
+        model, tokenizer = load_policy(model_uri, device)
+        return model, tokenizer, None
+    if not has_adapter(model_uri):
+        model, tokenizer = load_policy(model_uri, device)
+        return wrap(model, settings), tokenizer, model_uri
+    base_uri = storage.read_json(storage.join(model_uri, BASE_FILE))["base"]
+    if not storage.exists(storage.join(base_uri, "config.json")):
+        raise FileNotFoundError(f"{model_uri}/{BASE_FILE}: LoRA base model {base_uri} is missing")
+    base, tokenizer = load_policy(base_uri, device)
+    adapter_dir = storage.local_dir(storage.join(model_uri, ADAPTER_DIR))
+    saved = LoraConfig.from_pretrained(str(adapter_dir))
+    if saved.r != settings.rank or set(saved.target_modules) != set(settings.target_modules):
+        raise ValueError(f"{model_uri}: its adapter has rank {saved.r} on {sorted(saved.target_modules)}, "
+                         f"the config asks for rank {settings.rank} on {sorted(settings.target_modules)}")
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return model.to(device), tokenizer, base_uri
+
+
+def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: str, base_uri: str | None) -> None:
+    """Write the model directory at `out`: merged weights, plus the adapter and its base pointer under LoRA.
+
+    Under LoRA this merges `model` in place: do not train it afterwards.
+    """
+    if base_uri is None:
+        save_policy(model, tokenizer, out)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        storage.upload_dir(tmp, storage.join(out, ADAPTER_DIR))
+    storage.write_json(storage.join(out, BASE_FILE), {"base": base_uri})
+    save_policy(model.merge_and_unload(), tokenizer, out)
