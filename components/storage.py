@@ -173,9 +173,16 @@ def completed(out_uri: str, *, stage: str, inputs: dict[str, str], config_hash: 
     return manifest if same else None
 
 
-def prepare_output(out_uri: str) -> None:
-    """Wipe a stale or half-written output before a stage writes it again."""
-    remove(out_uri)
+def prepare_output(out_uri: str, keep: tuple[str, ...] = ()) -> None:
+    """Wipe a stale or half-written output before a stage writes it again, except the entries named in `keep`
+    (e.g. a train stage's in-stage checkpoints, which a rerun resumes from)."""
+    fs, path = filesystem(out_uri)
+    if keep and fs.exists(path):
+        for entry in fs.ls(path, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                fs.rm(entry, recursive=True)
+    else:
+        remove(out_uri)
     makedirs(out_uri)
 
 

@@ -31,11 +31,16 @@ def run_stage(
     out: str,
     sections: tuple[str, ...],
     body: Callable[[], tuple[dict[str, str], dict[str, Any]]],
+    *,
+    keep: tuple[str, ...] = (),
+    writer: bool = True,
     **params: Any,
 ) -> StageResult:
     """Run `body` unless `out` already holds a manifest for the same inputs, config sections and params.
 
     `body` writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
+    Entries of `out` named in `keep` survive the wipe of a half-written output (the stage's own resume state).
+    `writer=False` (the non-zero ranks of a distributed stage) runs `body` without touching `out` or the manifest.
     """
     config_hash = cfg.section_hash(*sections, **params)
     done = storage.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
@@ -44,11 +49,14 @@ def run_stage(
     for name, uri in inputs.items():
         if storage.read_manifest(uri) is None:
             raise FileNotFoundError(f"stage {stage!r}: input {name!r} at {uri} is missing or incomplete (no manifest)")
-    storage.prepare_output(out)
+    if writer:
+        storage.prepare_output(out, keep=keep)
     started = time.time()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     outputs, metrics = body()
+    if not writer:
+        return StageResult(stage, out, outputs, metrics, round(time.time() - started, 3))
     manifest = storage.write_manifest(
         out, stage=stage, inputs=inputs, config_hash=config_hash, outputs=outputs, metrics=metrics, started=started
     )

@@ -1,30 +1,55 @@
-"""train: one clipped policy-gradient update on the labelled trees → the next model directory."""
+"""train: one clipped policy-gradient update on the labelled trees → the next model directory.
+
+Runs in one process or under `torchrun` (DDP; FSDP on CUDA): every rank reads the same inputs and trains on
+its shard, rank 0 writes the outputs. With `train.save_every_steps` the stage checkpoints under
+`<out>/_checkpoints/` and a rerun after a crash or kill continues from the newest complete checkpoint.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import torch
 
 from components import schemas, storage
 from components.config import Config
-from components.models import load_policy, prompt_ids, save_policy
+from components.models import prompt_ids
 from components.stages.base import StageResult, device, load_prompts, run_stage
-from components.training.trainer import build_trajectories, policy_update
+from components.training import checkpoint, distributed, lora
+from components.training.trainer import StepHooks, build_trajectories, policy_update
 
 OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_DIR = "_checkpoints"
+
+log = logging.getLogger(__name__)
+
+
+def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, lr: float, map_location: str) -> None:
+    """Adam moments carry over from the previous iteration's update when they fit these parameters."""
+    state_uri = storage.join(model_uri, OPTIMIZER_FILE)
+    if not storage.exists(state_uri):
+        return
+    state = torch.load(io.BytesIO(storage.read_bytes(state_uri)), map_location=map_location)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:  # e.g. LoRA switched on or off between iterations
+        log.warning("%s does not fit the trained parameters (%s); starting with fresh moments", state_uri, exc)
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
+    dist = distributed.init(cfg.train.distributed, device(cfg))
+    here = distributed.device_of(dist, device(cfg))
+
     def body():
-        model, tokenizer = load_policy(inputs["model"], device(cfg))
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        state_uri = storage.join(inputs["model"], OPTIMIZER_FILE)
-        if storage.exists(state_uri):  # Adam moments carry over from the previous iteration's update
-            state = torch.load(io.BytesIO(storage.read_bytes(state_uri)), map_location=device(cfg))
-            optimizer.load_state_dict(state)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.train.lr
+        model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here)
+        if cfg.train.gradient_checkpointing:
+            distributed.enable_gradient_checkpointing(model)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+        _carry_optimizer_state(optimizer, inputs["model"], cfg.train.lr, here)
         nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
         adv = schemas.read(storage.join(inputs["advantages"], "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
         leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
@@ -33,12 +58,42 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
                    for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
         trajectories = build_trajectories(prompts, nodes, leaf_adv)
-        metrics = policy_update(model, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
-                                seed=cfg.run.seed * 7919 + iteration)
-        save_policy(model, tokenizer, out)
-        data = io.BytesIO()
-        torch.save(optimizer.state_dict(), data)
-        storage.write_bytes(storage.join(out, OPTIMIZER_FILE), data.getvalue())
+
+        ckpt_root = storage.join(out, CHECKPOINT_DIR)
+        fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)
+        every = cfg.train.save_every_steps
+
+        def resume() -> tuple[int, dict[str, list[float]]]:
+            uri = checkpoint.latest_checkpoint(ckpt_root, fingerprint) if every else None
+            if uri is None:
+                return 0, {}
+            info = checkpoint.load_checkpoint(uri, model=distributed.unwrap(model), optimizer=optimizer,
+                                              fingerprint=fingerprint, map_location=here)
+            log.warning("train: resuming from %s (optimizer step %d)", uri, info["step"])
+            return info["step"], info["extra"]["stats"]
+
+        def after_step(step: int, stats: dict[str, list[float]]) -> None:
+            if every and step % every == 0 and dist.is_main:
+                checkpoint.save_checkpoint(ckpt_root, step, model=distributed.unwrap(model), optimizer=optimizer,
+                                           extra={"stats": stats}, fingerprint=fingerprint,
+                                           keep=cfg.train.keep_checkpoints)
+
+        wrapped = distributed.wrap(model, dist)
+        metrics = policy_update(wrapped, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
+                                seed=cfg.run.seed * 7919 + iteration, dist=dist,
+                                hooks=StepHooks(resume=resume, after_step=after_step))
+        metrics["world_size"] = dist.world_size
+        if dist.is_main:
+            data = io.BytesIO()
+            torch.save(optimizer.state_dict(), data)
+            lora.save_trained(distributed.unwrap(model), tokenizer, out, lora_base)
+            storage.write_bytes(storage.join(out, OPTIMIZER_FILE), data.getvalue())
+            storage.remove(ckpt_root)  # the finished model supersedes them
+        distributed.barrier(dist)
         return {"model": out}, metrics
 
-    return run_stage("train", cfg, inputs, out, ("train",), body, iteration=iteration)
+    try:
+        return run_stage("train", cfg, inputs, out, ("train",), body, iteration=iteration,
+                         keep=(CHECKPOINT_DIR,), writer=dist.is_main)
+    finally:
+        distributed.shutdown(dist)

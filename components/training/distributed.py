@@ -41,7 +41,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """Launched by torchrun with ddp or fsdp: a process group exists and the model gets wrapped."""
+        return self.mode != "none"
 
 
 def launched_by_torchrun() -> bool:
@@ -49,16 +50,19 @@ def launched_by_torchrun() -> bool:
 
 
 def init(mode: str, device: str) -> Dist:
-    """Join the torchrun job this process belongs to (no-op in a plain process or with WORLD_SIZE 1).
+    """Join the torchrun job this process belongs to; a plain process is a single rank with no process group.
 
-    `mode` is `train.distributed`; `device` the configured device ("cpu" or "cuda"). Raises ValueError when
-    the launch and the config disagree.
+    `mode` is `train.distributed`; `device` the configured device ("cpu" or "cuda"). Under torchrun the
+    process group is started for ddp and fsdp even with one rank, so one GPU runs the same wrapped code.
+    Raises ValueError when the launch and the config disagree.
     """
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    if not launched_by_torchrun():
         return Dist()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if mode == "none":
-        raise ValueError(f"train.distributed is 'none' but the process was launched with WORLD_SIZE={world}")
+        if world > 1:
+            raise ValueError(f"train.distributed is 'none' but the process was launched with WORLD_SIZE={world}")
+        return Dist()
     on_cuda = device.startswith("cuda")
     if mode == "fsdp" and not on_cuda:
         raise ValueError("train.distributed 'fsdp' needs run.device cuda; use 'ddp' on CPU")
@@ -110,7 +114,7 @@ def padded_count(n: int, d: Dist) -> int:
 
 def loss_scale(d: Dist) -> float:
     """Multiply each rank's loss by this: DDP/FSDP average gradients over ranks, the objective needs the sum."""
-    return float(d.world_size) if d.active else 1.0
+    return float(d.world_size)
 
 
 def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:

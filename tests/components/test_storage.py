@@ -350,3 +350,16 @@ def test_run_stage_on_s3_skips_when_done(s3_bucket):
     assert run_stage("prepare", Config(), {}, out, ("world",), body).skipped
     assert body.calls == 1
     assert storage.read_json(storage.join(out, "data.json")) == {"call": 1}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_prepare_output_keeps_the_named_entries(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")[0]
+    out = storage.join(root, "train-out")
+    storage.write_bytes(storage.join(out, "model.safetensors"), b"half")
+    storage.write_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt"), b"resume me")
+    storage.prepare_output(out, keep=("_checkpoints",))
+    assert not storage.exists(storage.join(out, "model.safetensors"))
+    assert storage.read_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt")) == b"resume me"
+    storage.prepare_output(out)
+    assert not storage.exists(storage.join(out, "_checkpoints"))
