@@ -10,7 +10,7 @@ from components import schemas, storage
 from components.config import Config
 from components.models import load_policy, prompt_ids, save_policy
 from components.stages.base import StageResult, device, load_prompts, run_stage
-from components.training.trainer import build_trajectories, policy_update
+from components.training.trainer import build_units, policy_update
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -25,6 +25,12 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
             optimizer.load_state_dict(state)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.lr
+        ref_model = None
+        if cfg.train.kl_coef > 0:
+            if "reference" not in inputs:
+                raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
+            ref_model, _ = load_policy(inputs["reference"], device(cfg))
+            ref_model.requires_grad_(False)
         nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
         adv = schemas.read(storage.join(inputs["advantages"], "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
         leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
@@ -32,9 +38,9 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         wanted = {n["prompt_id"] for n in nodes}
         prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
                    for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
-        trajectories = build_trajectories(prompts, nodes, leaf_adv)
-        metrics = policy_update(model, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
-                                seed=cfg.run.seed * 7919 + iteration)
+        units = build_units(prompts, nodes, leaf_adv)
+        metrics = policy_update(model, optimizer, units, cfg.train, tokenizer.pad_token_id,
+                                seed=cfg.run.seed * 7919 + iteration, ref_model=ref_model)
         save_policy(model, tokenizer, out)
         data = io.BytesIO()
         torch.save(optimizer.state_dict(), data)
