@@ -139,7 +139,27 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over the batch per iteration.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch.")
-    micro_batch_size: int = Field(64, ge=1, description="Trajectories per forward/backward.")
+    micro_batch_size: int = Field(64, ge=1, description="Duplicated form: trajectories per forward/backward.")
+    form: Literal["packed", "duplicated"] = Field(
+        "packed",
+        description="packed: each tree once, with a tree attention mask (exact, fewer tokens); duplicated: every "
+        "root→leaf path its own sequence (the reference form; used automatically if the model ignores 4D masks).",
+    )
+    max_tokens_per_microbatch: int = Field(
+        8192, ge=1, description="Packed form: trees per forward/backward are packed up to rows × longest ≤ this."
+    )
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean",
+        description="token-mean: over all trainable tokens of the mini-batch counted with multiplicity; "
+        "seq-mean-token-mean: mean over trajectories of each one's token mean (GRPO); seq-mean-token-sum-norm: "
+        "token sums over trajectories × seq_sum_horizon (Dr.GRPO).",
+    )
+    seq_sum_horizon: int = Field(256, ge=1, description="Constant token divisor of seq-mean-token-sum-norm.")
+    kl_coef: float = Field(0.0, ge=0, description="β of the KL penalty to the frozen warm-start model; 0 loads none.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k3", description="k1 = log-ratio; k3 = low-variance KL (verl low_var_kl)."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="γ of the entropy bonus (0 = off).")
 
 
 class EvaluateConfig(Strict):

@@ -68,7 +68,7 @@ def stage(
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Run one stage alone on given input URIs (e.g. as its own container)."""
-    from components.stages import STAGE_INPUTS, STAGE_PARAMS, STAGES
+    from components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
 
     if name not in STAGES:
         console.print(f"[red]unknown stage {name!r}[/red]; choose one of {', '.join(STAGES)}")
@@ -81,9 +81,10 @@ def stage(
             raise typer.Exit(2)
         key, uri = item.split("=", 1)
         given[key] = uri
-    expected = set(STAGE_INPUTS[name])
-    if set(given) != expected:
-        console.print(f"[red]stage {name} needs --in for {sorted(expected)}, got {sorted(given)}[/red]")
+    expected, optional = set(STAGE_INPUTS[name]), set(STAGE_OPTIONAL_INPUTS.get(name, ()))
+    if not expected <= set(given) <= expected | optional:
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
         raise typer.Exit(2)
     params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
     try:
@@ -102,6 +103,37 @@ def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str
 
     cfg = _load(config, overrides)
     sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("training")
+def bench_training_cmd(
+    config: Optional[Path] = ConfigOpt,
+    workdir: str = typer.Option("runs/bench", help="Where the sampled trees (and their warm start) are kept."),
+    warmstart_steps: int = typer.Option(300, help="Warm-start steps of the model that samples the trees."),
+    repeats: int = typer.Option(3, help="Timed repetitions per form (median reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Packed vs duplicated forward+backward on trees sampled by the config."""
+    from components.bench.training import bench_training
+
+    cfg = _load(config, overrides)
+    result = bench_training(cfg, workdir, warmstart_steps=warmstart_steps, repeats=repeats)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="arborl bench training")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
 
 
 def main() -> None:

@@ -83,6 +83,8 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
                          it, "label/")
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
+            if cfg.train.kl_coef > 0:
+                train_inputs["reference"] = storage.join(root, "warmstart")
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
             row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],

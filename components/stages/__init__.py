@@ -22,4 +22,7 @@ STAGE_INPUTS = {
     "train": ("model", "nodes", "advantages", "world"),
     "evaluate": ("model", "world"),
 }
+# Inputs a stage reads only under some settings: train needs `reference` (the frozen KL model) when
+# train.kl_coef > 0.
+STAGE_OPTIONAL_INPUTS = {"train": ("reference",)}
 STAGE_PARAMS = {"sample": ("iteration",), "train": ("iteration",)}

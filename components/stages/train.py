@@ -1,23 +1,24 @@
 """train: one clipped policy-gradient update on the labelled trees → the next model directory.
 
 Runs in one process or under `torchrun` (DDP; FSDP on CUDA): every rank reads the same inputs and trains on
-its shard, rank 0 writes the outputs. With `train.save_every_steps` the stage checkpoints under
-`<out>/_checkpoints/` and a rerun after a crash or kill continues from the newest complete checkpoint.
+its shard of the trees, rank 0 writes the outputs. With `train.save_every_steps` the stage checkpoints
+under `<out>/_checkpoints/`, and a rerun after a crash or kill continues from the newest complete one.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import tempfile
 
 import torch
 
 from components import schemas, storage
 from components.config import Config
-from components.models import prompt_ids
+from components.models import load_policy, prompt_ids
 from components.stages.base import StageResult, device, load_prompts, run_stage
 from components.training import checkpoint, distributed, lora
-from components.training.trainer import StepHooks, build_trajectories, policy_update
+from components.training.trainer import StepHooks, build_units, policy_update
 
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINT_DIR = "_checkpoints"
@@ -40,16 +41,33 @@ def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, lr:
         group["lr"] = lr
 
 
+def _check_fsdp(cfg: Config) -> None:
+    if cfg.train.distributed == "fsdp" and (cfg.train.lora.enabled or cfg.train.save_every_steps):
+        raise ValueError("train.distributed 'fsdp' supports full fine-tuning without in-stage checkpoints; "
+                         "use 'ddp' with train.lora.enabled or train.save_every_steps")
+
+
 def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
     dist = distributed.init(cfg.train.distributed, device(cfg))
     here = distributed.device_of(dist, device(cfg))
+    fsdp = dist.mode == "fsdp"
+    if fsdp:
+        _check_fsdp(cfg)
 
     def body():
         model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here)
         if cfg.train.gradient_checkpointing:
             distributed.enable_gradient_checkpointing(model)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
-        _carry_optimizer_state(optimizer, inputs["model"], cfg.train.lr, here)
+        wrapped = distributed.wrap(model, dist)  # FSDP shards the parameters: build the optimizer after it
+        optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.train.lr)
+        if not fsdp:  # FSDP's optimizer state is sharded; it starts fresh each iteration
+            _carry_optimizer_state(optimizer, inputs["model"], cfg.train.lr, here)
+        ref_model = None
+        if cfg.train.kl_coef > 0:
+            if "reference" not in inputs:
+                raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
+            ref_model, _ = load_policy(inputs["reference"], here)
+            ref_model.requires_grad_(False)
         nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
         adv = schemas.read(storage.join(inputs["advantages"], "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
         leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
@@ -57,7 +75,7 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         wanted = {n["prompt_id"] for n in nodes}
         prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
                    for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
-        trajectories = build_trajectories(prompts, nodes, leaf_adv)
+        units = build_units(prompts, nodes, leaf_adv)
 
         ckpt_root = storage.join(out, CHECKPOINT_DIR)
         fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)
@@ -67,27 +85,34 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
             uri = checkpoint.latest_checkpoint(ckpt_root, fingerprint) if every else None
             if uri is None:
                 return 0, {}
-            info = checkpoint.load_checkpoint(uri, model=distributed.unwrap(model), optimizer=optimizer,
-                                              fingerprint=fingerprint, map_location=here)
+            info = checkpoint.load_checkpoint(uri, model=model, optimizer=optimizer, fingerprint=fingerprint,
+                                              map_location=here)
             log.warning("train: resuming from %s (optimizer step %d)", uri, info["step"])
-            return info["step"], info["extra"]["stats"]
+            return info["step"], info["extra"]["history"]
 
-        def after_step(step: int, stats: dict[str, list[float]]) -> None:
+        def after_step(step: int, history: dict[str, list[float]]) -> None:
             if every and step % every == 0 and dist.is_main:
-                checkpoint.save_checkpoint(ckpt_root, step, model=distributed.unwrap(model), optimizer=optimizer,
-                                           extra={"stats": stats}, fingerprint=fingerprint,
+                checkpoint.save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer,
+                                           extra={"history": history}, fingerprint=fingerprint,
                                            keep=cfg.train.keep_checkpoints)
 
-        wrapped = distributed.wrap(model, dist)
-        metrics = policy_update(wrapped, optimizer, trajectories, cfg.train, tokenizer.pad_token_id,
-                                seed=cfg.run.seed * 7919 + iteration, dist=dist,
+        metrics = policy_update(wrapped, optimizer, units, cfg.train, tokenizer.pad_token_id,
+                                seed=cfg.run.seed * 7919 + iteration, ref_model=ref_model, dist=dist,
                                 hooks=StepHooks(resume=resume, after_step=after_step))
         metrics["world_size"] = dist.world_size
-        if dist.is_main:
+        if fsdp:
+            state = distributed.full_state_dict(wrapped)  # a collective: every rank takes part
+            if dist.is_main:
+                with tempfile.TemporaryDirectory() as tmp:
+                    wrapped.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                    tokenizer.save_pretrained(tmp)
+                    storage.upload_dir(tmp, out)
+        elif dist.is_main:
             data = io.BytesIO()
             torch.save(optimizer.state_dict(), data)
-            lora.save_trained(distributed.unwrap(model), tokenizer, out, lora_base)
+            lora.save_trained(model, tokenizer, out, lora_base)
             storage.write_bytes(storage.join(out, OPTIMIZER_FILE), data.getvalue())
+        if dist.is_main:
             storage.remove(ckpt_root)  # the finished model supersedes them
         distributed.barrier(dist)
         return {"model": out}, metrics

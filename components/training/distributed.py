@@ -107,6 +107,17 @@ def all_reduce_sum(value: float, d: Dist) -> float:
     return _reduce(float(value), d, dist.ReduceOp.SUM)
 
 
+def all_reduce_sums(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Each value summed over all ranks, in one collective (float64)."""
+    if not d.active:
+        return dict(values)
+    keys = sorted(values)
+    device = f"cuda:{d.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
 def padded_count(n: int, d: Dist) -> int:
     """The most micro-batches any rank has: every rank runs this many backward passes."""
     return int(_reduce(float(n), d, dist.ReduceOp.MAX))

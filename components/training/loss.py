@@ -36,3 +36,28 @@ def clipped_objective(
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log π(target) per position. logits: (B, T, V) float; targets: (B, T) long → (B, T)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(π_θ ‖ π_ref) estimate from sampled tokens; same shape as the inputs.
+
+    k1 = log π_θ − log π_ref (unbiased, high variance); k3 = exp(ref − logp) − (ref − logp) − 1
+    (verl's `low_var_kl`: non-negative, unbiased, low variance).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        d = ref_logp - logp
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) and the policy entropy at each position. logits (..., V), targets (...) → two (...)."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -109,9 +109,11 @@ def test_killed_train_stage_resumes_to_the_same_weights(inputs, tmp_path):
 
 
 def test_two_ranks_take_the_same_step_as_one(inputs, tmp_path):
-    _run(inputs, tmp_path / "one", "train.ppo_epochs=1", "train.mini_batches=2", "train.micro_batch_size=3")
-    two = _run(inputs, tmp_path / "two", "train.ppo_epochs=1", "train.mini_batches=2", "train.micro_batch_size=3",
-               ranks=2)
+    # 8 trees in mini-batches of 3, 3, 2, one tree per micro-batch: the ranks own 2 and 1 trees of a
+    # mini-batch, so one of them pads with a zero backward pass
+    step = ["train.ppo_epochs=1", "train.mini_batches=3", "train.max_tokens_per_microbatch=1"]
+    _run(inputs, tmp_path / "one", *step)
+    two = _run(inputs, tmp_path / "two", *step, ranks=2)
     assert '"world_size": 2' in two.stdout
     _assert_same(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-6)
     one_metrics = storage.read_manifest(str(tmp_path / "one"))["metrics"]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `arborl bench …`: ratios measured side by side in one run, reported as JSON."""

@@ -1,0 +1,136 @@
+"""`arborl bench training`: packed vs duplicated forward+backward on trees sampled by a config.
+
+The trees come from the pipeline's own stages (prepare → short warm start → sample → verify → label) run
+into a work directory, so a second bench run reuses them. Both forms then compute the loss and gradients of
+one mini-batch holding every tree, with the config's micro-batching, alternating `repeats` times; times are
+medians. Peak memory is measured in a fresh process per form (Linux ru_maxrss, MiB; on CUDA the peak
+allocated bytes), because a process's peak never goes down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from components import schemas, storage
+from components.config import Config
+from components.models import load_policy, prompt_ids
+from components.stages import STAGES
+from components.stages.base import device, load_prompts
+from components.training import trainer
+from components.training.packing import TreeUnit, leaf_scales
+
+
+def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tuple[str, list[TreeUnit]]:
+    """Run the stages up to `label` for iteration 1 into `workdir`; return (model dir, tree units)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.warmstart.steps = warmstart_steps
+    world = STAGES["prepare"](cfg, {}, storage.join(workdir, "prepare")).out
+    model = STAGES["warmstart"](cfg, {"world": world}, storage.join(workdir, "warmstart")).out
+    nodes = STAGES["sample"](cfg, {"model": model, "world": world}, storage.join(workdir, "sample"), iteration=1).out
+    rewards = STAGES["verify"](cfg, {"nodes": nodes, "world": world}, storage.join(workdir, "verify")).out
+    labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards}, storage.join(workdir, "label")).out
+    node_rows = schemas.read(storage.join(nodes, "nodes.parquet"), schemas.NODES).to_pylist()
+    adv = schemas.read(storage.join(labels, "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
+    leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
+                for a in adv if a["leaf_advantage"] is not None}
+    _, tokenizer = load_policy(model, "cpu")
+    wanted = {n["prompt_id"] for n in node_rows}
+    prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
+               for p in load_prompts(world) if p["prompt_id"] in wanted}
+    return model, trainer.build_units(prompts, node_rows, leaf_adv)
+
+
+def _prepared_rows(model, units: list[TreeUnit], form: str, cfg: Config, pad_id: int):
+    scales, divisor = leaf_scales(units, cfg.train.loss_aggregation, cfg.train.seq_sum_horizon)
+    rows = trainer.make_rows(units, form, scales)
+    trainer._fill_logprobs(model, rows, cfg.train, pad_id, "old_logprobs")
+    return rows, divisor
+
+
+def _step(model, rows, divisor: float, cfg: Config, pad_id: int) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.compute_loss(model, rows, divisor, cfg.train, pad_id)
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _peak_memory_child(model_dir: str, units: list[TreeUnit], form: str, cfg_json: dict, queue) -> None:
+    cfg = Config.model_validate(cfg_json)
+    torch.set_num_threads(max(cfg.run.threads, 1) if cfg.run.threads else torch.get_num_threads())
+    model, tokenizer = load_policy(model_dir, device(cfg))
+    rows, divisor = _prepared_rows(model, units, form, cfg, tokenizer.pad_token_id)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if next(model.parameters()).is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _step(model, rows, divisor, cfg, tokenizer.pad_token_id)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if next(model.parameters()).is_cuda else None
+    queue.put({"peak_rss_mb": peak, "rss_before_step_mb": before, "cuda_peak_mb": cuda_peak})
+
+
+def _peak_memory(model_dir: str, units: list[TreeUnit], form: str, cfg: Config) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(model_dir, units, form, cfg.model_dump(mode="json"), queue))
+    proc.start()
+    result = queue.get(timeout=600)
+    proc.join(timeout=60)
+    return result
+
+
+def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeats: int = 3,
+                   measure_memory: bool = True) -> dict[str, Any]:
+    """Packed vs duplicated loss+gradient on one batch of sampled trees; see the module docstring."""
+    model_dir, units = sample_labelled_trees(cfg, workdir, warmstart_steps)
+    model, tokenizer = load_policy(model_dir, device(cfg))
+    pad = tokenizer.pad_token_id
+    if not trainer.packed_attention_supported(model, pad):
+        raise RuntimeError(f"{type(model).__name__} ignores custom 4D attention masks: packed form unavailable")
+    prepared = {form: _prepared_rows(model, units, form, cfg, pad) for form in ("packed", "duplicated")}
+    times: dict[str, list[float]] = {"packed": [], "duplicated": []}
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    _step(model, *prepared["packed"], cfg, pad)  # warm-up (allocator, kernels)
+    for _ in range(repeats):
+        for form in ("packed", "duplicated"):
+            seconds, g = _step(model, *prepared[form], cfg, pad)
+            times[form].append(seconds)
+            grads.setdefault(form, g)
+    rel = max(float((grads["packed"][k] - g).abs().max() / g.abs().max().clamp(min=1e-30))
+              for k, g in grads["duplicated"].items())
+    dup_tokens = sum(u.duplicated_tokens for u in units)
+    unique_tokens = sum(u.num_tokens for u in units)
+    packed_s, dup_s = statistics.median(times["packed"]), statistics.median(times["duplicated"])
+    result: dict[str, Any] = {
+        "device": str(next(model.parameters()).device),
+        "trees": len(units),
+        "trajectories": sum(len(u.paths) for u in units),
+        "dup_tokens": dup_tokens,
+        "unique_tokens": unique_tokens,
+        "ideal_speedup": dup_tokens / unique_tokens,
+        "packed_seconds": packed_s,
+        "duplicated_seconds": dup_s,
+        "packed_speedup": dup_s / packed_s,
+        "max_rel_grad_diff": rel,
+        "repeats": repeats,
+        "max_tokens_per_microbatch": cfg.train.max_tokens_per_microbatch,
+        "micro_batch_size": cfg.train.micro_batch_size,
+    }
+    result["packed_vs_ideal"] = result["packed_speedup"] / result["ideal_speedup"]
+    if measure_memory:
+        for form, key in (("packed", "packed"), ("duplicated", "dup")):
+            mem = _peak_memory(model_dir, units, form, cfg)
+            result[f"peak_rss_mb_{key}"] = mem["peak_rss_mb"]
+            if mem["cuda_peak_mb"] is not None:
+                result[f"cuda_peak_mb_{key}"] = mem["cuda_peak_mb"]
+    return result
