@@ -5,8 +5,10 @@ The two-rank test starts a real `torch.distributed.run` job (gloo, 2 processes) 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -15,8 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from components.config import TrainConfig
 from components.training import distributed
 from components.training.distributed import Dist
+from components.training.packing import build_units
+from components.training.trainer import policy_update
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -116,3 +121,34 @@ def test_two_gloo_ranks_sum_to_the_single_process_gradient(tmp_path):
     for name, g in one["grads"].items():
         torch.testing.assert_close(torch.tensor(two["grads"][name]), torch.tensor(g), atol=1e-7, rtol=1e-5)
     assert any(torch.tensor(g).abs().max() > 1e-4 for g in one["grads"].values())
+
+
+def _random_trees(vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts, nodes, adv = {}, [], {}
+    for p in range(2):
+        pid = f"q{p}"
+        prompts[pid] = [1] + [rng.randrange(4, vocab) for _ in range(5)]
+        for node, parent in ((0, None), (1, 0), (2, 0), (3, 2)):
+            mask = [True] * 4 + [False] * 3
+            nodes.append({"prompt_id": pid, "tree_id": 0, "node_id": node, "parent_id": parent,
+                          "token_ids": [rng.randrange(4, vocab) for _ in mask], "loss_mask": mask,
+                          "logprobs": [-1.0 if m else float("nan") for m in mask]})
+        adv[(pid, 0, 1)], adv[(pid, 0, 3)] = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    return build_units(prompts, nodes, adv)
+
+
+def _policy_grads(model, cfg) -> torch.Tensor:
+    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), _random_trees(model.config.vocab_size), cfg,
+                  0, seed=0)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_bf16_and_checkpointing_options_in_a_policy_step(tiny_model):
+    plain = _policy_grads(copy.deepcopy(tiny_model), TrainConfig(grad_clip=1e9))
+    bf16 = _policy_grads(copy.deepcopy(tiny_model), TrainConfig(grad_clip=1e9, bf16=True))
+    assert not torch.equal(bf16, plain)  # autocast really ran in bfloat16 ...
+    assert torch.nn.functional.cosine_similarity(bf16, plain, dim=0) > 0.999  # ... and the step barely moved
+    checkpointed = copy.deepcopy(tiny_model)
+    distributed.enable_gradient_checkpointing(checkpointed)
+    torch.testing.assert_close(_policy_grads(checkpointed, TrainConfig(grad_clip=1e9)), plain, atol=1e-7, rtol=1e-5)
