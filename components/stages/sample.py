@@ -14,6 +14,7 @@ randomness is its own (see `tree.sample_trees`), so n shards give the same trees
 from __future__ import annotations
 
 import random
+import threading
 
 from components import schemas, storage
 from components.config import Config
@@ -25,6 +26,9 @@ from components.sampling.tree import Tree, node_rows, sample_trees
 from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
 SECTIONS = ("sampling", "agent", "budget")
+# transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
+# of one process must not load at the same time
+_LOAD_LOCK = threading.Lock()
 
 
 def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]:
@@ -107,7 +111,8 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
         _check_shard(shard)
 
     def body():
-        model, tokenizer = load_policy(inputs["model"], device(cfg))
+        with _LOAD_LOCK:
+            model, tokenizer = load_policy(inputs["model"], device(cfg))
         env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
         backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
         index, count = shard or (0, 1)
