@@ -7,7 +7,7 @@ import math
 import pytest
 
 from components import schemas, storage
-from components.config import Config, ModelConfig
+from components.config import Config, WorldConfig
 from components.envs.retriever import FTSRetriever, RetrieverError
 from components.models import save_policy
 from components.stages import prepare, sample
@@ -27,13 +27,9 @@ def dirs(tmp_path_factory, policy, tokenizer, world_cfg):
 
 
 def _cfg(**sampling) -> Config:
-    from conftest import TINY_MODEL  # the fixtures' model shape
-
-    from components.config import WorldConfig
-
+    """The fixtures' world (see tests/components/conftest.py); the model comes from the saved policy."""
     return Config(
         world=WorldConfig(num_people=60, num_train=50, num_val=10, num_test=20),
-        model=ModelConfig(**TINY_MODEL.model_dump()),
         agent={"max_turns": 4, "max_tokens_per_turn": 12, "max_total_tokens": 200},
         sampling={"prompts_per_iteration": 8, **sampling},
     )
