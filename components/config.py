@@ -77,6 +77,18 @@ class AgentConfig(Strict):
     max_turns: int = Field(4, ge=1, description="Model turns per episode (search calls + answer).")
     max_tokens_per_turn: int = Field(16, ge=2, description="Cap on generated tokens in one turn.")
     max_total_tokens: int = Field(256, ge=16, description="Cap on the whole episode (prompt + turns + observations).")
+    node_mode: Literal["turn", "segment"] = Field(
+        "turn",
+        description="What a tree node is: 'turn' = one agent step (action + tool observation); 'segment' = a piece "
+        "of one tool-free generation, cut at `segment_delimiter` or every `segment_tokens` tokens (math-style data).",
+    )
+    segment_tokens: int = Field(32, ge=1, description="Segment mode: most generated tokens in one node.")
+    segment_delimiter: str | None = Field(
+        None,
+        description="Segment mode: text of ONE token that also ends a node (kept in it), e.g. '\n\n' (a blank "
+        "line) for a BPE tokenizer that has it as one token; null cuts by length only. In segment mode "
+        "`max_turns` caps the segments of an episode.",
+    )
 
 
 class SamplingConfig(Strict):
@@ -88,6 +100,48 @@ class SamplingConfig(Strict):
     )
     keep_leaves: int | None = Field(None, ge=1, description="K: keep at most K random leaves per tree (null: all).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    expansion_policy: Literal["random", "entropy", "depth"] = Field(
+        "random",
+        description="Which nodes a round branches from: random (Tree-GRPO: uniform with replacement over root + "
+        "non-leaf nodes), entropy (highest −log p of the sampled tokens first, TreeRL EPTree-style), depth "
+        "(a depth uniformly, then a node uniformly within it).",
+    )
+    entropy_statistic: Literal["max", "mean"] = Field(
+        "max", description="entropy policy: a node's uncertainty is the max or the mean −log p of its action tokens."
+    )
+    shards: int = Field(
+        1, ge=1, description="Split each iteration's prompts into this many shards sampled at once, then merged."
+    )
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="Bad prompts (empty, longer than the context, a tool error) are recorded and left out of "
+        "training; the sample stage fails, naming them, when more than this fraction of prompts is bad.",
+    )
+
+
+class BudgetConfig(Strict):
+    tokens_per_prompt: int | None = Field(
+        None, ge=1,
+        description="Fix the generated tokens per prompt: after the M initial chains, expansion rounds (chain mode: "
+        "one more chain each) go on per prompt until its generated tokens reach this, at most `max_rounds`; "
+        "null uses sampling.expansion_rounds as given.",
+    )
+    chains_per_prompt: float | None = Field(
+        None, gt=0,
+        description="Fix the cost per prompt in chain equivalents B. Chain mode: M = round(B). Tree mode: L = 1, "
+        "M = round(B / (1 + N·expansion_cost)), then N = round((B/M − 1) / expansion_cost); a budget below "
+        "1 + expansion_cost gives chains. null uses M/N/L as given.",
+    )
+    expansion_cost: float = Field(
+        0.5, gt=0, le=1, description="Cost of one expansion in chains (DESIGN §4.2: about half a chain)."
+    )
+    max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetConfig:
+        if self.tokens_per_prompt is not None and self.chains_per_prompt is not None:
+            raise ValueError("set at most one of budget.tokens_per_prompt and budget.chains_per_prompt")
+        return self
 
 
 class VerifyConfig(Strict):
@@ -161,6 +215,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def section_hash(self, *sections: str, **params: Any) -> str:
         """Stable hash of the named sections (all when none), the seed and extra params; manifests use it

@@ -65,6 +65,9 @@ def stage(
     inputs: Optional[list[str]] = typer.Option(None, "--in", help="Input as key=uri (a stage output directory)."),
     out: str = typer.Option(..., "--out", help="Output directory URI."),
     iteration: int = typer.Option(1, "--iteration", help="Iteration number (sample, train)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="sample only: i/n runs the i-th (from 0) of n prompt shards; join with merge-shards."
+    ),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Run one stage alone on given input URIs (e.g. as its own container)."""
@@ -87,6 +90,17 @@ def stage(
         console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
         raise typer.Exit(2)
     params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
+    if shard is not None:
+        from components.stages.sample import parse_shard
+
+        if name != "sample":
+            console.print(f"[red]--shard applies to the sample stage only, not {name!r}[/red]")
+            raise typer.Exit(2)
+        try:
+            params["shard"] = parse_shard(shard)
+        except ValueError as exc:
+            console.print(f"[red]--shard: {exc}[/red]")
+            raise typer.Exit(2) from None
     try:
         result = STAGES[name](cfg, given, out, **params)
     except (FileNotFoundError, KeyError, ValueError) as exc:
@@ -94,6 +108,26 @@ def stage(
         raise typer.Exit(1) from None
     console.print_json(json.dumps({"stage": name, "out": result.out, "skipped": result.skipped,
                                    "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}))
+
+
+@app.command("merge-shards")
+def merge_shards(
+    shards: list[str] = typer.Argument(..., help="Output URIs of `stage sample --shard i/n`, in shard order."),
+    config: Optional[Path] = ConfigOpt,
+    out: str = typer.Option(..., "--out", help="Output URI of the merged sample stage."),
+    iteration: int = typer.Option(1, "--iteration", help="Iteration number."),
+) -> None:
+    """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
+    from components.stages.sample import merge
+
+    cfg = _load(config, [])
+    try:
+        result = merge(cfg, shards, out, iteration)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        console.print(f"[red]merge-shards failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print_json(json.dumps({"stage": "sample", "out": result.out, "skipped": result.skipped,
+                                   "outputs": result.outputs, "metrics": result.metrics}))
 
 
 @app.command("config")

@@ -9,11 +9,12 @@ from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 
 from components import storage
 from components.config import Config
 from components.stages import STAGES
+from components.stages import sample as sample_stage
 from components.tracking import Tracker
 from flows.progress import Reporter, get_reporter
 
@@ -35,6 +36,26 @@ def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, **params: A
     it = params.get("iteration")
     label = name if it is None else f"{name}-it{it:03d}"
     return run_stage_task.with_options(name=name, task_run_name=label)(name, cfg, inputs, out, params)
+
+
+@task(name="sample-merge", retries=1, retry_delay_seconds=2)
+def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) -> dict:
+    return asdict(sample_stage.merge(cfg, shards, out, iteration))
+
+
+def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> dict:
+    """The sample stage; with `sampling.shards` > 1 its shards run at once (Prefect `.map`), then merge."""
+    n = cfg.sampling.shards
+    if n == 1:
+        return _stage("sample", cfg, inputs, out, iteration=iteration)
+    outs = [sample_stage.shard_out(out, i, n) for i in range(n)]
+    params = [{"iteration": iteration, "shard": (i, n)} for i in range(n)]
+    shards = [f.result() for f in run_stage_task.with_options(name="sample").map(
+        "sample", unmapped(cfg), unmapped(inputs), outs, params)]
+    merged = merge_shards_task.with_options(task_run_name=f"sample-merge-it{iteration:03d}")(
+        cfg, [r["out"] for r in shards], out, iteration)
+    merged["seconds"] += max(r["seconds"] for r in shards)  # shards run side by side
+    return merged
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -76,8 +97,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
         last_eval, last_eval_iter = warm_eval, 0
         for it in range(1, cfg.run.iterations + 1):
             d = iteration_dir(root, it)
-            s = record(_stage("sample", cfg, {"model": model, "world": world}, storage.join(d, "sample"),
-                              iteration=it), it, "sample/")
+            s = record(_sample(cfg, {"model": model, "world": world}, storage.join(d, "sample"), it), it, "sample/")
             v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
                        it, "verify/")
             lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
