@@ -80,8 +80,8 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
                               iteration=it), it, "sample/")
             v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
                        it, "verify/")
-            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
-                         it, "label/")
+            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"], "world": world},
+                                storage.join(d, "label")), it, "label/")
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
