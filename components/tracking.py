@@ -107,10 +107,10 @@ class Tracker:
         if self.enabled:
             self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
-        """Rows (columns as lists) as an MLflow table; appended to an existing table of the same file."""
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A JSON artifact, replacing an earlier one of the same name."""
         if self.enabled:
-            self.client.log_table(self.run_id, data, artifact_file)
+            self.client.log_dict(self.run_id, data, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:

@@ -2,7 +2,8 @@
 
 MLflow: `plots/curves.png` (reward, EM, tool calls, budget) and `plots/granularity.png` (sibling sets and
 signal magnitude by depth), redrawn after every evaluation; the `granularity.json` table (one row per
-iteration and depth, appended each iteration); `trees/iter_NNN.html`, the label stage's tree viewer.
+iteration and depth in MLflow's table layout `{"columns", "data"}`, rewritten whole each iteration);
+`trees/iter_NNN.html`, the label stage's tree viewer.
 Prefect: a progress artifact `rl-progress` moved after sampling and after training of every iteration,
 and a table artifact `iteration-table` (one row per iteration so far) created after each iteration.
 """
@@ -49,18 +50,20 @@ class Dashboards:
         else:
             update_progress_artifact(self.progress_id, value)
 
-    def labelled(self, iteration: int, label: dict, log: bool) -> None:
-        """Collect the label stage's granularity report; when `log`, send it and the tree viewer to MLflow."""
+    def labelled(self, iteration: int, label: dict) -> None:
+        """Collect the label stage's granularity report and send the whole table and the tree viewer to MLflow.
+
+        Both replace earlier uploads, so a resumed run never duplicates rows."""
         outputs = label["outputs"]
+        self._row(iteration)["preference_pairs"] = label["metrics"].get("preference_pairs")
+        if "trees" in outputs:
+            self.tracker.log_text(storage.read_bytes(outputs["trees"]).decode(), f"trees/iter_{iteration:03d}.html")
         if "granularity" not in outputs:  # a label output from before the granularity report existed
             return
-        report = [{"iteration": iteration, **r} for r in storage.read_json(outputs["granularity"])]
-        self.granularity += report
-        self._row(iteration)["preference_pairs"] = label["metrics"].get("preference_pairs")
-        if log and report:
-            self.tracker.log_table({k: [r[k] for r in report] for k in report[0]}, "granularity.json")
-        if log and "trees" in outputs:
-            self.tracker.log_text(storage.read_bytes(outputs["trees"]).decode(), f"trees/iter_{iteration:03d}.html")
+        self.granularity += [{"iteration": iteration, **r} for r in storage.read_json(outputs["granularity"])]
+        columns = list(self.granularity[0]) if self.granularity else []
+        self.tracker.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in self.granularity]},
+                              "granularity.json")
 
     def iteration_finished(self, iteration: int, sample: dict, verify: dict, train: dict) -> None:
         row = self._row(iteration)

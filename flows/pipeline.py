@@ -86,7 +86,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
                        it, "verify/")
             lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"], "world": world},
                                 storage.join(d, "label")), it, "label/")
-            dash.labelled(it, lab, log=not (lab["skipped"] and tracker.resumed))
+            dash.labelled(it, lab)
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
