@@ -157,6 +157,12 @@ class AdvantageConfig(Strict):
         "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a prompt."
     )
     eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
+    export_preferences: bool = Field(
+        True, description="Write sibling-subtree preference pairs (TRL DPO format) to preferences.parquet."
+    )
+    preference_margin: float = Field(
+        0.1, gt=0, description="Least subtree-value gap |V(a) − V(b)| between two siblings that makes a pair."
+    )
 
 
 class TrainConfig(Strict):
@@ -203,6 +209,12 @@ class TrackingConfig(Strict):
     enabled: bool = Field(True, description="Log to MLflow at all.")
 
 
+class ViewerConfig(Strict):
+    max_prompts: int = Field(
+        16, ge=0, description="Prompts whose trees the label stage draws into trees.html; 0 writes no viewer."
+    )
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     world: WorldConfig = Field(default_factory=WorldConfig)
@@ -216,6 +228,7 @@ class Config(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    viewer: ViewerConfig = Field(default_factory=ViewerConfig)
 
     def section_hash(self, *sections: str, **params: Any) -> str:
         """Stable hash of the named sections (all when none), the seed and extra params; manifests use it

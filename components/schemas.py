@@ -108,7 +108,30 @@ EVAL = _schema(
     ],
 )
 
-ALL = {s.metadata[b"arborl.schema"].decode(): s for s in (FACTS, PROMPTS, NODES, REWARDS, ADVANTAGES, EVAL)}
+PREFERENCES = _schema(  # sibling-subtree preference pairs in TRL's DPO format (components/advantages/preferences.py)
+    "preferences",
+    [
+        pa.field("prompt", pa.string(), nullable=False),  # prompt text + the shared steps down to the branch point
+        pa.field("chosen", pa.string(), nullable=False),  # the better sibling + its highest-value path to a leaf
+        pa.field("rejected", pa.string(), nullable=False),  # the worse sibling + its lowest-value path to a leaf
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("depth", pa.int32(), nullable=False),  # depth of the compared steps; 1 = first steps
+        pa.field("value_gap", pa.float32(), nullable=False),  # V(chosen) − V(rejected) ≥ the margin
+        pa.field("chosen_value", pa.float32(), nullable=False),  # V = mean reward of the leaves under the node
+        pa.field("rejected_value", pa.float32(), nullable=False),
+        pa.field("branch_tree_id", pa.int32(), nullable=True),  # null: the branch point is the prompt
+        pa.field("branch_node_id", pa.int32(), nullable=True),
+        pa.field("chosen_tree_id", pa.int32(), nullable=False),
+        pa.field("chosen_node_id", pa.int32(), nullable=False),
+        pa.field("rejected_tree_id", pa.int32(), nullable=False),
+        pa.field("rejected_node_id", pa.int32(), nullable=False),
+    ],
+)
+
+ALL = {
+    s.metadata[b"arborl.schema"].decode(): s
+    for s in (FACTS, PROMPTS, NODES, REWARDS, ADVANTAGES, EVAL, PREFERENCES)
+}
 
 
 class SchemaError(ValueError):

@@ -16,6 +16,7 @@ from components.config import Config
 from components.stages import STAGES
 from components.stages import sample as sample_stage
 from components.tracking import Tracker
+from flows.dashboards import Dashboards
 from flows.progress import Reporter, get_reporter
 
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
@@ -75,6 +76,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     storage.makedirs(root)
     storage.write_json(storage.join(root, "config.json"), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
+    dash = Dashboards(tracker, cfg.run.name, cfg.run.iterations)
     stage_seconds: dict[str, float] = defaultdict(float)
     history: list[dict] = []
 
@@ -94,19 +96,23 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
         )["metrics"]
         reporter.evaluated(0, warm_eval)
+        dash.evaluated(0, warm_eval)
         last_eval, last_eval_iter = warm_eval, 0
         for it in range(1, cfg.run.iterations + 1):
             d = iteration_dir(root, it)
             s = record(_sample(cfg, {"model": model, "world": world}, storage.join(d, "sample"), it), it, "sample/")
+            dash.progress(it, 0.5)
             v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
                        it, "verify/")
-            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
-                         it, "label/")
+            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"], "world": world},
+                                storage.join(d, "label")), it, "label/")
+            dash.labelled(it, lab)
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
             if cfg.train.kl_coef > 0:
                 train_inputs["reference"] = storage.join(root, "warmstart")
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
+            dash.progress(it, 1.0)
             row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],
                    "trajectories": s["metrics"]["trajectories"], "generated_tokens": s["metrics"]["generated_tokens"]}
             if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
@@ -116,7 +122,11 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
                 last_eval_iter = it
                 row.update({k: last_eval[k] for k in ("test_em", "test_em_sampled")})
                 reporter.evaluated(it, last_eval)
+                dash.evaluated(it, last_eval)
             history.append(row)
+            dash.iteration_finished(it, s, v, t)
+            if it == last_eval_iter:
+                dash.plot()
             reporter.iteration_finished(it, row)
 
         summary = {

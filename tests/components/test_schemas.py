@@ -26,7 +26,7 @@ NODE_ROWS = [
 
 
 def test_all_schemas_are_registered_with_name_and_version():
-    assert set(schemas.ALL) == {"facts", "prompts", "nodes", "rewards", "advantages", "eval"}
+    assert set(schemas.ALL) == {"facts", "prompts", "nodes", "rewards", "advantages", "eval", "preferences"}
     for name, schema in schemas.ALL.items():
         assert schema.metadata[b"arborl.schema"].decode() == name
         assert schema.metadata[b"arborl.schema_version"].decode() == schemas.SCHEMA_VERSION

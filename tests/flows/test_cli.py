@@ -49,8 +49,9 @@ def test_stages_run_one_by_one_on_uris(tmp_path):
     s = _stage("sample", *cfg, "--in", f"model={out / 'model0'}", "--in", f"world={w}", "--out", str(out / "sample"))
     assert s["metrics"]["trajectories"] == 4 * 2 * 3  # prompts × M × (1 + L·N)
     _stage("verify", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"world={w}", "--out", str(out / "verify"))
-    _stage("label", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"rewards={out / 'verify'}", "--out",
-           str(out / "label"))
+    lab = _stage("label", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"rewards={out / 'verify'}", "--in",
+                 f"world={w}", "--out", str(out / "label"))
+    assert {"advantages", "preferences", "granularity", "trees"} <= set(lab["outputs"])
     t = _stage("train", *cfg, "--in", f"model={out / 'model0'}", "--in", f"nodes={out / 'sample'}", "--in",
                f"advantages={out / 'label'}", "--in", f"world={w}", "--out", str(out / "model1"))
     assert (Path(t["outputs"]["model"]) / "config.json").exists()
