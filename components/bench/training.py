@@ -34,7 +34,8 @@ def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tu
     model = STAGES["warmstart"](cfg, {"world": world}, storage.join(workdir, "warmstart")).out
     nodes = STAGES["sample"](cfg, {"model": model, "world": world}, storage.join(workdir, "sample"), iteration=1).out
     rewards = STAGES["verify"](cfg, {"nodes": nodes, "world": world}, storage.join(workdir, "verify")).out
-    labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards}, storage.join(workdir, "label")).out
+    labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards, "world": world},
+                             storage.join(workdir, "label")).out
     node_rows = schemas.read(storage.join(nodes, "nodes.parquet"), schemas.NODES).to_pylist()
     adv = schemas.read(storage.join(labels, "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
     leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
