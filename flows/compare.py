@@ -32,6 +32,7 @@ def compare_pipeline(config: dict, seeds: int = 3) -> dict:
     result["out"] = storage.join(out, "compare.json")
     storage.write_json(result["out"], result)
     result["mlflow_run_id"] = _log_to_mlflow(cfg, result) if cfg.tracking.enabled else None
+    storage.write_json(result["out"], result)  # again, now with the comparison's MLflow run id
     _publish(result)
     return result
 
