@@ -197,8 +197,19 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled (one-sample) evaluation.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
     batch_size: int = Field(256, ge=1, description="Questions generated together.")
+    pass_k: list[int] = Field(
+        default_factory=lambda: [1, 4],
+        description="k values of pass@k; the sampled evaluation draws max(pass_k) samples per question.",
+    )
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for the 95% intervals of eval metrics.")
+
+    @model_validator(mode="after")
+    def _pass_k(self) -> EvaluateConfig:
+        if not self.pass_k or min(self.pass_k) < 1:
+            raise ValueError(f"pass_k must be a non-empty list of k >= 1, got {self.pass_k}")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -215,6 +226,18 @@ class ViewerConfig(Strict):
     )
 
 
+class RegistryConfig(Strict):
+    enabled: bool = Field(True, description="Register the final model and run the gated promotion (needs tracking).")
+    model_name: str = Field("arborl-tiny", description="Registered model name in the MLflow model registry.")
+    gate_metric: Literal["em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled"] = Field(
+        "em", description="Per-question score the gate compares: greedy em/f1/reward or their mean over samples."
+    )
+    margin: float = Field(
+        0.0, description="Promote only when the bootstrap lower bound of the paired improvement exceeds this."
+    )
+    split: Literal["val", "test"] = Field("test", description="Questions both models are evaluated on.")
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     world: WorldConfig = Field(default_factory=WorldConfig)
@@ -229,6 +252,7 @@ class Config(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     viewer: ViewerConfig = Field(default_factory=ViewerConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def section_hash(self, *sections: str, **params: Any) -> str:
         """Stable hash of the named sections (all when none), the seed and extra params; manifests use it

@@ -13,8 +13,8 @@ from components import storage
 SCHEMA_VERSION = "1"
 
 
-def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": SCHEMA_VERSION})
+def _schema(name: str, fields: list[pa.Field], version: str = SCHEMA_VERSION) -> pa.Schema:
+    return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": version})
 
 
 FACTS = _schema(
@@ -102,10 +102,12 @@ EVAL = _schema(
         pa.field("em", pa.float32(), nullable=False),
         pa.field("f1", pa.float32(), nullable=False),
         pa.field("answer", pa.string(), nullable=True),
+        pa.field("valid_format", pa.bool_(), nullable=False),
         pa.field("tool_calls", pa.int32(), nullable=False),
         pa.field("generated_tokens", pa.int32(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
     ],
+    version="2",  # 2: sampled mode holds evaluate.pass_k samples per question; valid_format column
 )
 
 PREFERENCES = _schema(  # sibling-subtree preference pairs in TRL's DPO format (components/advantages/preferences.py)
@@ -158,9 +160,10 @@ def read(uri: str, schema: pa.Schema) -> pa.Table:
     meta = table.schema.metadata or {}
     got_name = meta.get(b"arborl.schema", b"").decode()
     got_version = meta.get(b"arborl.schema_version", b"").decode()
-    if got_name != name or got_version != SCHEMA_VERSION:
+    version = schema.metadata[b"arborl.schema_version"].decode()
+    if got_name != name or got_version != version:
         raise SchemaError(
-            f"{uri}: expected a {name!r} table of schema version {SCHEMA_VERSION}, "
+            f"{uri}: expected a {name!r} table of schema version {version}, "
             f"found {got_name or 'no arborl schema'!r} version {got_version or '?'}"
         )
     missing = [f.name for f in schema if f.name not in table.column_names]

@@ -170,6 +170,62 @@ def bench_training_cmd(
     console.print(table)
 
 
+@app.command()
+def promote(
+    config: Optional[Path] = ConfigOpt,
+    questions: Optional[str] = typer.Option(None, "--questions", help="val | test (default: registry.split)."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Gated promotion: evaluate `challenger` and `champion` (or the warm start) on the same questions and
+    move `champion` only when the paired improvement's bootstrap lower bound beats registry.margin."""
+    cfg = _load(config, overrides)
+    if questions not in (None, "val", "test"):
+        console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
+        raise typer.Exit(2)
+    from components.registry import promote as run_promotion
+
+    try:
+        result = run_promotion(cfg, questions)
+    except ValueError as exc:
+        console.print(f"[red]promote failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(result.markdown())
+    if result.out:
+        console.print(f"rows and decision: {result.out}/")
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = ConfigOpt,
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (run.seed, run.seed+1, ...)."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Tree-GRPO vs GRPO at equal generation budget over several seeds: final test EM with confidence
+    intervals and EM-vs-generated-tokens curves (terminal table, compare.json, MLflow plot)."""
+    from rich.table import Table
+
+    cfg = _load(config, overrides)
+    _prefect_env()
+    from flows.compare import compare_pipeline, rows
+
+    result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
+    table = Table(title="final test EM (greedy), mean and 95% t-interval over seeds")
+    for col in ("method", "test EM [95% CI]", "per seed", "generated tokens / prompt"):
+        table.add_column(col)
+    for row in rows(result):
+        table.add_row(*row)
+    console.print(table)
+    curve = Table(title="test EM vs cumulative generated tokens (seed mean)")
+    for col in ("method", "iteration", "generated tokens", "test EM"):
+        curve.add_column(col)
+    for method, data in result["methods"].items():
+        for p in data["curve"]:
+            curve.add_row(method, str(p["iteration"]), f"{p['generated_tokens']:.0f}", f"{p['test_em']:.3f}")
+    console.print(curve)
+    console.print(result["budget_rule"])
+    console.print(f"compare.json: {result['out']}   MLflow run: {result['mlflow_run_id']}")
+
+
 def main() -> None:
     app()
 

@@ -92,6 +92,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
         world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
         model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
                        "warmstart/")["out"]
+        warm_model = model
         warm_eval = record(
             _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
         )["metrics"]
@@ -144,6 +145,10 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             "config_hash": cfg.section_hash(),
             "history": history,
         }
+        if cfg.registry.enabled and tracker.enabled:
+            tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
+                    "arborl.iteration": str(last_eval_iter)}
+            summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags)
         summary_uri = storage.join(root, "summary.json")
         storage.write_json(summary_uri, summary)
         tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
@@ -160,6 +165,34 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+@task(name="register")
+def register_task(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> str:
+    from components.registry import register_final_model
+
+    return register_final_model(cfg, run_id, model, metrics, tags)
+
+
+@task(name="promote")
+def promote_task(cfg: Config) -> dict:
+    from components.registry import promote
+
+    result = promote(cfg)
+    decision = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(result.decision).items()}
+    return {**asdict(result), "decision": decision, "markdown": result.markdown()}
+
+
+def register_and_promote(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> dict:
+    """The flow's last steps: register the final model as `challenger`, then the gated promotion, whose
+    decision is published as a Prefect markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    version = register_task(cfg, run_id, model, {k: v for k, v in metrics.items() if k.startswith("test_")}, tags)
+    result = promote_task(cfg)
+    create_markdown_artifact(key="arborl-promotion", markdown=result.pop("markdown"),
+                             description=f"{cfg.registry.model_name} v{version}: {result['decision']['decision']}")
+    return {"model_name": cfg.registry.model_name, "version": version, **result}
 
 
 def _publish_summary(summary: dict) -> None:
