@@ -77,6 +77,18 @@ class AgentConfig(Strict):
     max_turns: int = Field(4, ge=1, description="Model turns per episode (search calls + answer).")
     max_tokens_per_turn: int = Field(16, ge=2, description="Cap on generated tokens in one turn.")
     max_total_tokens: int = Field(256, ge=16, description="Cap on the whole episode (prompt + turns + observations).")
+    node_mode: Literal["turn", "segment"] = Field(
+        "turn",
+        description="What a tree node is: 'turn' = one agent step (action + tool observation); 'segment' = a piece "
+        "of one tool-free generation, cut at `segment_delimiter` or every `segment_tokens` tokens (math-style data).",
+    )
+    segment_tokens: int = Field(32, ge=1, description="Segment mode: most generated tokens in one node.")
+    segment_delimiter: str | None = Field(
+        None,
+        description="Segment mode: text of ONE token that also ends a node (kept in it), e.g. '\n\n' (a blank "
+        "line) for a BPE tokenizer that has it as one token; null cuts by length only. In segment mode "
+        "`max_turns` caps the segments of an episode.",
+    )
 
 
 class SamplingConfig(Strict):
@@ -88,6 +100,48 @@ class SamplingConfig(Strict):
     )
     keep_leaves: int | None = Field(None, ge=1, description="K: keep at most K random leaves per tree (null: all).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    expansion_policy: Literal["random", "entropy", "depth"] = Field(
+        "random",
+        description="Which nodes a round branches from: random (Tree-GRPO: uniform with replacement over root + "
+        "non-leaf nodes), entropy (highest −log p of the sampled tokens first, TreeRL EPTree-style), depth "
+        "(a depth uniformly, then a node uniformly within it).",
+    )
+    entropy_statistic: Literal["max", "mean"] = Field(
+        "max", description="entropy policy: a node's uncertainty is the max or the mean −log p of its action tokens."
+    )
+    shards: int = Field(
+        1, ge=1, description="Split each iteration's prompts into this many shards sampled at once, then merged."
+    )
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="Bad prompts (empty, longer than the context, a tool error) are recorded and left out of "
+        "training; the sample stage fails, naming them, when more than this fraction of prompts is bad.",
+    )
+
+
+class BudgetConfig(Strict):
+    tokens_per_prompt: int | None = Field(
+        None, ge=1,
+        description="Fix the generated tokens per prompt: after the M initial chains, expansion rounds (chain mode: "
+        "one more chain each) go on per prompt until its generated tokens reach this, at most `max_rounds`; "
+        "null uses sampling.expansion_rounds as given.",
+    )
+    chains_per_prompt: float | None = Field(
+        None, gt=0,
+        description="Fix the cost per prompt in chain equivalents B. Chain mode: M = round(B). Tree mode: L = 1, "
+        "M = round(B / (1 + N·expansion_cost)), then N = round((B/M − 1) / expansion_cost); a budget below "
+        "1 + expansion_cost gives chains. null uses M/N/L as given.",
+    )
+    expansion_cost: float = Field(
+        0.5, gt=0, le=1, description="Cost of one expansion in chains (DESIGN §4.2: about half a chain)."
+    )
+    max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetConfig:
+        if self.tokens_per_prompt is not None and self.chains_per_prompt is not None:
+            raise ValueError("set at most one of budget.tokens_per_prompt and budget.chains_per_prompt")
+        return self
 
 
 class VerifyConfig(Strict):
@@ -103,6 +157,12 @@ class AdvantageConfig(Strict):
         "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a prompt."
     )
     eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
+    export_preferences: bool = Field(
+        True, description="Write sibling-subtree preference pairs (TRL DPO format) to preferences.parquet."
+    )
+    preference_margin: float = Field(
+        0.1, gt=0, description="Least subtree-value gap |V(a) − V(b)| between two siblings that makes a pair."
+    )
 
 
 class LoraSettings(Strict):
@@ -163,8 +223,19 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled (one-sample) evaluation.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
     batch_size: int = Field(256, ge=1, description="Questions generated together.")
+    pass_k: list[int] = Field(
+        default_factory=lambda: [1, 4],
+        description="k values of pass@k; the sampled evaluation draws max(pass_k) samples per question.",
+    )
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for the 95% intervals of eval metrics.")
+
+    @model_validator(mode="after")
+    def _pass_k(self) -> EvaluateConfig:
+        if not self.pass_k or min(self.pass_k) < 1:
+            raise ValueError(f"pass_k must be a non-empty list of k >= 1, got {self.pass_k}")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -173,6 +244,24 @@ class TrackingConfig(Strict):
     )
     experiment: str = Field("arborl", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log to MLflow at all.")
+
+
+class ViewerConfig(Strict):
+    max_prompts: int = Field(
+        16, ge=0, description="Prompts whose trees the label stage draws into trees.html; 0 writes no viewer."
+    )
+
+
+class RegistryConfig(Strict):
+    enabled: bool = Field(True, description="Register the final model and run the gated promotion (needs tracking).")
+    model_name: str = Field("arborl-tiny", description="Registered model name in the MLflow model registry.")
+    gate_metric: Literal["em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled"] = Field(
+        "em", description="Per-question score the gate compares: greedy em/f1/reward or their mean over samples."
+    )
+    margin: float = Field(
+        0.0, description="Promote only when the bootstrap lower bound of the paired improvement exceeds this."
+    )
+    split: Literal["val", "test"] = Field("test", description="Questions both models are evaluated on.")
 
 
 class Config(Strict):
@@ -187,6 +276,9 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    viewer: ViewerConfig = Field(default_factory=ViewerConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def section_hash(self, *sections: str, **params: Any) -> str:
         """Stable hash of the named sections (all when none), the seed and extra params; manifests use it

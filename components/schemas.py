@@ -13,8 +13,8 @@ from components import storage
 SCHEMA_VERSION = "1"
 
 
-def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": SCHEMA_VERSION})
+def _schema(name: str, fields: list[pa.Field], version: str = SCHEMA_VERSION) -> pa.Schema:
+    return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": version})
 
 
 FACTS = _schema(
@@ -102,13 +102,38 @@ EVAL = _schema(
         pa.field("em", pa.float32(), nullable=False),
         pa.field("f1", pa.float32(), nullable=False),
         pa.field("answer", pa.string(), nullable=True),
+        pa.field("valid_format", pa.bool_(), nullable=False),
         pa.field("tool_calls", pa.int32(), nullable=False),
         pa.field("generated_tokens", pa.int32(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
     ],
+    version="2",  # 2: sampled mode holds evaluate.pass_k samples per question; valid_format column
 )
 
-ALL = {s.metadata[b"arborl.schema"].decode(): s for s in (FACTS, PROMPTS, NODES, REWARDS, ADVANTAGES, EVAL)}
+PREFERENCES = _schema(  # sibling-subtree preference pairs in TRL's DPO format (components/advantages/preferences.py)
+    "preferences",
+    [
+        pa.field("prompt", pa.string(), nullable=False),  # prompt text + the shared steps down to the branch point
+        pa.field("chosen", pa.string(), nullable=False),  # the better sibling + its highest-value path to a leaf
+        pa.field("rejected", pa.string(), nullable=False),  # the worse sibling + its lowest-value path to a leaf
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("depth", pa.int32(), nullable=False),  # depth of the compared steps; 1 = first steps
+        pa.field("value_gap", pa.float32(), nullable=False),  # V(chosen) − V(rejected) ≥ the margin
+        pa.field("chosen_value", pa.float32(), nullable=False),  # V = mean reward of the leaves under the node
+        pa.field("rejected_value", pa.float32(), nullable=False),
+        pa.field("branch_tree_id", pa.int32(), nullable=True),  # null: the branch point is the prompt
+        pa.field("branch_node_id", pa.int32(), nullable=True),
+        pa.field("chosen_tree_id", pa.int32(), nullable=False),
+        pa.field("chosen_node_id", pa.int32(), nullable=False),
+        pa.field("rejected_tree_id", pa.int32(), nullable=False),
+        pa.field("rejected_node_id", pa.int32(), nullable=False),
+    ],
+)
+
+ALL = {
+    s.metadata[b"arborl.schema"].decode(): s
+    for s in (FACTS, PROMPTS, NODES, REWARDS, ADVANTAGES, EVAL, PREFERENCES)
+}
 
 
 class SchemaError(ValueError):
@@ -135,9 +160,10 @@ def read(uri: str, schema: pa.Schema) -> pa.Table:
     meta = table.schema.metadata or {}
     got_name = meta.get(b"arborl.schema", b"").decode()
     got_version = meta.get(b"arborl.schema_version", b"").decode()
-    if got_name != name or got_version != SCHEMA_VERSION:
+    version = schema.metadata[b"arborl.schema_version"].decode()
+    if got_name != name or got_version != version:
         raise SchemaError(
-            f"{uri}: expected a {name!r} table of schema version {SCHEMA_VERSION}, "
+            f"{uri}: expected a {name!r} table of schema version {version}, "
             f"found {got_name or 'no arborl schema'!r} version {got_version or '?'}"
         )
     missing = [f.name for f in schema if f.name not in table.column_names]

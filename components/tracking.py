@@ -102,6 +102,20 @@ class Tracker:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (e.g. `plots/curves.png`), replacing an earlier one."""
+        if self.enabled:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A JSON artifact, replacing an earlier one of the same name."""
+        if self.enabled:
+            self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             for k, v in tags.items():

@@ -65,6 +65,9 @@ def stage(
     inputs: Optional[list[str]] = typer.Option(None, "--in", help="Input as key=uri (a stage output directory)."),
     out: str = typer.Option(..., "--out", help="Output directory URI."),
     iteration: int = typer.Option(1, "--iteration", help="Iteration number (sample, train)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="sample only: i/n runs the i-th (from 0) of n prompt shards; join with merge-shards."
+    ),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Run one stage alone on given input URIs (e.g. as its own container)."""
@@ -87,6 +90,17 @@ def stage(
         console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
         raise typer.Exit(2)
     params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
+    if shard is not None:
+        from components.stages.sample import parse_shard
+
+        if name != "sample":
+            console.print(f"[red]--shard applies to the sample stage only, not {name!r}[/red]")
+            raise typer.Exit(2)
+        try:
+            params["shard"] = parse_shard(shard)
+        except ValueError as exc:
+            console.print(f"[red]--shard: {exc}[/red]")
+            raise typer.Exit(2) from None
     try:
         result = STAGES[name](cfg, given, out, **params)
     except (FileNotFoundError, KeyError, ValueError) as exc:
@@ -94,6 +108,26 @@ def stage(
         raise typer.Exit(1) from None
     console.print_json(json.dumps({"stage": name, "out": result.out, "skipped": result.skipped,
                                    "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}))
+
+
+@app.command("merge-shards")
+def merge_shards(
+    shards: list[str] = typer.Argument(..., help="Output URIs of `stage sample --shard i/n`, in shard order."),
+    config: Optional[Path] = ConfigOpt,
+    out: str = typer.Option(..., "--out", help="Output URI of the merged sample stage."),
+    iteration: int = typer.Option(1, "--iteration", help="Iteration number."),
+) -> None:
+    """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
+    from components.stages.sample import merge
+
+    cfg = _load(config, [])
+    try:
+        result = merge(cfg, shards, out, iteration)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        console.print(f"[red]merge-shards failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print_json(json.dumps({"stage": "sample", "out": result.out, "skipped": result.skipped,
+                                   "outputs": result.outputs, "metrics": result.metrics}))
 
 
 @app.command("config")
@@ -134,6 +168,62 @@ def bench_training_cmd(
     for key, value in result.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+@app.command()
+def promote(
+    config: Optional[Path] = ConfigOpt,
+    questions: Optional[str] = typer.Option(None, "--questions", help="val | test (default: registry.split)."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Gated promotion: evaluate `challenger` and `champion` (or the warm start) on the same questions and
+    move `champion` only when the paired improvement's bootstrap lower bound beats registry.margin."""
+    cfg = _load(config, overrides)
+    if questions not in (None, "val", "test"):
+        console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
+        raise typer.Exit(2)
+    from components.registry import promote as run_promotion
+
+    try:
+        result = run_promotion(cfg, questions)
+    except ValueError as exc:
+        console.print(f"[red]promote failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(result.markdown())
+    if result.out:
+        console.print(f"rows and decision: {result.out}/")
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = ConfigOpt,
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (run.seed, run.seed+1, ...)."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Tree-GRPO vs GRPO at equal generation budget over several seeds: final test EM with confidence
+    intervals and EM-vs-generated-tokens curves (terminal table, compare.json, MLflow plot)."""
+    from rich.table import Table
+
+    cfg = _load(config, overrides)
+    _prefect_env()
+    from flows.compare import compare_pipeline, rows
+
+    result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
+    table = Table(title="final test EM (greedy), mean and 95% t-interval over seeds")
+    for col in ("method", "test EM [95% CI]", "per seed", "generated tokens / prompt"):
+        table.add_column(col)
+    for row in rows(result):
+        table.add_row(*row)
+    console.print(table)
+    curve = Table(title="test EM vs cumulative generated tokens (seed mean)")
+    for col in ("method", "iteration", "generated tokens", "test EM"):
+        curve.add_column(col)
+    for method, data in result["methods"].items():
+        for p in data["curve"]:
+            curve.add_row(method, str(p["iteration"]), f"{p['generated_tokens']:.0f}", f"{p['test_em']:.3f}")
+    console.print(curve)
+    console.print(result["budget_rule"])
+    console.print(f"compare.json: {result['out']}   MLflow run: {result['mlflow_run_id']}")
 
 
 def main() -> None:

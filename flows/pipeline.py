@@ -9,12 +9,14 @@ from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 
 from components import storage
 from components.config import Config
 from components.stages import STAGES
+from components.stages import sample as sample_stage
 from components.tracking import Tracker
+from flows.dashboards import Dashboards
 from flows.progress import Reporter, get_reporter
 
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
@@ -37,6 +39,26 @@ def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, **params: A
     return run_stage_task.with_options(name=name, task_run_name=label)(name, cfg, inputs, out, params)
 
 
+@task(name="sample-merge", retries=1, retry_delay_seconds=2)
+def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) -> dict:
+    return asdict(sample_stage.merge(cfg, shards, out, iteration))
+
+
+def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> dict:
+    """The sample stage; with `sampling.shards` > 1 its shards run at once (Prefect `.map`), then merge."""
+    n = cfg.sampling.shards
+    if n == 1:
+        return _stage("sample", cfg, inputs, out, iteration=iteration)
+    outs = [sample_stage.shard_out(out, i, n) for i in range(n)]
+    params = [{"iteration": iteration, "shard": (i, n)} for i in range(n)]
+    shards = [f.result() for f in run_stage_task.with_options(name="sample").map(
+        "sample", unmapped(cfg), unmapped(inputs), outs, params)]
+    merged = merge_shards_task.with_options(task_run_name=f"sample-merge-it{iteration:03d}")(
+        cfg, [r["out"] for r in shards], out, iteration)
+    merged["seconds"] += max(r["seconds"] for r in shards)  # shards run side by side
+    return merged
+
+
 def iteration_dir(root: str, iteration: int) -> str:
     return storage.join(root, f"iter_{iteration:03d}")
 
@@ -54,6 +76,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     storage.makedirs(root)
     storage.write_json(storage.join(root, "config.json"), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
+    dash = Dashboards(tracker, cfg.run.name, cfg.run.iterations)
     stage_seconds: dict[str, float] = defaultdict(float)
     history: list[dict] = []
 
@@ -69,24 +92,28 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
         world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
         model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
                        "warmstart/")["out"]
+        warm_model = model
         warm_eval = record(
             _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
         )["metrics"]
         reporter.evaluated(0, warm_eval)
+        dash.evaluated(0, warm_eval)
         last_eval, last_eval_iter = warm_eval, 0
         for it in range(1, cfg.run.iterations + 1):
             d = iteration_dir(root, it)
-            s = record(_stage("sample", cfg, {"model": model, "world": world}, storage.join(d, "sample"),
-                              iteration=it), it, "sample/")
+            s = record(_sample(cfg, {"model": model, "world": world}, storage.join(d, "sample"), it), it, "sample/")
+            dash.progress(it, 0.5)
             v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
                        it, "verify/")
-            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"]}, storage.join(d, "label")),
-                         it, "label/")
+            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"], "world": world},
+                                storage.join(d, "label")), it, "label/")
+            dash.labelled(it, lab)
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
             if cfg.train.kl_coef > 0:
                 train_inputs["reference"] = storage.join(root, "warmstart")
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
+            dash.progress(it, 1.0)
             row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],
                    "trajectories": s["metrics"]["trajectories"], "generated_tokens": s["metrics"]["generated_tokens"]}
             if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
@@ -96,7 +123,11 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
                 last_eval_iter = it
                 row.update({k: last_eval[k] for k in ("test_em", "test_em_sampled")})
                 reporter.evaluated(it, last_eval)
+                dash.evaluated(it, last_eval)
             history.append(row)
+            dash.iteration_finished(it, s, v, t)
+            if it == last_eval_iter:
+                dash.plot()
             reporter.iteration_finished(it, row)
 
         summary = {
@@ -114,6 +145,10 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             "config_hash": cfg.section_hash(),
             "history": history,
         }
+        if cfg.registry.enabled and tracker.enabled:
+            tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
+                    "arborl.iteration": str(last_eval_iter)}
+            summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags)
         summary_uri = storage.join(root, "summary.json")
         storage.write_json(summary_uri, summary)
         tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
@@ -130,6 +165,34 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+@task(name="register")
+def register_task(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> str:
+    from components.registry import register_final_model
+
+    return register_final_model(cfg, run_id, model, metrics, tags)
+
+
+@task(name="promote")
+def promote_task(cfg: Config) -> dict:
+    from components.registry import promote
+
+    result = promote(cfg)
+    decision = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(result.decision).items()}
+    return {**asdict(result), "decision": decision, "markdown": result.markdown()}
+
+
+def register_and_promote(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> dict:
+    """The flow's last steps: register the final model as `challenger`, then the gated promotion, whose
+    decision is published as a Prefect markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    version = register_task(cfg, run_id, model, {k: v for k, v in metrics.items() if k.startswith("test_")}, tags)
+    result = promote_task(cfg)
+    create_markdown_artifact(key="arborl-promotion", markdown=result.pop("markdown"),
+                             description=f"{cfg.registry.model_name} v{version}: {result['decision']['decision']}")
+    return {"model_name": cfg.registry.model_name, "version": version, **result}
 
 
 def _publish_summary(summary: dict) -> None:

@@ -3,13 +3,12 @@
 The trees come from the pipeline's own stages (prepare → short warm start → sample → verify → label) run
 into a work directory, so a second bench run reuses them. Both forms then compute the loss and gradients of
 one mini-batch holding every tree, with the config's micro-batching, alternating `repeats` times; times are
-medians. Peak memory is measured in a fresh process per form (Linux ru_maxrss, MiB; on CUDA the peak
-allocated bytes), because a process's peak never goes down.
+medians. Peak memory per form: the process's peak RSS over one forward+backward after resetting the peak
+mark (Linux /proc/self/clear_refs; MiB), and on CUDA the peak allocated bytes.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import statistics
 import time
@@ -34,7 +33,8 @@ def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tu
     model = STAGES["warmstart"](cfg, {"world": world}, storage.join(workdir, "warmstart")).out
     nodes = STAGES["sample"](cfg, {"model": model, "world": world}, storage.join(workdir, "sample"), iteration=1).out
     rewards = STAGES["verify"](cfg, {"nodes": nodes, "world": world}, storage.join(workdir, "verify")).out
-    labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards}, storage.join(workdir, "label")).out
+    labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards, "world": world},
+                             storage.join(workdir, "label")).out
     node_rows = schemas.read(storage.join(nodes, "nodes.parquet"), schemas.NODES).to_pylist()
     adv = schemas.read(storage.join(labels, "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
     leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
@@ -65,28 +65,40 @@ def _step(model, rows, divisor: float, cfg: Config, pad_id: int) -> tuple[float,
     return seconds, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def _peak_memory_child(model_dir: str, units: list[TreeUnit], form: str, cfg_json: dict, queue) -> None:
-    cfg = Config.model_validate(cfg_json)
-    torch.set_num_threads(max(cfg.run.threads, 1) if cfg.run.threads else torch.get_num_threads())
-    model, tokenizer = load_policy(model_dir, device(cfg))
-    rows, divisor = _prepared_rows(model, units, form, cfg, tokenizer.pad_token_id)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), else since the process started (ru_maxrss), MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_memory(model, rows, divisor: float, cfg: Config, pad_id: int) -> dict[str, Any]:
+    """Peak RSS (and CUDA peak) over one forward+backward of `rows`, from a fresh peak mark."""
+    import gc
+
+    gc.collect()
+    model.zero_grad(set_to_none=True)
+    exact = _reset_peak_rss()
     if next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    _step(model, rows, divisor, cfg, tokenizer.pad_token_id)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if next(model.parameters()).is_cuda else None
-    queue.put({"peak_rss_mb": peak, "rss_before_step_mb": before, "cuda_peak_mb": cuda_peak})
-
-
-def _peak_memory(model_dir: str, units: list[TreeUnit], form: str, cfg: Config) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(model_dir, units, form, cfg.model_dump(mode="json"), queue))
-    proc.start()
-    result = queue.get(timeout=600)
-    proc.join(timeout=60)
-    return result
+    _step(model, rows, divisor, cfg, pad_id)
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if next(model.parameters()).is_cuda else None
+    return {"peak_rss_mb": _peak_rss_mb(), "exact": exact, "cuda_peak_mb": cuda}
 
 
 def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeats: int = 3,
@@ -97,6 +109,9 @@ def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeat
     pad = tokenizer.pad_token_id
     if not trainer.packed_attention_supported(model, pad):
         raise RuntimeError(f"{type(model).__name__} ignores custom 4D attention masks: packed form unavailable")
+    if not any(float(u.leaf_advantages.abs().sum()) > 0 for u in units):
+        raise RuntimeError("every sampled trajectory has advantage 0 (all rewards tied): nothing to train on; "
+                           "sample with a better model (more --warmstart-steps)")
     prepared = {form: _prepared_rows(model, units, form, cfg, pad) for form in ("packed", "duplicated")}
     times: dict[str, list[float]] = {"packed": [], "duplicated": []}
     grads: dict[str, dict[str, torch.Tensor]] = {}
@@ -128,9 +143,10 @@ def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeat
     }
     result["packed_vs_ideal"] = result["packed_speedup"] / result["ideal_speedup"]
     if measure_memory:
-        for form, key in (("packed", "packed"), ("duplicated", "dup")):
-            mem = _peak_memory(model_dir, units, form, cfg)
+        for form, key in (("duplicated", "dup"), ("packed", "packed")):
+            mem = _peak_memory(model, *prepared[form], cfg, pad)
             result[f"peak_rss_mb_{key}"] = mem["peak_rss_mb"]
+            result["peak_rss_reset"] = mem["exact"]
             if mem["cuda_peak_mb"] is not None:
                 result[f"cuda_peak_mb_{key}"] = mem["cuda_peak_mb"]
     return result

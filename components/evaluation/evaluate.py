@@ -1,17 +1,28 @@
-"""Evaluate a policy with the real tool loop: greedy and one-sample (temperature) EM/F1 by hop count."""
+"""Evaluate a policy with the real tool loop on fixed questions: greedy EM/F1, and `n` samples per question
+at a temperature for pass@k; broken down by data source and hop count, with bootstrap intervals.
+
+Rows (the `eval` table): one per question, mode and sample — mode `greedy` has sample 0, mode `sampled`
+samples 0..n−1. `summarize` turns rows (fresh, or read back from eval.parquet) into flat metrics.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from components.config import AgentConfig, VerifyConfig
+from components.evaluation.metrics import bootstrap_ci, pass_at_k
 from components.models import prompt_ids
 from components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from components.sampling.backend import HFBackend
 from components.verification.qa_em import score_response
+
+# Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
+QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled")
 
 
 def response_text(steps: list[Step]) -> str:
@@ -27,19 +38,20 @@ def evaluate_policy(
     verify: VerifyConfig,
     temperature: float,
     seed: int,
+    pass_k: tuple[int, ...] = (1,),
+    bootstrap: int = 1000,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Rows of the `eval` table (one per prompt and mode) and summary metrics.
-
-    Metric names: `<split>_em` (greedy), `<split>_em_sampled`, `<split>_f1[_sampled]`,
-    `<split>_em[_sampled]_hop<h>`, `<split>_tool_calls[_sampled]`, `<split>_reward[_sampled]`.
-    """
+    """Rows of the `eval` table and summary metrics (see `summarize`). Samples per question = max(pass_k)."""
+    n_samples = max(pass_k)
     rows: list[dict] = []
     gen = torch.Generator(device=backend.device).manual_seed(seed)
-    for mode in ("greedy", "sampled"):
-        episodes = [Episode(prompt_ids(env.tokenizer, r["prompt"]), agent.max_turns) for r in prompt_rows]
+    for mode, repeats in (("greedy", 1), ("sampled", n_samples)):
+        jobs = [(r, i) for i in range(repeats) for r in prompt_rows]
+        episodes = [Episode(prompt_ids(env.tokenizer, r["prompt"]), agent.max_turns) for r, _ in jobs]
         run_episodes(backend, env, episodes, agent, temperature, greedy=(mode == "greedy"), generator=gen)
-        for r, ep in zip(prompt_rows, episodes, strict=True):
-            score = score_response(response_text(ep.steps), list(r["ground_truth"]), verify)
+        for (r, sample_idx), ep in zip(jobs, episodes, strict=True):
+            text = response_text(ep.steps)
+            score = score_response(text, list(r["ground_truth"]), verify)
             rows.append(
                 {
                     "prompt_id": r["prompt_id"],
@@ -47,34 +59,93 @@ def evaluate_policy(
                     "data_source": r["data_source"],
                     "hops": int(json.loads(r["extra_info"]).get("hops", 0)),
                     "mode": mode,
-                    "sample": 0,
+                    "sample": sample_idx,
                     "reward": score.reward,
                     "em": float(score.correct),
                     "f1": score.f1,
                     "answer": score.answer,
+                    "valid_format": score.valid_format,
                     "tool_calls": sum(s.action == "search" for s in ep.steps),
                     "generated_tokens": sum(len(s.action_ids) for s in ep.steps),
-                    "text": response_text(ep.steps),
+                    "text": text,
                 }
             )
-    return rows, summarize(rows)
+    return rows, summarize(rows, pass_k, bootstrap, seed)
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
-    groups: dict[str, list[dict]] = defaultdict(list)
+def question_scores(rows: list[dict], metric: str, split: str | None = None) -> dict[str, float]:
+    """{prompt_id: score} for one of QUESTION_METRICS: `em` is the greedy EM, `em_sampled` the mean EM
+    over that question's samples."""
+    if metric not in QUESTION_METRICS:
+        raise ValueError(f"unknown per-question metric {metric!r}; choose one of {', '.join(QUESTION_METRICS)}")
+    column, mode = (metric[: -len("_sampled")], "sampled") if metric.endswith("_sampled") else (metric, "greedy")
+    values: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        suffix = "" if r["mode"] == "greedy" else "_" + r["mode"]
-        groups[(r["split"], suffix, None)].append(r)
-        groups[(r["split"], suffix, r["hops"])].append(r)
-    out: dict[str, float] = {}
-    for (split, suffix, hops), rs in sorted(groups.items(), key=str):
-        n = len(rs)
-        if hops is None:
-            out[f"{split}_em{suffix}"] = sum(r["em"] for r in rs) / n
-            out[f"{split}_f1{suffix}"] = sum(r["f1"] for r in rs) / n
-            out[f"{split}_reward{suffix}"] = sum(r["reward"] for r in rs) / n
-            out[f"{split}_tool_calls{suffix}"] = sum(r["tool_calls"] for r in rs) / n
-            out[f"{split}_generated_tokens{suffix}"] = sum(r["generated_tokens"] for r in rs) / n
+        if r["mode"] == mode and (split is None or r["split"] == split):
+            values[r["prompt_id"]].append(float(r[column]))
+    return {pid: sum(v) / len(v) if v else math.nan for pid, v in values.items()}
+
+
+def _per_question(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """Group rows by (split, prompt_id): the question's attributes, its greedy row and its sampled rows."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        q = out.setdefault((r["split"], r["prompt_id"]),
+                           {"data_source": r["data_source"], "hops": r["hops"], "greedy": None, "sampled": []})
+        if r["mode"] == "greedy":
+            q["greedy"] = r
         else:
-            out[f"{split}_em{suffix}_hop{hops}"] = sum(r["em"] for r in rs) / n
+            q["sampled"].append(r)
+    return out
+
+
+def _question_values(q: dict, pass_k: tuple[int, ...]) -> dict[str, float]:
+    g, samples = q["greedy"], q["sampled"]
+    v: dict[str, float] = {}
+    if g is not None:
+        v.update({"em": g["em"], "f1": g["f1"], "reward": g["reward"], "tool_calls": g["tool_calls"],
+                  "generated_tokens": g["generated_tokens"], "format_error_rate": float(not g["valid_format"])})
+    if samples:
+        n = len(samples)
+        c = sum(int(s["em"] >= 1.0) for s in samples)
+        for col in ("em", "f1", "reward", "tool_calls", "generated_tokens"):
+            v[f"{col}_sampled"] = sum(float(s[col]) for s in samples) / n
+        v["format_error_rate_sampled"] = sum(float(not s["valid_format"]) for s in samples) / n
+        for k in pass_k:
+            if k <= n:
+                v[f"pass_at_{k}"] = pass_at_k(n, c, k)
+    return v
+
+
+HEADLINE = ("em", "f1", "em_sampled")  # plus every pass_at_k: these get bootstrap intervals
+
+
+def summarize(rows: list[dict], pass_k: tuple[int, ...] = (1,), bootstrap: int = 1000, seed: int = 0
+              ) -> dict[str, float]:
+    """Flat metrics `<split>_<name>` averaged over questions (sampled values are first averaged within a
+    question): em, f1, reward, tool_calls, generated_tokens (tokens per answer), format_error_rate, each
+    also `_sampled`; pass_at_<k>; `_hop<h>` and `_src_<data_source>` breakdowns of em, em_sampled and
+    pass@k; `_ci_low` / `_ci_high` (95% bootstrap over questions) for em, f1, em_sampled and pass@k."""
+    per_split: dict[str, list[dict]] = defaultdict(list)
+    for (split, _), q in sorted(_per_question(rows).items()):
+        per_split[split].append({**q, "values": _question_values(q, pass_k)})
+    out: dict[str, float] = {}
+    for split, qs in per_split.items():
+        names = sorted({k for q in qs for k in q["values"]})
+        for name in names:
+            vals = [q["values"][name] for q in qs if name in q["values"]]
+            out[f"{split}_{name}"] = sum(vals) / len(vals)
+            if name in HEADLINE or name.startswith("pass_at_"):
+                ci = bootstrap_ci(np.array(vals), resamples=bootstrap, seed=seed)
+                out[f"{split}_{name}_ci_low"], out[f"{split}_{name}_ci_high"] = ci.low, ci.high
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for q in qs:
+            groups[f"hop{q['hops']}"].append(q)
+            groups[f"src_{q['data_source']}"].append(q)
+        for group, members in sorted(groups.items()):
+            for name in names:
+                if name in ("em", "em_sampled") or name.startswith("pass_at_"):
+                    vals = [q["values"][name] for q in members if name in q["values"]]
+                    if vals:
+                        out[f"{split}_{name}_{group}"] = sum(vals) / len(vals)
     return out

@@ -1,7 +1,13 @@
 """The Search-R1 agent loop over a batch of episodes: generate a turn, call the tool, append the
 observation, repeat until an answer, EOS, `max_turns` or the token caps end the episode.
 
-All live episodes advance together, so each turn is one batched generation call.
+In segment mode (`agent.node_mode: segment`, tool-free tasks) a step is instead a piece of one
+continuous generation: it ends at the delimiter token or after `segment_tokens` tokens, nothing is
+appended, and the next step continues the same text, until an answer, EOS, `max_turns` segments or
+the length cap.
+
+All live episodes advance together, so each turn is one batched generation call. An episode with a
+`seed` samples from its own generator, re-seeded every turn, so its tokens do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from components.config import AgentConfig
 from components.envs import protocol
 from components.envs.retriever import FTSRetriever, RetrieverError
 from components.sampling.backend import HFBackend
+from components.sampling.rng import Generators, row_generators, stable_seed
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Episode:
     prefix: list[int]  # prompt + earlier steps' tokens (for an expansion from an intermediate node)
     turns_left: int
     steps: list[Step] = field(default_factory=list)
+    seed: int | None = None  # own sampling stream (see module doc); None: the caller's shared generator
 
     @property
     def done(self) -> bool:
@@ -68,6 +76,26 @@ class SearchEnv:
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"], error
 
 
+def segment_stop_ids(env: SearchEnv, agent: AgentConfig) -> set[int]:
+    """Segment mode's stop tokens: the answer's closing tag and the delimiter, which must be one token."""
+    stops = {env.answer_close}
+    if agent.segment_delimiter is not None:
+        ids = env.tokenizer(agent.segment_delimiter, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"agent.segment_delimiter {agent.segment_delimiter!r} is {len(ids)} tokens for this tokenizer; "
+                "it must be exactly one"
+            )
+        stops.add(ids[0])
+    return stops
+
+
+def _generators(live: list[Episode], shared: torch.Generator | None) -> Generators:
+    if all(e.seed is not None for e in live):
+        return row_generators([stable_seed(e.seed, len(e.steps)) for e in live])
+    return shared
+
+
 def run_episodes(
     backend: HFBackend,
     env: SearchEnv,
@@ -78,30 +106,55 @@ def run_episodes(
     generator: torch.Generator | None = None,
 ) -> None:
     """Advance every episode to its end, in place."""
+    segment = agent.node_mode == "segment"
+    stop_ids = segment_stop_ids(env, agent) if segment else env.stop_ids
+    turn_cap = agent.segment_tokens if segment else agent.max_tokens_per_turn
     decode = env.tokenizer.decode
     while True:
         live = [e for e in episodes if not e.done]
         if not live:
             return
         contexts = [e.context() for e in live]
-        budgets = [min(agent.max_tokens_per_turn, agent.max_total_tokens - len(c)) for c in contexts]
-        outs = backend.generate(contexts, budgets, env.stop_ids, temperature, greedy, generator)
+        budgets = [min(turn_cap, agent.max_total_tokens - len(c)) for c in contexts]
+        outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator))
         for ep, ctx, out in zip(live, contexts, outs, strict=True):
             text = decode(out.tokens)
-            action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
-            step = Step(out.tokens, out.logprobs, text, action, prefilled=len(ctx))
-            ep.steps.append(step)
-            ep.turns_left -= 1
-            if action == "answer":
-                step.finish_reason = "answer"
-            elif out.stop == "eos":
-                step.finish_reason = "eos"
-            elif action != "search":
-                step.finish_reason = "length"
-            elif ep.turns_left <= 0:
-                step.finish_reason = "max_turns"
+            if segment:
+                _segment_step(ep, ctx, out, text, env, agent)
             else:
-                step.obs_text, step.obs_ids, step.tool_error = env.observe(protocol.search_query(text))
-                if len(ctx) + len(step.action_ids) + len(step.obs_ids) >= agent.max_total_tokens:
-                    step.obs_text, step.obs_ids = "", []
-                    step.finish_reason = "length"
+                _tool_step(ep, ctx, out, text, env, agent)
+
+
+def _segment_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
+    answered = out.stop == "stop" and bool(out.tokens) and out.tokens[-1] == env.answer_close
+    step = Step(out.tokens, out.logprobs, text, "answer" if answered else "segment", prefilled=len(ctx))
+    ep.steps.append(step)
+    ep.turns_left -= 1
+    if answered:
+        step.finish_reason = "answer"
+    elif out.stop == "eos":
+        step.finish_reason = "eos"
+    elif len(ctx) + len(out.tokens) >= agent.max_total_tokens:
+        step.finish_reason = "length"
+    elif ep.turns_left <= 0:
+        step.finish_reason = "max_turns"
+
+
+def _tool_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
+    action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
+    step = Step(out.tokens, out.logprobs, text, action, prefilled=len(ctx))
+    ep.steps.append(step)
+    ep.turns_left -= 1
+    if action == "answer":
+        step.finish_reason = "answer"
+    elif out.stop == "eos":
+        step.finish_reason = "eos"
+    elif action != "search":
+        step.finish_reason = "length"
+    elif ep.turns_left <= 0:
+        step.finish_reason = "max_turns"
+    else:
+        step.obs_text, step.obs_ids, step.tool_error = env.observe(protocol.search_query(text))
+        if len(ctx) + len(step.action_ids) + len(step.obs_ids) >= agent.max_total_tokens:
+            step.obs_text, step.obs_ids = "", []
+            step.finish_reason = "length"

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from components.sampling import rng
+
 
 @dataclass
 class TurnOutput:
@@ -37,13 +39,13 @@ class HFBackend:
         stop_ids: set[int],
         temperature: float = 1.0,
         greedy: bool = False,
-        generator: torch.Generator | None = None,
+        generator: rng.Generators = None,
     ) -> list[TurnOutput]:
         out: list[TurnOutput] = []
         for start in range(0, len(contexts), self.batch_size):
             end = start + self.batch_size
             batch = contexts[start:end], max_new_tokens[start:end]
-            out.extend(self._generate_batch(*batch, stop_ids, temperature, greedy, generator))
+            out.extend(self._generate_batch(*batch, stop_ids, temperature, greedy, rng.rows(generator, start, end)))
         return out
 
     def _generate_batch(self, contexts, max_new, stop_ids, temperature, greedy, generator) -> list[TurnOutput]:
@@ -74,7 +76,7 @@ class HFBackend:
             if greedy:
                 nxt = logp.argmax(-1)
             else:
-                nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+                nxt = rng.sample_next(logp, generator)
             live = ~done
             tokens[live, t] = nxt[live]
             logps[live, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)[live]

@@ -4,12 +4,17 @@ Counts per prompt and per round: generated tokens, prefilled tokens (context fed
 each turn), tool calls, trajectories (leaves), and the chain-equivalent budget — generated tokens
 divided by the mean generated tokens of one full chain in the same batch (the round-0 chains), the unit
 in which Tree-GRPO's paper compares trees with independent chains.
+
+`plan` turns a fixed budget (`budget.chains_per_prompt`) into M/N/L, so trees and chains can be
+compared at equal cost.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
+from components.config import BudgetConfig, SamplingConfig
 from components.sampling.tree import Tree
 
 COUNTS = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories")
@@ -31,37 +36,90 @@ def mean_chain_tokens(trees: list[Tree]) -> float:
     return sum(chains) / len(chains) if chains else 0.0
 
 
-def budget(trees: list[Tree]) -> tuple[dict[str, dict], dict[str, float]]:
-    """(per-prompt stats, batch metrics). Per-prompt stats hold the COUNTS, `chain_equivalents` and a
-    `rounds` list with the same counts per expansion round."""
-    chain = mean_chain_tokens(trees)
+def prompt_counts(trees: list[Tree]) -> dict[str, dict]:
+    """Per prompt: the COUNTS, `trees`, and a `rounds` list with the COUNTS per expansion round. These
+    depend on the prompt's own trees only, so shards' counts can be merged."""
     per_prompt: dict[str, dict] = {}
-    per_round: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTS, 0))
     for tree in trees:
-        stats = per_prompt.setdefault(tree.prompt_id, {**dict.fromkeys(COUNTS, 0), "rounds": {}})
+        stats = per_prompt.setdefault(tree.prompt_id, {**dict.fromkeys(COUNTS, 0), "trees": 0, "rounds": {}})
+        stats["trees"] += 1
         for node in tree.nodes:
             counts = _node_counts(node)
             rnd = stats["rounds"].setdefault(node.expansion_round, dict.fromkeys(COUNTS, 0))
             for k, v in counts.items():
                 stats[k] += v
                 rnd[k] += v
-                per_round[node.expansion_round][k] += v
     for stats in per_prompt.values():
-        stats["chain_equivalents"] = stats["generated_tokens"] / chain if chain else 0.0
         stats["rounds"] = [{"round": r, **c} for r, c in sorted(stats["rounds"].items())]
+    return per_prompt
 
-    n = max(len(per_prompt), 1)
-    metrics: dict[str, float] = {"prompts": len(per_prompt), "trees": len(trees), "mean_chain_tokens": chain}
+
+def summarize(per_prompt: dict[str, dict]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Add `chain_equivalents` to every prompt's counts (from `prompt_counts`) and return batch metrics.
+
+    The unit chain is the mean generated tokens of the round-0 chains of every tree in the batch.
+    Entries without trees (prompts left out before sampling) are passed through and not counted.
+    """
+    sampled = {pid: s for pid, s in per_prompt.items() if s.get("trees")}
+    n_trees = sum(s["trees"] for s in sampled.values())
+    round0 = sum(r["generated_tokens"] for s in sampled.values() for r in s["rounds"] if r["round"] == 0)
+    chain = round0 / n_trees if n_trees else 0.0
+    per_round: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTS, 0))
+    for stats in sampled.values():
+        stats["chain_equivalents"] = stats["generated_tokens"] / chain if chain else 0.0
+        for r in stats["rounds"]:
+            for k in COUNTS:
+                per_round[r["round"]][k] += r[k]
+
+    n = max(len(sampled), 1)
+    metrics: dict[str, float] = {"prompts": len(sampled), "trees": n_trees, "mean_chain_tokens": chain}
     for k in COUNTS:
-        total = sum(s[k] for s in per_prompt.values())
+        total = sum(s[k] for s in sampled.values())
         metrics[k] = total
         metrics[f"{k}_per_prompt"] = total / n
-    metrics["chain_equivalents_per_prompt"] = sum(s["chain_equivalents"] for s in per_prompt.values()) / n
+    metrics["chain_equivalents_per_prompt"] = sum(s["chain_equivalents"] for s in sampled.values()) / n
     metrics["trajectories_per_chain_equivalent"] = (
         metrics["trajectories_per_prompt"] / metrics["chain_equivalents_per_prompt"]
         if metrics["chain_equivalents_per_prompt"] else 0.0
     )
+    metrics["trees_per_prompt"] = n_trees / n
+    metrics["expansion_rounds_per_prompt"] = sum(max(r["round"] for r in s["rounds"]) for s in sampled.values()) / n
     for r, counts in sorted(per_round.items()):
         for k, v in counts.items():
             metrics[f"round{r}_{k}"] = v
     return per_prompt, metrics
+
+
+def budget(trees: list[Tree]) -> tuple[dict[str, dict], dict[str, float]]:
+    """(per-prompt stats, batch metrics) of one batch of trees: `prompt_counts`, then `summarize`."""
+    return summarize(prompt_counts(trees))
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def plan(sampling: SamplingConfig, fixed: BudgetConfig) -> SamplingConfig:
+    """The M/N/L that meet `budget.chains_per_prompt` = B (the sampling config as given when it is null).
+
+    Cost model (DESIGN §4.2): a tree costs 1 + L·N·c chains, c = `expansion_cost` (an expansion from a
+    random node costs about half a chain). Chain mode (L = 0 configured) or B < 1 + c: M = round(B)
+    chains. Tree mode: L = 1, M = round(B / (1 + N·c)) with the configured N, then N = round((B/M − 1) / c)
+    spends what is left. B = 4, N = 2 gives Tree-GRPO's official M = 2, N = 2, L = 1.
+    `budget.tokens_per_prompt` is met while sampling instead (see `tree.sample_trees`).
+    """
+    b, c = fixed.chains_per_prompt, fixed.expansion_cost
+    if b is None:
+        return sampling
+    if sampling.expansion_rounds == 0 or b < 1 + c:
+        return sampling.model_copy(update={"trees_per_prompt": max(1, _round_half_up(b)), "expansion_rounds": 0})
+    m = max(1, _round_half_up(b / (1 + sampling.expansions_per_round * c)))
+    n = max(1, _round_half_up((b / m - 1) / c))
+    return sampling.model_copy(update={"trees_per_prompt": m, "expansions_per_round": n, "expansion_rounds": 1})
+
+
+def planned_chains(sampling: SamplingConfig, expansion_cost: float) -> float:
+    """Expected cost per prompt in chains of an M/N/L plan: M · (1 + L·N·c)."""
+    return sampling.trees_per_prompt * (
+        1 + sampling.expansion_rounds * sampling.expansions_per_round * expansion_cost
+    )

@@ -1,8 +1,9 @@
 """Tree-GRPO random expansion (DESIGN §4.2) and its chain special case.
 
 Per prompt: M trees, each started from one full chain. Then L rounds: for every tree draw N nodes
-uniformly with replacement from {root} ∪ {non-leaf nodes}, and grow one new continuation to a new
-leaf from each (drawing the root starts a fresh chain). All expansions of a round, over all trees and
+from {root} ∪ {non-leaf nodes} (uniformly with replacement under the default `random` policy; see
+`expansion` for the others), and grow one new continuation to a new leaf from each (drawing the root
+starts a fresh chain). All expansions of a round, over all trees and
 prompts, are generated as one batch. A tree ends with 1 + L·N leaves; with L = 0 the M trees are M
 independent chains (the GRPO baseline).
 """
@@ -13,11 +14,10 @@ import math
 import random
 from dataclasses import dataclass, field
 
-import torch
-
 from components.config import AgentConfig, SamplingConfig
 from components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from components.sampling.backend import HFBackend
+from components.sampling.rng import stable_seed
 
 ROOT = -1  # the prompt itself: drawing it starts a fresh chain
 
@@ -99,32 +99,64 @@ def sample_trees(
     sampling: SamplingConfig,
     agent: AgentConfig,
     seed: int,
+    tokens_per_prompt: int | None = None,
+    max_rounds: int = 16,
 ) -> list[Tree]:
-    """Grow M trees per prompt by random expansion. `prompts` holds (prompt_id, prompt token ids)."""
-    rng = random.Random(seed)
-    gen = torch.Generator(device=backend.device).manual_seed(seed)
-    trees = [Tree(pid, m, ids) for pid, ids in prompts for m in range(sampling.trees_per_prompt)]
+    """Grow M trees per prompt; `prompts` holds (prompt_id, prompt token ids).
 
-    def grow(picks: list[tuple[Tree, int]], expansion_round: int) -> None:
+    Nodes to branch from are chosen by `sampling.expansion_policy`. With `tokens_per_prompt` the rounds
+    go on per prompt until its generated tokens reach it (at most `max_rounds`); in chain mode (L = 0)
+    each such round adds one more chain (a new tree) instead. Every random choice belongs to one tree
+    and every episode samples from its own seed, so a prompt's trees are the same whichever other
+    prompts are sampled with it (sharding relies on this).
+    """
+    from components.sampling.expansion import make_policy  # expansion imports this module
+
+    policy = make_policy(sampling.expansion_policy, sampling.entropy_statistic)
+    by_prompt = {pid: [Tree(pid, m, ids) for m in range(sampling.trees_per_prompt)] for pid, ids in prompts}
+    rngs: dict[tuple[str, int], random.Random] = {}
+
+    def tree_rng(tree: Tree) -> random.Random:
+        key = (tree.prompt_id, tree.tree_id)
+        return rngs.setdefault(key, random.Random(f"{seed}/{tree.prompt_id}/{tree.tree_id}"))
+
+    def grow(picks: list[tuple[Tree, int, int]], expansion_round: int) -> None:
+        """picks: (tree, node to branch from, index of the pick within its tree and round)."""
         episodes = [
-            Episode(tree.prefix(node), agent.max_turns - (0 if node == ROOT else tree.nodes[node].depth))
-            for tree, node in picks
+            Episode(tree.prefix(node), agent.max_turns - (0 if node == ROOT else tree.nodes[node].depth),
+                    seed=stable_seed(seed, tree.prompt_id, tree.tree_id, expansion_round, k))
+            for tree, node, k in picks
         ]
-        run_episodes(backend, env, episodes, agent, sampling.temperature, greedy=False, generator=gen)
-        for (tree, node), ep in zip(picks, episodes, strict=True):
+        run_episodes(backend, env, episodes, agent, sampling.temperature, greedy=False)
+        for (tree, node, _), ep in zip(picks, episodes, strict=True):
             tree.attach(node, ep.steps, expansion_round)
 
-    grow([(t, ROOT) for t in trees], 0)
-    for r in range(1, sampling.expansion_rounds + 1):
+    def generated(trees: list[Tree]) -> int:
+        return sum(len(n.step.action_ids) for t in trees for n in t.nodes)
+
+    grow([(t, ROOT, 0) for trees in by_prompt.values() for t in trees], 0)
+    chain_mode = sampling.expansion_rounds == 0
+    rounds = sampling.expansion_rounds if tokens_per_prompt is None else max_rounds
+    for r in range(1, rounds + 1):
         picks = []
-        for tree in trees:
-            candidates = tree.expandable()
-            picks += [(tree, rng.choice(candidates)) for _ in range(sampling.expansions_per_round)]
-        grow(picks, r)
+        for pid, trees in by_prompt.items():
+            if tokens_per_prompt is not None and generated(trees) >= tokens_per_prompt:
+                continue
+            if chain_mode:  # under a token budget: one more chain, a new tree whose chain is its round 0
+                trees.append(Tree(pid, len(trees), trees[0].prompt_ids))
+                picks.append((trees[-1], ROOT, 0))
+                continue
+            for tree in trees:
+                chosen = policy.choose(tree, sampling.expansions_per_round, tree_rng(tree))
+                picks += [(tree, node, k) for k, node in enumerate(chosen)]
+        if not picks:
+            break
+        grow(picks, 0 if chain_mode else r)
+    all_trees = [t for trees in by_prompt.values() for t in trees]
     if sampling.keep_leaves is not None:
-        for tree in trees:
-            tree.keep_leaves(sampling.keep_leaves, rng)
-    return trees
+        for tree in all_trees:
+            tree.keep_leaves(sampling.keep_leaves, tree_rng(tree))
+    return all_trees
 
 
 def node_rows(trees: list[Tree], policy_version: int) -> list[dict]:

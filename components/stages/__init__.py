@@ -18,7 +18,7 @@ STAGE_INPUTS = {
     "warmstart": ("world",),
     "sample": ("model", "world"),
     "verify": ("nodes", "world"),
-    "label": ("nodes", "rewards"),
+    "label": ("nodes", "rewards", "world"),
     "train": ("model", "nodes", "advantages", "world"),
     "evaluate": ("model", "world"),
 }

@@ -1,11 +1,15 @@
-"""label: advantages per leaf and per-node token weights (A⁺, A⁻, multiplicity) → advantages.parquet."""
+"""label: advantages per leaf and per-node token weights (A⁺, A⁻, multiplicity) → advantages.parquet;
+sibling-subtree preference pairs → preferences.parquet; the per-depth granularity report → granularity.json;
+a tree viewer → trees.html."""
 
 from __future__ import annotations
 
 from components import schemas, storage
 from components.advantages.estimators import leaf_advantages, node_weights
+from components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
 from components.config import Config
-from components.stages.base import StageResult, run_stage
+from components.stages.base import StageResult, load_prompts, run_stage
+from components.viewer.tree_html import build_html
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
@@ -26,10 +30,31 @@ def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
         uri = storage.join(out, "advantages.parquet")
         schemas.write(rows, schemas.ADVANTAGES, uri)
         nonzero = [a for a in leaf_adv.values() if a != 0.0]
-        return {"advantages": uri}, {
+        metrics = {
             "leaves": len(leaf_adv),
             "nonzero_advantage_frac": len(nonzero) / max(len(leaf_adv), 1),
             "advantage_abs_mean": sum(abs(a) for a in leaf_adv.values()) / max(len(leaf_adv), 1),
         }
+        outputs = {"advantages": uri}
 
-    return run_stage("label", cfg, inputs, out, ("advantage",), body)
+        forest = build_forest(nodes, rewards)
+        margin = cfg.advantage.preference_margin
+        report = granularity(forest, margin, {k: node_advantage(*w) for k, w in weights.items()})
+        outputs["granularity"] = storage.join(out, "granularity.json")
+        storage.write_json(outputs["granularity"], report)
+        for r in report:
+            for k in ("branch_points", "informative_sets", "mean_abs_dv", "mean_abs_advantage", "preference_pairs"):
+                metrics[f"depth{r['depth']}_{k}"] = r[k]
+        prompts = {p["prompt_id"]: p["prompt"] for p in load_prompts(inputs["world"])}
+        if cfg.advantage.export_preferences:
+            pairs = preference_pairs(forest, prompts, margin)
+            outputs["preferences"] = storage.join(out, "preferences.parquet")
+            metrics["preference_pairs"] = schemas.write(pairs, schemas.PREFERENCES, outputs["preferences"])
+        if cfg.viewer.max_prompts:
+            outputs["trees"] = storage.join(out, "trees.html")
+            page = build_html(nodes, rewards, rows, prompts, title=f"arborl trees: {out}",
+                              max_prompts=cfg.viewer.max_prompts)
+            storage.write_bytes(outputs["trees"], page.encode())
+        return outputs, metrics
+
+    return run_stage("label", cfg, inputs, out, ("advantage", "viewer"), body)

@@ -1,17 +1,34 @@
-"""sample: grow Tree-GRPO trees (or chains) for this iteration's training prompts → nodes.parquet."""
+"""sample: grow Tree-GRPO trees (or chains) for this iteration's training prompts → nodes.parquet.
+
+Bad input never crashes the stage: an empty prompt, a prompt that leaves no room in the context
+(`agent.max_total_tokens` or the model's `max_position_embeddings`) and a prompt whose episodes met a
+tool error are recorded with their reason (`bad` in prompt_stats.json, `bad_prompts` in the metrics)
+and left out of nodes.parquet, so nothing downstream trains on them. Only when more than
+`sampling.max_bad_fraction` of the prompts is bad does the stage fail, naming them.
+
+Sharding: `run(..., shard=(i, n))` samples every n-th prompt from the i-th (0-based) into its own
+output directory (`shard_out`); `merge` joins the shards into the usual nodes.parquet. Each tree's
+randomness is its own (see `tree.sample_trees`), so n shards give the same trees as one.
+"""
 
 from __future__ import annotations
 
 import random
+import threading
 
 from components import schemas, storage
 from components.config import Config
 from components.models import load_policy, prompt_ids
 from components.sampling.agent import SearchEnv
 from components.sampling.backend import HFBackend
-from components.sampling.budget import budget
-from components.sampling.tree import node_rows, sample_trees
+from components.sampling.budget import plan, prompt_counts, summarize
+from components.sampling.tree import Tree, node_rows, sample_trees
 from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+
+SECTIONS = ("sampling", "agent", "budget")
+# transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
+# of one process must not load at the same time
+_LOAD_LOCK = threading.Lock()
 
 
 def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]:
@@ -21,21 +38,136 @@ def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]
     return rng.sample(train, min(cfg.sampling.prompts_per_iteration, len(train)))
 
 
-def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
+def shard_out(out: str, index: int, count: int) -> str:
+    """Where shard `index` of `count` writes: a sibling of `out`, which the merged output replaces whole."""
+    return f"{out.rstrip('/')}-shards/part-{index:05d}-of-{count:05d}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' → (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {text!r} must look like i/n, e.g. 0/2") from None
+    _check_shard((index, count))
+    return index, count
+
+
+def _check_shard(shard: tuple[int, int]) -> None:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need n >= 1 and 0 <= i < n (shards are numbered from 0)")
+
+
+def screen(prompt: dict, ids: list[int], context: int) -> str | None:
+    """Why a prompt cannot be sampled, or None when it can."""
+    if not str(prompt["prompt"]).strip():
+        return "empty prompt"
+    if len(ids) >= context:
+        return f"prompt is {len(ids)} tokens; the context holds {context} (no room to generate)"
+    return None
+
+
+def tool_error(trees: list[Tree]) -> str | None:
+    """The first tool error met in a prompt's trees."""
+    for tree in trees:
+        for node in tree.nodes:
+            if node.step.tool_error:
+                return f"tool error: {node.step.tool_error}"
+    return None
+
+
+def check_bad_fraction(cfg: Config, stats: dict[str, dict], where: str) -> None:
+    bad = sorted((s["position"], pid, s["bad"]) for pid, s in stats.items() if s.get("bad"))
+    limit = cfg.sampling.max_bad_fraction
+    if stats and len(bad) / len(stats) > limit:
+        listed = "; ".join(f"prompt_id {pid!r}: {reason}" for _, pid, reason in bad)
+        raise ValueError(
+            f"{where}: {len(bad)} of {len(stats)} prompts are bad, more than sampling.max_bad_fraction={limit}: "
+            f"{listed}"
+        )
+
+
+def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dict[str, dict],
+            extra: dict) -> tuple[dict[str, str], dict]:
+    """Write nodes + prompt_stats (good prompts' rows, in iteration order) and return (outputs, metrics)."""
+    position = {pid: s["position"] for pid, s in stats.items()}
+    rows = sorted((r for r in rows if not stats[r["prompt_id"]].get("bad")), key=lambda r: position[r["prompt_id"]])
+    nodes_uri, stats_uri = storage.join(out, nodes_name), storage.join(out, "prompt_stats.json")
+    schemas.write(rows, schemas.NODES, nodes_uri)
+    stats, metrics = summarize(stats)
+    storage.write_json(stats_uri, stats)
+    bad = [{"prompt_id": pid, "reason": s["bad"]} for pid, s in sorted(stats.items(), key=lambda kv: kv[1]["position"])
+           if s.get("bad")]
+    metrics.update(extra)
+    metrics.update({"nodes": len(rows), "bad_prompts": bad, "bad_prompt_count": len(bad),
+                    "bad_prompt_fraction": len(bad) / max(len(stats), 1)})
+    return {"nodes": nodes_uri, "prompt_stats": stats_uri}, metrics
+
+
+def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
+        shard: tuple[int, int] | None = None) -> StageResult:
+    if shard is not None:
+        _check_shard(shard)
+
     def body():
-        model, tokenizer = load_policy(inputs["model"], device(cfg))
+        with _LOAD_LOCK:
+            model, tokenizer = load_policy(inputs["model"], device(cfg))
         env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
         backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        rows = iteration_prompts(cfg, inputs["world"], iteration)
-        prompts = [(r["prompt_id"], prompt_ids(tokenizer, r["prompt"])) for r in rows]
-        trees = sample_trees(backend, env, prompts, cfg.sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration)
-        nodes = node_rows(trees, policy_version=iteration - 1)
-        schemas.write(nodes, schemas.NODES, storage.join(out, "nodes.parquet"))
+        index, count = shard or (0, 1)
+        chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
+        context = min(cfg.agent.max_total_tokens, getattr(model.config, "max_position_embeddings", None) or 1 << 62)
 
-        per_prompt, metrics = budget(trees)
-        metrics["nodes"] = len(nodes)
-        storage.write_json(storage.join(out, "prompt_stats.json"), per_prompt)
-        outputs = {"nodes": storage.join(out, "nodes.parquet"), "prompt_stats": storage.join(out, "prompt_stats.json")}
+        stats: dict[str, dict] = {}
+        prompts = []
+        for pos, row in chosen:
+            ids = prompt_ids(tokenizer, row["prompt"])
+            reason = screen(row, ids, context)
+            stats[row["prompt_id"]] = {"position": pos, **({"bad": reason} if reason else {})}
+            if reason is None:
+                prompts.append((row["prompt_id"], ids))
+
+        sampling = plan(cfg.sampling, cfg.budget)
+        trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration,
+                             tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds)
+        by_prompt: dict[str, list[Tree]] = {}
+        for tree in trees:
+            by_prompt.setdefault(tree.prompt_id, []).append(tree)
+        for pid, counts in prompt_counts(trees).items():
+            stats[pid].update(counts)
+            reason = tool_error(by_prompt[pid])
+            if reason:
+                stats[pid]["bad"] = reason
+
+        planned = {"plan_trees_per_prompt": sampling.trees_per_prompt,
+                   "plan_expansions_per_round": sampling.expansions_per_round,
+                   "plan_expansion_rounds": sampling.expansion_rounds}
+        name = "nodes.parquet" if shard is None else f"nodes-part-{index:05d}-of-{count:05d}.parquet"
+        outputs, metrics = _finish(cfg, out, name, node_rows(trees, policy_version=iteration - 1), stats, planned)
+        if shard is None:
+            check_bad_fraction(cfg, stats, f"sample iteration {iteration}")
         return outputs, metrics
 
-    return run_stage("sample", cfg, inputs, out, ("sampling", "agent"), body, iteration=iteration)
+    params = {"iteration": iteration} if shard is None else {"iteration": iteration, "shard": list(shard)}
+    return run_stage("sample", cfg, inputs, out, SECTIONS, body, **params)
+
+
+def merge(cfg: Config, shards: list[str], out: str, iteration: int) -> StageResult:
+    """Join finished shard outputs (`run(..., shard=...)` directories) into one sample output at `out`."""
+    inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}
+
+    def body():
+        rows: list[dict] = []
+        stats: dict[str, dict] = {}
+        planned: dict = {}
+        for uri in shards:
+            manifest = storage.read_manifest(uri)
+            rows += schemas.read(manifest["outputs"]["nodes"], schemas.NODES).to_pylist()
+            stats.update(storage.read_json(manifest["outputs"]["prompt_stats"]))
+            planned.update({k: v for k, v in manifest["metrics"].items() if k.startswith("plan_")})
+        outputs, metrics = _finish(cfg, out, "nodes.parquet", rows, stats, {**planned, "shards": len(shards)})
+        check_bad_fraction(cfg, stats, f"sample iteration {iteration} ({len(shards)} shards)")
+        return outputs, metrics
+
+    return run_stage("sample", cfg, inputs, out, SECTIONS, body, iteration=iteration, merged=len(shards))

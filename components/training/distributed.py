@@ -79,7 +79,9 @@ def device_of(d: Dist, device: str) -> str:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the job together: a rank tearing gloo down while another is still busy can abort the process."""
     if d.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -217,3 +217,15 @@ def test_section_hash_tracks_only_its_sections():
 def test_section_hash_of_unknown_section_errors():
     with pytest.raises(KeyError):
         Config().section_hash("nosuch")
+
+
+def test_budget_section_rejects_two_budgets_and_unknown_policies(tmp_path):
+    data = _tiny()
+    data["budget"].update(tokens_per_prompt=400, chains_per_prompt=4)
+    with pytest.raises(ConfigError, match="budget.*at most one"):
+        load_config(_write(tmp_path, data))
+    data = _tiny()
+    data["sampling"]["expansion_policy"] = "greedy"
+    with pytest.raises(ConfigError, match="sampling.expansion_policy"):
+        load_config(_write(tmp_path, data))
+    assert load_config(None, ["budget.chains_per_prompt=8", "agent.node_mode=segment"]).budget.chains_per_prompt == 8

@@ -26,10 +26,11 @@ NODE_ROWS = [
 
 
 def test_all_schemas_are_registered_with_name_and_version():
-    assert set(schemas.ALL) == {"facts", "prompts", "nodes", "rewards", "advantages", "eval"}
+    assert set(schemas.ALL) == {"facts", "prompts", "nodes", "rewards", "advantages", "eval", "preferences"}
     for name, schema in schemas.ALL.items():
         assert schema.metadata[b"arborl.schema"].decode() == name
-        assert schema.metadata[b"arborl.schema_version"].decode() == schemas.SCHEMA_VERSION
+        want = "2" if name == "eval" else schemas.SCHEMA_VERSION  # eval bumped when pass@k samples came in
+        assert schema.metadata[b"arborl.schema_version"].decode() == want
 
 
 def test_nodes_round_trip(tmp_path):

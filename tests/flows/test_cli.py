@@ -49,8 +49,9 @@ def test_stages_run_one_by_one_on_uris(tmp_path):
     s = _stage("sample", *cfg, "--in", f"model={out / 'model0'}", "--in", f"world={w}", "--out", str(out / "sample"))
     assert s["metrics"]["trajectories"] == 4 * 2 * 3  # prompts × M × (1 + L·N)
     _stage("verify", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"world={w}", "--out", str(out / "verify"))
-    _stage("label", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"rewards={out / 'verify'}", "--out",
-           str(out / "label"))
+    lab = _stage("label", *cfg, "--in", f"nodes={out / 'sample'}", "--in", f"rewards={out / 'verify'}", "--in",
+                 f"world={w}", "--out", str(out / "label"))
+    assert {"advantages", "preferences", "granularity", "trees"} <= set(lab["outputs"])
     t = _stage("train", *cfg, "--in", f"model={out / 'model0'}", "--in", f"nodes={out / 'sample'}", "--in",
                f"advantages={out / 'label'}", "--in", f"world={w}", "--out", str(out / "model1"))
     assert (Path(t["outputs"]["model"]) / "config.json").exists()
@@ -69,3 +70,36 @@ def test_stage_with_wrong_inputs_lists_what_it_needs(tmp_path):
     res = runner.invoke(app, ["stage", "label", "--config", MICRO, "--in", "nodes=x", "--out", str(tmp_path)])
     assert res.exit_code == 2
     assert "rewards" in res.output
+
+
+def test_sample_shards_from_the_command_line_merge_to_the_unsharded_output(tmp_path):
+    cfg = ["--config", MICRO]
+    w, m = str(tmp_path / "prepare"), str(tmp_path / "model0")
+    _stage("prepare", *cfg, "--out", w)
+    _stage("warmstart", *cfg, "--in", f"world={w}", "--out", m)
+    ins = ["--in", f"model={m}", "--in", f"world={w}"]
+    whole = _stage("sample", *cfg, *ins, "--out", str(tmp_path / "whole"))
+    parts = [str(tmp_path / f"part{i}") for i in range(2)]
+    for i, part in enumerate(parts):
+        _stage("sample", *cfg, *ins, "--out", part, "--shard", f"{i}/2")
+    res = runner.invoke(app, ["merge-shards", *parts, *cfg, "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    merged = json.loads(res.output)
+    for key in ("trajectories", "generated_tokens", "nodes", "prompts"):
+        assert merged["metrics"][key] == whole["metrics"][key]
+    a = [{k: v for k, v in r.items() if k != "logprobs"}
+         for r in storage_rows(tmp_path / "whole" / "nodes.parquet")]
+    b = [{k: v for k, v in r.items() if k != "logprobs"}
+         for r in storage_rows(tmp_path / "merged" / "nodes.parquet")]
+    assert a == b
+
+    bad = runner.invoke(app, ["stage", "sample", *cfg, *ins, "--out", str(tmp_path / "x"), "--shard", "2/2"])
+    assert bad.exit_code == 2 and "0 <= i < n" in " ".join(bad.output.split())
+    bad = runner.invoke(app, ["stage", "prepare", *cfg, "--out", str(tmp_path / "y"), "--shard", "0/2"])
+    assert bad.exit_code == 2 and "sample stage only" in bad.output
+
+
+def storage_rows(path):
+    from components import storage
+
+    return storage.read_parquet(str(path)).to_pylist()

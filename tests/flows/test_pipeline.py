@@ -56,7 +56,9 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/test_em")} == {0, 1, 2}
     assert "train/loss" in run.data.metrics and "sample/generated_tokens" in run.data.metrics
     for budget_metric in ("sample/prefilled_tokens", "sample/chain_equivalents_per_prompt",
-                          "sample/trajectories_per_chain_equivalent", "sample/round1_generated_tokens"):
+                          "sample/trajectories_per_chain_equivalent", "sample/round1_generated_tokens",
+                          "sample/plan_trees_per_prompt", "sample/expansion_rounds_per_prompt",
+                          "sample/bad_prompt_count"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, budget_metric)) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config.json", "config_file"} <= artifacts
@@ -95,3 +97,25 @@ def test_bad_override_is_rejected_before_anything_runs(tmp_path):
 
     with pytest.raises(ConfigError, match="sampling.tree_per_prompt"):
         micro(tmp_path, "sampling.tree_per_prompt=3")
+
+
+def test_sharded_sampling_fans_out_and_merges_to_the_unsharded_trees(tmp_path, prefect_server):
+    from components.stages import sample
+    from flows.pipeline import train_pipeline
+
+    cfg = micro(tmp_path, "sampling.shards=2", "run.iterations=1", "tracking.enabled=false")
+    train_pipeline(cfg.model_dump(mode="json"))
+    run_root = tmp_path / "runs" / "micro"
+    out = run_root / "iter_001" / "sample"
+    shard_dirs = sorted(p.name for p in (run_root / "iter_001" / "sample-shards").iterdir())
+    assert shard_dirs == ["part-00000-of-00002", "part-00001-of-00002"]
+    assert json.loads((out / "_manifest.json").read_text())["metrics"]["shards"] == 2
+
+    one = micro(tmp_path, "run.iterations=1", "tracking.enabled=false")  # same seed, one shard
+    whole = sample.run(one, {"model": str(run_root / "warmstart"), "world": str(run_root / "prepare")},
+                       str(tmp_path / "unsharded"), iteration=1)
+
+    def without_logprobs(uri):
+        return [{k: v for k, v in r.items() if k != "logprobs"} for r in storage.read_parquet(uri).to_pylist()]
+
+    assert without_logprobs(str(out / "nodes.parquet")) == without_logprobs(whole.outputs["nodes"])

@@ -50,3 +50,86 @@ def test_budget_per_prompt_and_round():
     assert metrics["round1_generated_tokens"] == 8 and metrics["round0_prefilled_tokens"] == 13 + 33
     assert metrics["chain_equivalents_per_prompt"] == pytest.approx((14 / 11 + 16 / 11) / 2)
     assert metrics["trajectories_per_chain_equivalent"] == pytest.approx(2 / (30 / 22))
+
+
+# --- fixing the budget ---------------------------------------------------------------------------------
+
+
+def _plan(b, **sampling):
+    from components.config import BudgetConfig, SamplingConfig
+    from components.sampling.budget import plan, planned_chains
+
+    s = plan(SamplingConfig(**sampling), BudgetConfig(chains_per_prompt=b))
+    return (s.trees_per_prompt, s.expansions_per_round, s.expansion_rounds), planned_chains(s, 0.5)
+
+
+def test_chains_budget_chooses_m_n_l_by_the_documented_rule():
+    # tree mode, N = 2 configured: M = round(B / 2), then N = round((B/M - 1) / 0.5)
+    assert _plan(4) == ((2, 2, 1), 4.0)  # Tree-GRPO's official setting at budget 4
+    assert _plan(8) == ((4, 2, 1), 8.0)
+    assert _plan(16) == ((8, 2, 1), 16.0)
+    assert _plan(5) == ((3, 1, 1), 4.5)  # M = round(2.5) = 3, N = round(4/3) = 1
+    assert _plan(3, expansions_per_round=4) == ((1, 4, 1), 3.0)  # M = round(1) = 1, N = round(4) = 4
+    assert _plan(1.2) == ((1, 2, 0), 1.0)  # below 1 + c: one chain
+    # chain mode: M = round(B) chains
+    assert _plan(4, expansion_rounds=0) == ((4, 2, 0), 4.0)
+    assert _plan(6.5, expansion_rounds=0)[0][0] == 7
+    from components.config import BudgetConfig, SamplingConfig
+    from components.sampling.budget import plan
+
+    given = SamplingConfig(trees_per_prompt=3)
+    assert plan(given, BudgetConfig()) is given  # no budget: M/N/L as given
+
+
+def test_at_most_one_budget_key():
+    from pydantic import ValidationError
+
+    from components.config import BudgetConfig
+
+    with pytest.raises(ValidationError, match="at most one"):
+        BudgetConfig(tokens_per_prompt=100, chains_per_prompt=4)
+
+
+def test_summarize_of_merged_prompt_counts_equals_the_budget_of_the_whole_batch():
+    from components.sampling.budget import prompt_counts, summarize
+
+    trees = hand_made()
+    whole_stats, whole = budget(trees)
+    parts = {**prompt_counts(trees[:1]), **prompt_counts(trees[1:])}
+    merged_stats, merged = summarize(parts)
+    assert merged == whole and merged_stats == whole_stats
+    assert whole["trees_per_prompt"] == 1 and whole["expansion_rounds_per_prompt"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("rounds", [1, 0])
+def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer, retriever, questions, rounds):
+    """Tree mode: expansion rounds go on per prompt until its generated tokens reach the budget; chain mode:
+    one more chain per round. A prompt stops at the first round that reaches the budget."""
+    from components.config import AgentConfig, SamplingConfig
+    from components.models import prompt_ids
+    from components.sampling.agent import SearchEnv
+    from components.sampling.backend import HFBackend
+    from components.sampling.tree import sample_trees
+
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:5]]
+    sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=1, expansion_rounds=rounds)
+    agent = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
+    target = 90
+    trees = sample_trees(backend, SearchEnv(retriever, tokenizer), prompts, sampling, agent, seed=0,
+                         tokens_per_prompt=target, max_rounds=30)
+    per_prompt, metrics = budget(trees)
+    for pid, _ in prompts:
+        stats = per_prompt[pid]
+        assert stats["generated_tokens"] >= target  # reached well before max_rounds
+        if rounds:  # tokens before the last round were below the budget
+            last = stats["rounds"][-1]
+            assert stats["generated_tokens"] - last["generated_tokens"] < target
+            assert last["round"] == len(stats["rounds"]) - 1 >= 1
+            assert last["trajectories"] == 2  # N = 1 expansion for each of the M = 2 trees
+        else:
+            mine = [t for t in trees if t.prompt_id == pid]
+            assert [t.tree_id for t in mine] == list(range(len(mine))) and len(mine) > 2
+            assert all(n.expansion_round == 0 for t in mine for n in t.nodes)
+            assert stats["generated_tokens"] - sum(len(n.step.action_ids) for n in mine[-1].nodes) < target
+    assert metrics["generated_tokens_per_prompt"] >= target

@@ -45,7 +45,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     schemas.write(rewards, schemas.REWARDS, storage.join(verify_out, "rewards.parquet"))
     storage.write_manifest(verify_out, stage="verify", inputs={}, config_hash="seeded", outputs={}, metrics={},
                            started=time.time())
-    advantages = label.run(cfg, {"nodes": nodes, "rewards": verify_out}, str(root / "label")).out
+    advantages = label.run(cfg, {"nodes": nodes, "rewards": verify_out, "world": world}, str(root / "label")).out
     return {"model": model, "nodes": nodes, "advantages": advantages, "world": world}
 
 

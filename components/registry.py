@@ -1,0 +1,301 @@
+"""Model registry and gated promotion.
+
+* `register_final_model`: the run's final model directory is logged with MLflow's transformers flavor,
+  registered under `registry.model_name`, given the alias `challenger` and tagged with the run, the
+  config hash and the eval metrics.
+* `gate`: the promotion decision as a pure function of two per-question score arrays.
+* `promote`: evaluates `challenger` and the current `champion` (or, for the first model, the run's
+  warm-start model) on the same questions with the same seed, runs the gate, writes the decision to the
+  challenger version's tags and moves `champion` only on success. A failed or incomplete evaluation
+  never promotes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components import schemas, storage
+from components.config import Config
+from components.evaluation.evaluate import question_scores
+from components.evaluation.metrics import paired_bootstrap
+from components.stages.base import load_prompts
+from components.tracking import tracking_uri
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+PROMOTE, REJECT, INCOMPLETE = "promote", "reject", "incomplete"
+
+
+# --- the gate (pure) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Outcome of comparing a challenger with a baseline on the same questions (scores in [0, 1] per question).
+
+    `delta` is the mean per-question improvement challenger − baseline; `ci_low`/`ci_high` its 95% paired
+    bootstrap interval; `n` the number of paired questions.
+    """
+
+    decision: str  # promote / reject / incomplete
+    reason: str
+    metric: str
+    margin: float
+    n: int
+    challenger: float = math.nan
+    baseline: float = math.nan
+    delta: float = math.nan
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == PROMOTE
+
+    def tags(self) -> dict[str, str]:
+        """The decision as registry tags `gate.<field>`."""
+        return {f"gate.{k}": (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in asdict(self).items()}
+
+
+def gate(
+    challenger: np.ndarray | list[float] | None,
+    baseline: np.ndarray | list[float] | None,
+    margin: float,
+    metric: str = "em",
+    expected: int | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> GateDecision:
+    """Promote when the mean paired improvement is positive and its bootstrap lower bound exceeds `margin`.
+
+    `challenger` and `baseline` hold one score per question in the same question order (None: that
+    evaluation failed). Missing scores, NaN, unequal lengths or fewer than `expected` questions give
+    `incomplete`, which never promotes.
+    """
+
+    def incomplete(reason: str, n: int = 0) -> GateDecision:
+        return GateDecision(INCOMPLETE, reason, metric, margin, n)
+
+    if challenger is None or baseline is None:
+        return incomplete(f"{'challenger' if challenger is None else 'baseline'} evaluation failed")
+    a, b = np.asarray(challenger, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        return incomplete(f"challenger has {a.size} scores, baseline {b.size}")
+    if a.size == 0 or (expected is not None and a.size < expected):
+        return incomplete(f"{a.size} scores for {expected} questions", a.size)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        missing = int((~np.isfinite(a)).sum() + (~np.isfinite(b)).sum())
+        return incomplete(f"{missing} missing or NaN scores", a.size)
+    ci = paired_bootstrap(a, b, resamples=resamples, seed=seed)
+    stats = {"n": a.size, "challenger": float(a.mean()), "baseline": float(b.mean()), "delta": ci.estimate,
+             "ci_low": ci.low, "ci_high": ci.high}
+    if ci.estimate > 0 and ci.low > margin:
+        return GateDecision(PROMOTE, f"improvement {ci.estimate:+.4f}, lower bound {ci.low:.4f} > margin {margin}",
+                            metric, margin, **stats)
+    why = "no improvement" if ci.estimate <= 0 else f"lower bound {ci.low:.4f} <= margin {margin}"
+    return GateDecision(REJECT, f"improvement {ci.estimate:+.4f}: {why}", metric, margin, **stats)
+
+
+def paired_scores(scores: dict[str, float] | None, question_ids: list[str]) -> np.ndarray | None:
+    """Scores in `question_ids` order; a question without a score becomes NaN (so the gate sees it)."""
+    if scores is None:
+        return None
+    return np.array([scores.get(q, math.nan) for q in question_ids], dtype=np.float64)
+
+
+# --- MLflow registry -------------------------------------------------------------------------------
+
+
+def _client(cfg: Config):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)  # the flavor's log_model goes through the fluent API
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def register_final_model(
+    cfg: Config,
+    run_id: str,
+    model_uri: str,
+    metrics: dict[str, float],
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Log the model directory at `model_uri` to run `run_id` with the transformers flavor, register it
+    under `registry.model_name`, point `challenger` at it and tag it. Returns the version.
+
+    Idempotent per run: a run that already registered a version (a resumed run) gets that version back.
+    """
+    import mlflow
+    import torch
+    import transformers
+
+    from components.models import load_policy
+
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+    else:
+        # MLflow 3.17's local-checkpoint path (transformers_model=<dir>) fails on transformers 5 (its
+        # pipeline registry stores class paths as strings), so the model is loaded once and logged as
+        # components; the flavor then writes it with save_pretrained.
+        model, tokenizer = load_policy(model_uri, "cpu")
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            run_id=run_id,
+            registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+        )
+        version = str(info.registered_model_version)
+    tags = {"arborl.run_id": run_id, "arborl.config_hash": cfg.section_hash(), "arborl.model_uri": model_uri,
+            **(extra_tags or {})}
+    tags.update({f"eval.{k}": f"{v:.6g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def _alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias (or model) yet
+        return None
+
+
+def download_version(client, name: str, version: str, dst: Path) -> Path:
+    """Download a registered version and assemble a plain Hugging Face model directory from it
+    (the flavor keeps weights under `model/` and the tokenizer under `components/tokenizer/`)."""
+    import mlflow
+
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+    model_dir = root / "model"
+    tokenizer_dir = root / "components" / "tokenizer"
+    if tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy2(f, model_dir / f.name)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"registered model {name} v{version}: no model/config.json in its artifacts")
+    return model_dir
+
+
+@dataclass
+class Promotion:
+    """What `promote` did: the gate's decision, which versions took part and where the rows went."""
+
+    decision: GateDecision
+    model_name: str
+    challenger_version: str
+    baseline: str  # "champion v<N>" or "warm start"
+    champion_before: str | None
+    champion_after: str | None
+    out: str | None
+
+    def markdown(self) -> str:
+        d = self.decision
+        lines = [
+            f"## Promotion of {self.model_name} v{self.challenger_version}: **{d.decision}**", "",
+            f"{d.reason}", "",
+            "| | value |", "|---|---|",
+            f"| baseline | {self.baseline} |",
+            f"| gate metric ({d.metric}), challenger | {d.challenger:.4f} |",
+            f"| gate metric ({d.metric}), baseline | {d.baseline:.4f} |",
+            f"| paired improvement | {d.delta:+.4f} |",
+            f"| 95% bootstrap interval | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] |",
+            f"| margin | {d.margin} |",
+            f"| questions | {d.n} |",
+            f"| champion before → after | {self.champion_before or '-'} → {self.champion_after or '-'} |",
+        ]
+        return "\n".join(lines)
+
+
+def promote(cfg: Config, split: str | None = None) -> Promotion:
+    """Gate the `challenger` version against `champion` (or the warm start) and move `champion` on success."""
+    from components.stages.evaluate import evaluate_model
+
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    split = split or cfg.registry.split
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise ValueError(f"registered model {name!r} has no {CHALLENGER!r} version: run the pipeline first")
+    champion = _alias(client, name, CHAMPION)
+    tags = challenger.tags
+    challenger_version = str(challenger.version)
+    champion_version = str(champion.version) if champion is not None else None
+    world, run_root = tags.get("arborl.world"), tags.get("arborl.run_root")
+    if champion_version == challenger_version:
+        decision = GateDecision(REJECT, f"v{challenger_version} is already {CHAMPION}", cfg.registry.gate_metric,
+                                cfg.registry.margin, 0)
+        return Promotion(decision, name, challenger_version, "itself", champion_version, champion_version, None)
+
+    question_ids: list[str] = []
+    results: dict[str, tuple[list[dict] | None, str | None]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            question_ids = [p["prompt_id"] for p in load_prompts(world, split)] if world else []
+            if not question_ids:
+                raise ValueError(f"no {split} questions (world {world!r})")
+            sources = {"challenger": download_version(client, name, challenger_version, Path(tmp) / "challenger")}
+            if champion_version is not None:
+                sources["baseline"] = download_version(client, name, champion_version, Path(tmp) / "champion")
+            elif tags.get("arborl.warmstart_model"):
+                sources["baseline"] = tags["arborl.warmstart_model"]
+            else:
+                raise ValueError(f"no {CHAMPION} and no warm-start model recorded on v{challenger_version}")
+        except Exception as exc:  # nothing to compare: incomplete
+            sources = {}
+            results = {"challenger": (None, f"{type(exc).__name__}: {exc}")}
+        for role, model_uri in sources.items():
+            try:
+                rows, _ = evaluate_model(cfg, str(model_uri), world, splits=(split,))
+                results[role] = (rows, None)
+            except Exception as exc:
+                results[role] = (None, f"{role} evaluation failed: {type(exc).__name__}: {exc}")
+
+    def scores(role: str) -> np.ndarray | None:
+        rows = results.get(role, (None, None))[0]
+        return None if rows is None else paired_scores(question_scores(rows, cfg.registry.gate_metric, split),
+                                                       question_ids)
+
+    decision = gate(scores("challenger"), scores("baseline"), cfg.registry.margin, cfg.registry.gate_metric,
+                    expected=len(question_ids), resamples=cfg.evaluate.bootstrap, seed=cfg.run.seed)
+    errors = [err for _, err in results.values() if err]
+    if errors and decision.decision == INCOMPLETE:
+        decision = GateDecision(**{**asdict(decision), "reason": "; ".join(errors)})
+    baseline_label = f"{CHAMPION} v{champion_version}" if champion_version is not None else "warm start"
+
+    out = None
+    if run_root:
+        out = storage.join(run_root, f"promote_v{challenger_version}")
+        for role, (rows, _) in results.items():
+            if rows is not None:
+                schemas.write(rows, schemas.EVAL, storage.join(out, f"{role}_eval.parquet"))
+        storage.write_json(storage.join(out, "decision.json"),
+                           {**asdict(decision), "baseline": baseline_label, "split": split})
+    for k, v in {**decision.tags(), "gate.baseline_model": baseline_label, "gate.split": split}.items():
+        client.set_model_version_tag(name, challenger_version, k, v)
+    champion_after = champion_version
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, challenger_version)
+        champion_after = challenger_version
+    return Promotion(decision, name, challenger_version, baseline_label, champion_version, champion_after, out)
+
+
+def version_tags(cfg: Config, version: str) -> dict[str, Any]:
+    """The tags of one registered version (for reports and tests)."""
+    return dict(_client(cfg).get_model_version(cfg.registry.model_name, version).tags)

@@ -1,0 +1,70 @@
+"""components.evaluation.evaluate: rows per question and sample, pass@k from those rows, breakdowns, intervals."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+
+from components.config import AgentConfig, VerifyConfig
+from components.evaluation.evaluate import evaluate_policy, question_scores, summarize
+from components.sampling.agent import SearchEnv
+from components.sampling.backend import HFBackend
+
+
+@pytest.fixture(scope="module")
+def evaluated(policy, tokenizer, retriever, questions):
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    env = SearchEnv(retriever, tokenizer)
+    prompts = questions["val"][:4] + questions["test"][:8]
+    rows, metrics = evaluate_policy(backend, env, prompts, AgentConfig(), VerifyConfig(), temperature=1.0, seed=5,
+                                    pass_k=(1, 2, 4), bootstrap=200)
+    return prompts, rows, metrics
+
+
+def test_rows_hold_one_greedy_and_max_k_samples_per_question(evaluated):
+    prompts, rows, _ = evaluated
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    sampled = [r for r in rows if r["mode"] == "sampled"]
+    assert len(greedy) == len(prompts) and len(sampled) == 4 * len(prompts)
+    per_q = defaultdict(list)
+    for r in sampled:
+        per_q[r["prompt_id"]].append(r["sample"])
+    assert all(sorted(s) == [0, 1, 2, 3] for s in per_q.values())
+    assert all(isinstance(r["valid_format"], bool) and r["generated_tokens"] > 0 for r in rows)
+
+
+def test_metrics_are_recomputed_from_rows(evaluated):
+    prompts, rows, m = evaluated
+    test = [r for r in rows if r["split"] == "test"]
+    greedy = [r for r in test if r["mode"] == "greedy"]
+    assert m["test_em"] == pytest.approx(sum(r["em"] for r in greedy) / 8)
+    assert m["test_format_error_rate"] == pytest.approx(sum(not r["valid_format"] for r in greedy) / 8)
+    assert m["test_generated_tokens"] == pytest.approx(sum(r["generated_tokens"] for r in greedy) / 8)
+    correct = defaultdict(int)
+    for r in test:
+        if r["mode"] == "sampled":
+            correct[r["prompt_id"]] += int(r["em"])
+    for k in (1, 2, 4):  # independent reference: the combinatorial formula per question
+        want = sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in correct.values()) / 8
+        assert m[f"test_pass_at_{k}"] == pytest.approx(want)
+    assert m["test_pass_at_1"] == pytest.approx(m["test_em_sampled"])
+    assert m["test_pass_at_1"] <= m["test_pass_at_2"] <= m["test_pass_at_4"]
+    for name in ("em", "f1", "em_sampled", "pass_at_4"):
+        assert m[f"test_{name}_ci_low"] <= m[f"test_{name}"] <= m[f"test_{name}_ci_high"]
+    assert m["test_em_src_synthetic_kb"] == pytest.approx(m["test_em"])
+    hops = {r["hops"] for r in greedy}
+    assert {f"test_em_hop{h}" for h in hops} <= set(m)
+    assert "val_em" in m and "val_pass_at_4" in m
+
+
+def test_question_scores_and_summarize_from_stored_rows(evaluated):
+    _, rows, m = evaluated
+    em = question_scores(rows, "em", split="test")
+    assert len(em) == 8 and sum(em.values()) / 8 == pytest.approx(m["test_em"])
+    sampled = question_scores(rows, "em_sampled", split="test")
+    assert sum(sampled.values()) / 8 == pytest.approx(m["test_em_sampled"])
+    assert summarize(rows, (1, 2, 4), 200, 5) == m  # the same rows read back give the same metrics
+    with pytest.raises(ValueError, match="unknown per-question metric"):
+        question_scores(rows, "bleu")

@@ -1,0 +1,68 @@
+"""components.sampling.rng: per-row sampling follows the distribution and ignores batch neighbours."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.sampling.backend import HFBackend
+from components.sampling.rng import row_generators, sample_next, sample_rows, stable_seed
+
+
+def test_stable_seed_is_deterministic_and_distinct():
+    assert stable_seed(1, "p0", 0, 1, 2) == stable_seed(1, "p0", 0, 1, 2)
+    assert len({stable_seed(1, "p0", t, r, k) for t in range(3) for r in range(3) for k in range(3)}) == 27
+    assert 0 <= stable_seed("x") < 2**63
+
+
+def test_sample_rows_follows_the_distribution_and_skips_zero_probability_tokens():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    n = 20_000
+    logp = probs.log().expand(n, -1)
+    tokens = sample_rows(logp, row_generators(list(range(n))))
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    assert freq[[0, 2, 5]].sum() == 0
+    assert float((freq - probs.double()).abs().sum()) < 0.03
+
+
+def test_a_row_draws_the_same_token_whatever_its_neighbours():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(5, 50), -1)
+    seeds = [11, 12, 13, 14, 15]
+    together = sample_rows(logp, row_generators(seeds))
+    alone = torch.cat([sample_rows(logp[i : i + 1], row_generators([s])) for i, s in enumerate(seeds)])
+    reordered = sample_rows(logp[[4, 2, 0]], row_generators([15, 13, 11]))
+    assert together.tolist() == alone.tolist()
+    assert reordered.tolist() == together[[4, 2, 0]].tolist()
+    with pytest.raises(ValueError, match="2 generators for 5 rows"):
+        sample_rows(logp, row_generators([1, 2]))
+
+
+def test_shared_generator_keeps_the_batch_multinomial_stream():
+    logp = torch.log_softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(2)), -1)
+    ref = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
+    assert sample_next(logp, torch.Generator().manual_seed(5)).tolist() == ref.tolist()
+
+
+def test_backend_rows_with_own_generators_do_not_depend_on_the_batch(policy, tokenizer, questions):
+    """Through the real HF backend (batch_size 2 forces several chunks): a context's sampled continuation
+    with its own generator is the same alone, in a batch, and in another order."""
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=2)
+    ctx = [[tokenizer.bos_token_id] + tokenizer(q["prompt"], add_special_tokens=False)["input_ids"]
+           for q in questions["train"][:5]]
+    seeds = [101, 102, 103, 104, 105]
+
+    def sample(idx):
+        outs = backend.generate([ctx[i] for i in idx], [12] * len(idx), set(), 1.0, False,
+                                row_generators([seeds[i] for i in idx]))
+        return {i: o for i, o in zip(idx, outs, strict=True)}
+
+    batch, alone, shuffled = sample(range(5)), {}, sample([3, 0, 4])
+    for i in range(5):
+        alone.update(sample([i]))
+    for i in range(5):
+        assert batch[i].tokens == alone[i].tokens
+        assert batch[i].logprobs == pytest.approx(alone[i].logprobs, abs=1e-4)
+    for i in (3, 0, 4):
+        assert shuffled[i].tokens == batch[i].tokens
+    assert len({tuple(o.tokens) for o in batch.values()}) > 1

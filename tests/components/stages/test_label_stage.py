@@ -1,0 +1,90 @@
+"""components.stages.label on hand-made inputs: advantages, preferences.parquet, granularity.json, trees.html."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from components import schemas, storage
+from components.config import Config
+from components.stages import label
+
+
+def node(pid, tid, nid, parent, depth, leaf, text):
+    return {"prompt_id": pid, "tree_id": tid, "node_id": nid, "parent_id": parent, "depth": depth,
+            "expansion_round": 0, "token_ids": [1], "loss_mask": [True], "logprobs": [-1.0], "text": text,
+            "action": "answer" if leaf else "search", "is_leaf": leaf, "finish_reason": "answer" if leaf else None,
+            "policy_version": 0}
+
+
+# a: tree 0 = s → {right (1.0), wrong (0.0)}, tree 1 = one chain that answers wrong (0.2).  b: one leaf (1.0).
+NODES = [
+    node("a", 0, 0, None, 1, False, "<search> x </search> <information> d </information>"),
+    node("a", 0, 1, 0, 2, True, "<answer> right </answer>"),
+    node("a", 0, 2, 0, 2, True, "<answer> wrong </answer>"),
+    node("a", 1, 0, None, 1, True, "<answer> guess </answer>"),
+    node("b", 0, 0, None, 1, True, "<answer> yes </answer>"),
+]
+REWARDS = [
+    {"prompt_id": p, "tree_id": t, "leaf_id": n, "reward": r, "correct": r == 1.0, "f1": r, "verifier": "test",
+     "details": "{}", "error": None}
+    for p, t, n, r in [("a", 0, 1, 1.0), ("a", 0, 2, 0.0), ("a", 1, 0, 0.2), ("b", 0, 0, 1.0)]
+]
+PROMPTS = [
+    {"prompt_id": p, "data_source": "test", "prompt": f"<question> {p} ? </question>", "ground_truth": ["x"],
+     "split": "train", "extra_info": "{}"}
+    for p in ("a", "b")
+]
+
+
+def artifact(root: Path, name: str, rows: list[dict], schema) -> str:
+    out = str(root / name)
+    schemas.write(rows, schema, storage.join(out, f"{schema.metadata[b'arborl.schema'].decode()}.parquet"))
+    storage.write_manifest(out, stage=name, inputs={}, config_hash="x", outputs={}, metrics={}, started=time.time())
+    return out
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return {"nodes": artifact(tmp_path, "sample", NODES, schemas.NODES),
+            "rewards": artifact(tmp_path, "verify", REWARDS, schemas.REWARDS),
+            "world": artifact(tmp_path, "prepare", PROMPTS, schemas.PROMPTS)}
+
+
+def test_label_writes_preferences_report_and_viewer(inputs, tmp_path):
+    cfg = Config.model_validate({"advantage": {"preference_margin": 0.1}})
+    res = label.run(cfg, inputs, str(tmp_path / "label"))
+    assert set(res.outputs) == {"advantages", "preferences", "granularity", "trees"}
+
+    pairs = schemas.read(res.outputs["preferences"], schemas.PREFERENCES).to_pylist()
+    got = [(p["depth"], p["prompt"], p["chosen"], p["rejected"], round(p["value_gap"], 4)) for p in pairs]
+    assert got == [
+        (1, "<question> a ? </question>",
+         "<search> x </search> <information> d </information> <answer> right </answer>",
+         "<answer> guess </answer>", 0.3),  # V(a/0/0) = 0.5 vs V(a/1/0) = 0.2; chosen follows the best leaf
+        (2, "<question> a ? </question> <search> x </search> <information> d </information>",
+         "<answer> right </answer>", "<answer> wrong </answer>", 1.0),
+    ]
+    report = storage.read_json(res.outputs["granularity"])
+    assert [(r["depth"], r["branch_points"], r["informative_sets"], r["preference_pairs"]) for r in report] == [
+        (1, 1, 1, 1), (2, 1, 1, 1)]
+    assert res.metrics["preference_pairs"] == 2
+    assert res.metrics["depth1_branch_points"] == 1 and res.metrics["depth2_mean_abs_dv"] == pytest.approx(1.0)
+    # |(A⁺ + A⁻) / multiplicity| from the advantages the stage wrote, averaged over the depth's nodes
+    adv = schemas.read(res.outputs["advantages"], schemas.ADVANTAGES).to_pylist()
+    depth2 = [abs((a["adv_pos"] + a["adv_neg"]) / a["multiplicity"]) for a in adv if a["node_id"] in (1, 2)
+              and (a["prompt_id"], a["tree_id"]) == ("a", 0)]
+    assert report[1]["mean_abs_advantage"] == pytest.approx(sum(depth2) / 2)
+
+    page = Path(res.outputs["trees"]).read_text()
+    assert page.startswith("<!DOCTYPE html>") and '"total_prompts": 2' in page
+
+
+def test_label_without_preferences_or_viewer(inputs, tmp_path):
+    cfg = Config.model_validate({"advantage": {"export_preferences": False}, "viewer": {"max_prompts": 0}})
+    res = label.run(cfg, inputs, str(tmp_path / "label"))
+    assert set(res.outputs) == {"advantages", "granularity"}
+    assert not (tmp_path / "label" / "preferences.parquet").exists()
+    assert not (tmp_path / "label" / "trees.html").exists()
