@@ -26,6 +26,11 @@ class RunConfig(Strict):
     eval_every: int = Field(10, ge=1, description="Evaluate on val/test every this many iterations (the last always).")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto picks cuda when present.")
+    warmstart_from: str | None = Field(
+        None,
+        description="Root URI of an earlier run with the same world/model/warmstart settings and seed: reuse its "
+        "prepare and warm-start outputs (checked by their manifests) instead of running them; null runs them.",
+    )
 
 
 class WorldConfig(Strict):

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -113,13 +115,35 @@ def paired_scores(scores: dict[str, float] | None, question_ids: list[str]) -> n
 
 
 def _client(cfg: Config):
-    import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)  # the flavor's log_model goes through the fluent API
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _fluent_uri(cfg: Config):
+    """Point MLflow's process-global (fluent) API at this run's store for the block, then restore it:
+    the transformers flavor's log_model and artifact downloads go through it, and mlflow.set_tracking_uri
+    also writes $MLFLOW_TRACKING_URI, which would leak into later runs of the same process."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)  # None also clears $MLFLOW_TRACKING_URI
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def register_final_model(
@@ -150,14 +174,16 @@ def register_final_model(
         # pipeline registry stores class paths as strings), so the model is loaded once and logged as
         # components; the flavor then writes it with save_pretrained.
         model, tokenizer = load_policy(model_uri, "cpu")
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="text-generation",
-            run_id=run_id,
-            registered_model_name=name,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
-        )
+        with _fluent_uri(cfg):
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="text-generation",
+                run_id=run_id,
+                registered_model_name=name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"transformers=={transformers.__version__}"],
+            )
         version = str(info.registered_model_version)
     tags = {"arborl.run_id": run_id, "arborl.config_hash": cfg.section_hash(), "arborl.model_uri": model_uri,
             **(extra_tags or {})}
@@ -250,12 +276,14 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
             question_ids = [p["prompt_id"] for p in load_prompts(world, split)] if world else []
             if not question_ids:
                 raise ValueError(f"no {split} questions (world {world!r})")
-            sources = {"challenger": download_version(client, name, challenger_version, Path(tmp) / "challenger")}
-            if champion_version is not None:
-                sources["baseline"] = download_version(client, name, champion_version, Path(tmp) / "champion")
-            elif tags.get("arborl.warmstart_model"):
+            with _fluent_uri(cfg):
+                sources = {"challenger": download_version(client, name, challenger_version,
+                                                          Path(tmp) / "challenger")}
+                if champion_version is not None:
+                    sources["baseline"] = download_version(client, name, champion_version, Path(tmp) / "champion")
+            if champion_version is None and tags.get("arborl.warmstart_model"):
                 sources["baseline"] = tags["arborl.warmstart_model"]
-            else:
+            elif champion_version is None:
                 raise ValueError(f"no {CHAMPION} and no warm-start model recorded on v{challenger_version}")
         except Exception as exc:  # nothing to compare: incomplete
             sources = {}

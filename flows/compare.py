@@ -22,8 +22,13 @@ def compare_pipeline(config: dict, seeds: int = 3) -> dict:
     cfg = Config.model_validate(config)
     runs: dict[str, list] = {m: [] for m in METHODS}
     for seed in range(seeds):
+        first_root = None  # the methods of one seed share its world and warm start
         for method in METHODS:
             run_cfg = method_config(cfg, method, cfg.run.seed + seed)
+            if first_root is None:
+                first_root = storage.join(run_cfg.run.output_root, run_cfg.run.name)
+            else:
+                run_cfg.run.warmstart_from = first_root
             runs[method].append((run_cfg.run.seed, train_pipeline(run_cfg.model_dump(mode="json")), run_cfg))
     result = aggregate(runs)
     result["budget_rule"] = (f"GRPO chains per prompt = round(M * (1 + L*N/2)) = {matched_chains(cfg.sampling)} "

@@ -63,6 +63,18 @@ def iteration_dir(root: str, iteration: int) -> str:
     return storage.join(root, f"iter_{iteration:03d}")
 
 
+def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
+    """(world, model) URIs of another run's finished prepare and warm-start outputs, checked against this
+    config's world/model/warmstart settings and seed through their manifests (never re-run there)."""
+    world, model = storage.join(source_root, "prepare"), storage.join(source_root, "warmstart")
+    for stage, uri, inputs, sections in (("prepare", world, {}, ("world",)),
+                                         ("warmstart", model, {"world": world}, ("world", "model", "warmstart"))):
+        if storage.completed(uri, stage=stage, inputs=inputs, config_hash=cfg.section_hash(*sections)) is None:
+            raise ValueError(f"run.warmstart_from={source_root!r}: {uri} holds no finished {stage} output made "
+                             f"with this config's {'/'.join(sections)} settings and seed")
+    return world, model
+
+
 @flow(name="arborl-tree-grpo")
 def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
@@ -89,9 +101,12 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
 
     try:
         reporter.run_started(cfg)
-        world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
-        model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
-                       "warmstart/")["out"]
+        if cfg.run.warmstart_from:
+            world, model = reused_warmstart(cfg, cfg.run.warmstart_from)
+        else:
+            world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
+            model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
+                           "warmstart/")["out"]
         warm_model = model
         warm_eval = record(
             _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
@@ -110,7 +125,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             dash.labelled(it, lab)
             train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
             if cfg.train.kl_coef > 0:
-                train_inputs["reference"] = storage.join(root, "warmstart")
+                train_inputs["reference"] = warm_model
             t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
             model = t["out"]
             dash.progress(it, 1.0)

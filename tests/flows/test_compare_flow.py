@@ -37,6 +37,10 @@ def test_compare_two_seeds_on_micro(tmp_path, prefect_server):
             summary = json.loads((tmp_path / "runs" / run["run_name"] / "summary.json").read_text())
             assert run["final_test_em"] == summary["final"]["test_em"]
             assert run["curve"][-1]["generated_tokens"] == sum(h["generated_tokens"] for h in summary["history"])
+    for seed in (0, 1):  # the GRPO run of a seed reuses that seed's world and warm start
+        assert not (tmp_path / "runs" / f"micro-grpo-s{seed}" / "warmstart").exists()
+        grpo_cfg = json.loads((tmp_path / "runs" / f"micro-grpo-s{seed}" / "config.json").read_text())
+        assert grpo_cfg["run"]["warmstart_from"] == str(tmp_path / "runs" / f"micro-tree_grpo-s{seed}")
     runs = {p["run_name"] for d in (tree, grpo) for p in d["per_seed"]}
     assert runs == {"micro-tree_grpo-s0", "micro-tree_grpo-s1", "micro-grpo-s0", "micro-grpo-s1"}
 

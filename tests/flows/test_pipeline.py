@@ -92,6 +92,23 @@ def test_chain_baseline_is_one_override(tmp_path, prefect_server):
     assert summary["mlflow_run_id"] is None
 
 
+def test_a_run_reuses_a_warm_start_only_when_its_settings_match(tmp_path, prefect_server):
+    from flows.pipeline import train_pipeline
+
+    first = micro(tmp_path, "run.iterations=0", "tracking.enabled=false", "registry.enabled=false")
+    train_pipeline(first.model_dump(mode="json"))
+    source = str(tmp_path / "runs" / "micro")
+    second = micro(tmp_path, "run.name=second", "run.iterations=1", "tracking.enabled=false",
+                   "registry.enabled=false", f"run.warmstart_from={source}")
+    summary = train_pipeline(second.model_dump(mode="json"))
+    assert "warmstart" not in summary["stage_seconds"] and summary["stage_seconds"]["train"] > 0
+    assert not (tmp_path / "runs" / "second" / "warmstart").exists()
+    other_world = micro(tmp_path, "run.name=third", "world.num_people=50", "tracking.enabled=false",
+                        "registry.enabled=false", f"run.warmstart_from={source}")
+    with pytest.raises(ValueError, match="run.warmstart_from=.*no finished prepare output"):
+        train_pipeline(other_world.model_dump(mode="json"))
+
+
 def test_bad_override_is_rejected_before_anything_runs(tmp_path):
     from components.config import ConfigError
 

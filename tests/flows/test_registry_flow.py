@@ -6,6 +6,7 @@ random init, a small and a larger searching policy, all made by the real warm-st
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -32,7 +33,10 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
 
     overrides = [f"run.output_root={tmp_path / 'runs'}", *EASY]
     cfg = load_config(MICRO, overrides)
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     summary = train_pipeline(cfg.model_dump(mode="json"))
+    # registering used MLflow's global (fluent) API but left it as it was for later runs in this process
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
 
     # 1. the run registered version 1 with alias challenger, tagged with run, config hash and eval metrics
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
