@@ -28,7 +28,7 @@ class Step:
     obs_text: str = ""
     finish_reason: str | None = None  # set on the episode's last step
     tool_error: str | None = None
-    prefilled: int = 0  # context tokens fed to the model before this turn's first generated token
+    prefilled: int = 0  # context tokens fed to the model before this turn's first generated token (cached ones not)
 
 
 @dataclass
@@ -89,7 +89,8 @@ def run_episodes(
         for ep, ctx, out in zip(live, contexts, outs, strict=True):
             text = decode(out.tokens)
             action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
-            step = Step(out.tokens, out.logprobs, text, action, prefilled=len(ctx))
+            fed = len(ctx) if out.prefilled is None else out.prefilled  # a prefix cache feeds only the rest
+            step = Step(out.tokens, out.logprobs, text, action, prefilled=fed)
             ep.steps.append(step)
             ep.turns_left -= 1
             if action == "answer":

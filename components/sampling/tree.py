@@ -103,6 +103,7 @@ def sample_trees(
     """Grow M trees per prompt by random expansion. `prompts` holds (prompt_id, prompt token ids)."""
     rng = random.Random(seed)
     gen = torch.Generator(device=backend.device).manual_seed(seed)
+    backend.clear_cache()  # reuse prefixes within this run only: a seed gives the same trees whatever ran before
     trees = [Tree(pid, m, ids) for pid, ids in prompts for m in range(sampling.trees_per_prompt)]
 
     def grow(picks: list[tuple[Tree, int]], expansion_round: int) -> None:
