@@ -88,6 +88,9 @@ class SamplingConfig(Strict):
     )
     keep_leaves: int | None = Field(None, ge=1, description="K: keep at most K random leaves per tree (null: all).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Generation engine of the sample stage: hf (in process) or vllm (the `sampler` image)."
+    )
 
 
 class VerifyConfig(Strict):

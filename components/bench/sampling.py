@@ -194,7 +194,7 @@ def run_benchmark(
     }
     result.update(tree_vs_chain(backend, env, prompt_list, cfg, repeats, device))
     contexts = [ids for _, ids in prompt_list]
-    result.update(backend_vs_generate(backend, contexts, batch_sizes, decode_tokens, repeats + 1, device))
+    result.update(backend_vs_generate(backend, contexts, batch_sizes, decode_tokens, repeats, device))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

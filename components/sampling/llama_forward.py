@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -32,11 +33,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     """softmax(q·kᵀ·scale + bias)·v with grouped kv heads. q: (batch, heads, q_len, dim); k, v: (batch, kv_heads,
     width, dim); bias: (batch, 1, q_len, width) float, 0 or -inf. Returns (batch, heads, q_len, dim).
 
-    Plain matmuls: for one or a few query slots against a cache view they ran ~2x faster on a CPU than
-    `scaled_dot_product_attention` with a mask, which also copies its non-contiguous key/value views.
+    On a CPU in float32, plain matmuls: for one or a few query slots against a cache view they ran ~2x faster
+    than `scaled_dot_product_attention` with a mask. Elsewhere (CUDA, bf16) the fused kernel, which keeps the
+    scores in float32.
     """
     b, h, s, d = q.shape
     kv_heads = k.shape[1]
+    if q.is_cuda or q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale,
+                                              enable_gqa=h != kv_heads)
     group = h // kv_heads
     q = q.reshape(b, kv_heads, group * s, d)
     scores = torch.matmul(q, k.transpose(-1, -2)).view(b, kv_heads, group, s, -1) * scale

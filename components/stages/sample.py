@@ -23,9 +23,14 @@ def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]
 
 def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
     def body():
-        model, tokenizer = load_policy(inputs["model"], device(cfg))
+        if cfg.sampling.backend == "vllm":  # runs where vllm is installed: the Dockerfile's `sampler` image
+            from components.sampling.vllm_backend import VLLMBackend
+
+            backend, tokenizer = VLLMBackend.from_model_dir(inputs["model"], seed=cfg.run.seed)
+        else:
+            model, tokenizer = load_policy(inputs["model"], device(cfg))
+            backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
         env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
-        backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
         rows = iteration_prompts(cfg, inputs["world"], iteration)
         prompts = [(r["prompt_id"], prompt_ids(tokenizer, r["prompt"])) for r in rows]
         trees = sample_trees(backend, env, prompts, cfg.sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration)
