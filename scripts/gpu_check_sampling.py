@@ -111,12 +111,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big", action="store_true", help="also time a 1024-hidden, 8-layer model")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config()
     vocab = 4 + len(TAGS) + len(vocabulary(build_world(cfg.world, cfg.run.seed)))
     m = cfg.model
-    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
                     "torch": torch.__version__, "vocab": vocab}
     import transformers
 
