@@ -2,7 +2,7 @@
 own forward / `generate` in float32 and bfloat16, and decode tokens/s against `model.generate` sampling at batch
 8, 32 and 128. Prints one JSON line.
 
-Needs only torch, transformers, pydantic and pyyaml (no pyarrow, Prefect or MLflow):
+Needs only torch and transformers (pydantic/pyyaml, when present, size the model from configs/tiny.yaml):
     PYTHONPATH=. python scripts/gpu_check_sampling.py [--new-tokens 128] [--repeats 3]
 """
 
@@ -19,10 +19,23 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.config import load_config  # noqa: E402
-from components.envs.protocol import TAGS  # noqa: E402
-from components.envs.world import build_world, vocabulary  # noqa: E402
 from components.sampling.backend import HFBackend  # noqa: E402
+
+DEFAULT_VOCAB = 179  # the default world's word-level vocabulary, used where pydantic (the config) is missing
+
+
+def default_model() -> tuple[dict, int]:
+    """configs/tiny.yaml's model section and the default world's vocabulary size; plain defaults on a machine
+    without pydantic/pyyaml (then the world cannot be built)."""
+    try:
+        from components.config import load_config
+        from components.envs.protocol import TAGS
+        from components.envs.world import build_world, vocabulary
+    except ImportError:
+        return {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}, DEFAULT_VOCAB
+    cfg = load_config()
+    vocab = 4 + len(TAGS) + len(vocabulary(build_world(cfg.world, cfg.run.seed)))
+    return cfg.model.model_dump(), vocab
 
 PAD, EOS = 0, 3  # the word-level tokenizer's order: <pad> <unk> <bos> <eos>
 
@@ -117,9 +130,8 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config()
-    vocab = 4 + len(TAGS) + len(vocabulary(build_world(cfg.world, cfg.run.seed)))
-    m = cfg.model
+    shape, vocab = default_model()
+    dims = (shape["hidden_size"], shape["num_layers"], shape["num_heads"], shape["intermediate_size"])
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
                     "torch": torch.__version__, "vocab": vocab}
     import transformers
@@ -127,10 +139,10 @@ def main() -> None:
     report["transformers"] = transformers.__version__
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        peaked = build(device, dtype, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, vocab, True)
+        peaked = build(device, dtype, *dims, vocab, True)
         backend = HFBackend(peaked, PAD, -1)
         report[f"parity_{name}"] = parity(peaked, backend, vocab)
-        tiny = build(device, dtype, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, vocab, False)
+        tiny = build(device, dtype, *dims, vocab, False)
         report[f"decode_tiny_{name}"] = throughput(tiny, HFBackend(tiny, PAD, -1), vocab, device, args.new_tokens,
                                                    args.repeats)
         if args.big:
