@@ -2,7 +2,28 @@
 #   docker build -t arborl .
 #   docker run --rm -v "$PWD/runs:/app/runs" arborl                       # the default run
 #   docker run --rm arborl stage evaluate --config configs/tiny.yaml --in model=... --in world=... --out ...
-FROM python:3.11-slim
+# Sampling image with vLLM (GPU), for `sampling.backend: vllm`: runs the sample stage as a CLI, without Prefect
+# or MLflow (vLLM's pins conflict with Prefect's). Built only on request:
+#   docker build --target sampler -t arborl-sampler .
+#   docker run --gpus all --rm -v "$PWD/runs:/app/runs" arborl-sampler stage sample --config configs/tiny.yaml \
+#       --in model=... --in world=... --out ... sampling.backend=vllm
+FROM python:3.11-slim AS sampler
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+RUN pip install "vllm>=0.10.2" "pyarrow>=15" "fsspec>=2024.1" "s3fs>=2024.1" "pydantic>=2.7,<3" "pyyaml>=6" \
+    "typer>=0.12" "rich>=13"
+COPY pyproject.toml README.md ./
+COPY components ./components
+COPY flows ./flows
+COPY configs ./configs
+RUN pip install --no-deps . && useradd --create-home arborl && chown -R arborl /app
+USER arborl
+ENTRYPOINT ["arborl"]
+CMD ["stage", "--help"]
+
+# The default target (last stage): the CPU pipeline image.
+FROM python:3.11-slim AS pipeline
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -122,6 +122,9 @@ class SamplingConfig(Strict):
         description="Bad prompts (empty, longer than the context, a tool error) are recorded and left out of "
         "training; the sample stage fails, naming them, when more than this fraction of prompts is bad.",
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Generation engine of the sample stage: hf (in process) or vllm (the `sampler` image)."
+    )
 
 
 class BudgetConfig(Strict):

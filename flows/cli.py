@@ -143,6 +143,39 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured 
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("sampling")
+def bench_sampling(
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    model: Optional[str] = typer.Option(None, "--model", help="Trained model directory (default: a short warm start)."),
+    warmstart_steps: int = typer.Option(150, "--warmstart-steps", help="Warm-start steps when --model is not given."),
+    quick: bool = typer.Option(False, "--quick", help="A few seconds: tiny warm start, few prompts, batch 8 only."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Trees vs chains (trajectories per token and per second), the HF backend vs model.generate, peak memory."""
+    from components.bench.sampling import run_benchmark
+
+    cfg = _load(config, overrides)
+    if quick:
+        result = run_benchmark(cfg, model, warmstart_steps=min(warmstart_steps, 10), prompts=4, repeats=1,
+                               batch_sizes=(8,), decode_tokens=16)
+    else:
+        result = run_benchmark(cfg, model, warmstart_steps=warmstart_steps)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("metric", "value", title="arborl bench sampling")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k}: {v:.3g}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @bench_app.command("training")
 def bench_training_cmd(
     config: Optional[Path] = ConfigOpt,

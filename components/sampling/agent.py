@@ -35,7 +35,7 @@ class Step:
     obs_text: str = ""
     finish_reason: str | None = None  # set on the episode's last step
     tool_error: str | None = None
-    prefilled: int = 0  # context tokens fed to the model before this turn's first generated token
+    prefilled: int = 0  # context tokens fed to the model before this turn's first generated token (cached ones not)
 
 
 @dataclass
@@ -125,9 +125,14 @@ def run_episodes(
                 _tool_step(ep, ctx, out, text, env, agent)
 
 
+def _fed(ctx: list[int], out) -> int:
+    """Tokens the backend actually fed for this turn: a prefix cache feeds only what it has not seen."""
+    return len(ctx) if out.prefilled is None else out.prefilled
+
+
 def _segment_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
     answered = out.stop == "stop" and bool(out.tokens) and out.tokens[-1] == env.answer_close
-    step = Step(out.tokens, out.logprobs, text, "answer" if answered else "segment", prefilled=len(ctx))
+    step = Step(out.tokens, out.logprobs, text, "answer" if answered else "segment", prefilled=_fed(ctx, out))
     ep.steps.append(step)
     ep.turns_left -= 1
     if answered:
@@ -142,7 +147,7 @@ def _segment_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, a
 
 def _tool_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
     action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
-    step = Step(out.tokens, out.logprobs, text, action, prefilled=len(ctx))
+    step = Step(out.tokens, out.logprobs, text, action, prefilled=_fed(ctx, out))
     ep.steps.append(step)
     ep.turns_left -= 1
     if action == "answer":

@@ -113,6 +113,7 @@ def sample_trees(
     from components.sampling.expansion import make_policy  # expansion imports this module
 
     policy = make_policy(sampling.expansion_policy, sampling.entropy_statistic)
+    backend.clear_cache()  # reuse prefixes within this call only: a seed gives the same trees whatever ran before
     by_prompt = {pid: [Tree(pid, m, ids) for m in range(sampling.trees_per_prompt)] for pid, ids in prompts}
     rngs: dict[tuple[str, int], random.Random] = {}
 

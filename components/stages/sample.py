@@ -111,13 +111,20 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
         _check_shard(shard)
 
     def body():
-        with _LOAD_LOCK:
-            model, tokenizer = load_policy(inputs["model"], device(cfg))
+        if cfg.sampling.backend == "vllm":  # runs where vllm is installed: the Dockerfile's `sampler` image
+            from components.sampling.vllm_backend import VLLMBackend
+
+            backend, tokenizer = VLLMBackend.from_model_dir(inputs["model"], seed=cfg.run.seed)
+            model_context = None
+        else:
+            with _LOAD_LOCK:
+                model, tokenizer = load_policy(inputs["model"], device(cfg))
+            backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+            model_context = getattr(model.config, "max_position_embeddings", None)
         env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
-        backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
         index, count = shard or (0, 1)
         chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
-        context = min(cfg.agent.max_total_tokens, getattr(model.config, "max_position_embeddings", None) or 1 << 62)
+        context = min(cfg.agent.max_total_tokens, model_context or 1 << 62)
 
         stats: dict[str, dict] = {}
         prompts = []

@@ -70,7 +70,7 @@ def test_greedy_batch_equals_single_and_naive_reference(peaked_model, tokenizer,
         assert out.stop == "length"
         alone = backend.generate([ctx], [steps], set(), greedy=True)[0]
         assert alone.tokens == out.tokens
-        assert alone.logprobs == pytest.approx(out.logprobs, abs=1e-5)
+        assert alone.logprobs == pytest.approx(out.logprobs, abs=5e-5)  # reuses the batch's cached prefix
 
 
 def test_greedy_logprobs_are_of_the_tempered_distribution(peaked_model, tokenizer):
@@ -157,3 +157,70 @@ def test_eval_mode_is_restored_and_no_grad(peaked_model, tokenizer):
     peaked_model.train()
     out = _backend(peaked_model, tokenizer).generate([[tokenizer.bos_token_id]], [2], set(), greedy=True)
     assert len(out) == 1 and not peaked_model.training
+
+
+# --- preallocated cache, lean forward and prefix reuse ------------------------------------------------------
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_next_token_logits_equal_the_models(peaked_model, tokenizer, lean):
+    contexts = _contexts(tokenizer)
+    backend = HFBackend(peaked_model, tokenizer.pad_token_id, -1, lean_forward=lean)
+    assert backend.lean_forward is lean
+    logits = backend.next_token_logits(contexts)
+    with torch.no_grad():
+        ref = torch.stack([peaked_model(input_ids=torch.tensor([c])).logits[0, -1] for c in contexts])
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_greedy_tokens_equal_model_generate(peaked_model, tokenizer, lean):
+    contexts = _contexts(tokenizer)
+    backend = HFBackend(peaked_model, tokenizer.pad_token_id, -1, lean_forward=lean)
+    outs = backend.generate(contexts, [8] * len(contexts), set(), greedy=True)
+    for ctx, out in zip(contexts, outs, strict=True):
+        ref = peaked_model.generate(input_ids=torch.tensor([ctx]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        assert out.tokens == ref[0, len(ctx):].tolist()
+
+
+def test_forked_continuations_equal_full_recomputation(peaked_model, tokenizer):
+    """A chain is generated; then branches from an intermediate point and from its end (twice) reuse its cached
+    keys/values. Their logits, tokens and log-probs equal a cache-free backend and a full forward pass, and
+    `prefilled` counts exactly the tokens fed."""
+    ctx = _contexts(tokenizer)[2]  # 13 tokens
+    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    chain = backend.generate([ctx], [6], set(), greedy=True)[0]
+    assert chain.prefilled == len(ctx)
+    branch_mid = ctx + chain.tokens[:3] + [7, 9]  # forks after 3 generated tokens
+    branch_end = ctx + chain.tokens + [11]
+    contexts = [branch_mid, branch_end, branch_end]
+
+    forked = backend.generate(contexts, [5] * 3, set(), greedy=True)
+    plain = HFBackend(peaked_model, tokenizer.pad_token_id, -1, prefix_cache_mb=0)
+    fresh = plain.generate(contexts, [5] * 3, set(), greedy=True)
+    # the cached chain covers ctx + its first 5 tokens (the 6th was never fed back)
+    assert [o.prefilled for o in forked] == [2, 2, 0]
+    assert [o.prefilled for o in fresh] == [len(branch_mid), len(branch_end), 0]
+    for c, a, b in zip(contexts, forked, fresh, strict=True):
+        ref_tokens, ref_logps, margin = _reference_greedy(peaked_model, c, 5)
+        assert margin > 1e-3
+        assert a.tokens == b.tokens == ref_tokens
+        assert a.logprobs == pytest.approx(ref_logps, abs=1e-4)
+    with torch.no_grad():
+        ref = torch.stack([peaked_model(input_ids=torch.tensor([c])).logits[0, -1] for c in contexts])
+    torch.testing.assert_close(backend.next_token_logits(contexts), ref, rtol=0, atol=1e-4)
+
+
+def test_prefix_cache_is_dropped_when_the_weights_change(peaked_model, tokenizer):
+    ctx = _contexts(tokenizer)[2]
+    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    first = backend.generate([ctx], [4], set(), greedy=True)[0]
+    assert backend.generate([ctx + first.tokens], [1], set(), greedy=True)[0].prefilled == 1
+    with torch.no_grad():
+        peaked_model.lm_head.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    again = backend.generate([ctx + first.tokens], [1], set(), greedy=True)[0]
+    assert again.prefilled == len(ctx) + len(first.tokens)
+    with torch.no_grad():
+        expected = peaked_model(input_ids=torch.tensor([ctx + first.tokens])).logits[0, -1].double().log_softmax(-1)
+    assert again.logprobs[0] == pytest.approx(float(expected.max()), abs=1e-4)

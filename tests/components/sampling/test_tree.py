@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import defaultdict
 
 import pytest
 import torch
@@ -275,9 +276,28 @@ def test_node_is_leaf_follows_finish_reason():
     assert not Node(0, None, 1, 0, _step([1], [2])).is_leaf
 
 
-def test_prefilled_tokens_are_the_context_before_each_turn(trees):
-    """Budget input: every step records as prefilled exactly the prompt plus the path above it."""
+def test_prefilled_tokens_are_what_the_model_was_fed(setup, trees):
+    """Budget input: with the backend's prefix cache a turn feeds only what was not computed before — after
+    the first turn the parent's observation and its last generated token; a round-1 expansion one token (0 for
+    a repeat of the same context); without the cache, the whole prompt plus the path above it."""
+    backend, env, prompts = setup
     for tree in trees:
         for node in tree.nodes:
             parent = ROOT if node.parent_id is None else node.parent_id
-            assert node.step.prefilled == len(tree.prefix(parent))
+            assert 0 <= node.step.prefilled <= len(tree.prefix(parent))
+            first_of_expansion = node.expansion_round > 0 and (
+                node.parent_id is None or tree.nodes[node.parent_id].expansion_round < node.expansion_round
+            )
+            if first_of_expansion:
+                assert node.step.prefilled <= 1
+            elif node.parent_id is not None:
+                assert node.step.prefilled <= len(tree.nodes[node.parent_id].step.obs_ids) + 1
+    plain = HFBackend(backend.model, backend.pad_id, backend.eos_id, prefix_cache_mb=0)
+    sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=2, expansion_rounds=1)
+    fed = defaultdict(list)  # identical contexts of one round go to the model once
+    for tree in sample_trees(plain, env, prompts, sampling, AGENT, seed=0):
+        for node in tree.nodes:
+            context = tree.prefix(ROOT if node.parent_id is None else node.parent_id)
+            fed[node.expansion_round, tuple(context)].append(node.step.prefilled)
+    for (_, context), counts in fed.items():
+        assert sorted(counts) == [0] * (len(counts) - 1) + [len(context)]

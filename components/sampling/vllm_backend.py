@@ -1,0 +1,119 @@
+"""vLLM generation backend: the same narrow contract as `HFBackend.generate`, on an offline `vllm.LLM`.
+
+Prompts go in as token ids (`TokensPrompt`), so the agent loop and the tree logic are unchanged; automatic
+prefix caching plays the part of the HF backend's prefix reuse (a tree's branches and an episode's next turn
+share their prefix blocks). Log-probs are vLLM's *processed* ones — after temperature — i.e.
+log-softmax(logits / T) of the sampled token, what the trainer's ratio needs.
+
+vLLM pins its own torch/transformers and cannot share an environment with Prefect: install the `vllm` extra
+in its own image (`docker build --target sampler .`) and run the sample stage there as a CLI
+(`arborl stage sample ... sampling.backend=vllm`). Nothing here imports vllm until a backend is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from components import storage
+from components.sampling.backend import TurnOutput
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(
+            "sampling.backend=vllm needs the `vllm` package, which is not installed in this environment; "
+            "install the extra (`pip install 'arborl[vllm]'`) in a separate environment or use the `sampler` "
+            "image of the Dockerfile"
+        ) from exc
+    return vllm
+
+
+class VLLMBackend:
+    """Wraps a `vllm.LLM`; `generate` has `HFBackend.generate`'s signature and outputs."""
+
+    def __init__(self, llm, pad_id: int, eos_id: int):
+        self.llm = llm
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_model_dir(cls, uri: str, seed: int = 0, gpu_memory_utilization: float = 0.85, **llm_kwargs):
+        """(backend, tokenizer) for a Hugging Face model directory (local or remote URI)."""
+        from transformers import PreTrainedTokenizerFast
+
+        vllm = _vllm()
+        path = str(storage.local_dir(uri))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        llm = vllm.LLM(
+            model=path,
+            tokenizer=path,
+            skip_tokenizer_init=True,  # token ids in and out; the pipeline's tokenizer decodes
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **llm_kwargs,
+        )
+        return cls(llm, tokenizer.pad_token_id, tokenizer.eos_token_id), tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the sampling generator lives: it only draws per-request seeds
+
+    def clear_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def generate(
+        self,
+        contexts: list[list[int]],
+        max_new_tokens: list[int],
+        stop_ids: set[int],
+        temperature: float = 1.0,
+        greedy: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> list[TurnOutput]:
+        """As HFBackend.generate; `generator` (one shared, or one per row) draws each request's vLLM seed."""
+        vllm = _vllm()
+        results: list[TurnOutput | None] = [None] * len(contexts)
+        prompts, params, rows = [], [], []
+        for i, (ctx, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
+            if limit <= 0:
+                results[i] = TurnOutput([], [], "length", 0)
+                continue
+            row_gen = generator[i] if isinstance(generator, list) else generator
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=row_gen))
+            params.append(vllm.SamplingParams(
+                n=1,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0,
+                top_k=-1,
+                max_tokens=limit,
+                stop_token_ids=sorted(stop_ids),
+                ignore_eos=False,
+                logprobs=0,  # the sampled token's log-prob only
+                seed=None if greedy else seed,
+                detokenize=False,
+            ))
+            prompts.append({"prompt_token_ids": list(ctx)})
+            rows.append(i)
+        if prompts:
+            for i, request in zip(rows, self.llm.generate(prompts, params, use_tqdm=False), strict=True):
+                results[i] = self._turn(request, len(contexts[i]))
+        return results  # type: ignore[return-value]
+
+    def _turn(self, request, context_len: int) -> TurnOutput:
+        out = request.outputs[0]
+        tokens = list(out.token_ids)
+        logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, out.logprobs or [], strict=True)]
+        if len(logprobs) != len(tokens):
+            raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+        if out.finish_reason == "length":
+            stop = "length"
+        elif tokens and tokens[-1] == self.eos_id and out.stop_reason is None:
+            stop = "eos"
+        else:
+            stop = "stop"
+        cached = getattr(request, "num_cached_tokens", None)
+        return TurnOutput(tokens, logprobs, stop, None if cached is None else context_len - cached)
