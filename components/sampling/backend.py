@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from components.sampling import rng
-from components.sampling import llama_forward
+from components.sampling import llama_forward, rng
 
 MIN_PREFIX = 8  # contexts are looked up in the prefix cache by their first MIN_PREFIX tokens
 
