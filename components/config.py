@@ -195,6 +195,10 @@ class TrainConfig(Strict):
     )
     bf16: bool = Field(False, description="bfloat16 autocast for forward passes (CUDA; CPU autocast is slow).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    flex_attention: bool = Field(
+        False, description="Packed form: run the policy with FlexAttention and a tree BlockMask instead of a dense "
+        "T×T mask (for long trees on CUDA; the saved model keeps its own attention setting).",
+    )
     save_every_steps: int = Field(
         0, ge=0, description="Checkpoint model, optimizer and RNG state every this many optimizer steps inside a "
         "train stage (0: never); a rerun of a killed stage resumes from the last one."

@@ -58,6 +58,9 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here)
         if cfg.train.gradient_checkpointing:
             distributed.enable_gradient_checkpointing(model)
+        saved_attention = model.config._attn_implementation
+        if cfg.train.flex_attention:
+            model.set_attn_implementation("flex_attention")
         wrapped = distributed.wrap(model, dist)  # FSDP shards the parameters: build the optimizer after it
         optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.train.lr)
         if not fsdp:  # FSDP's optimizer state is sharded; it starts fresh each iteration
@@ -100,6 +103,8 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
                                 seed=cfg.run.seed * 7919 + iteration, ref_model=ref_model, dist=dist,
                                 hooks=StepHooks(resume=resume, after_step=after_step))
         metrics["world_size"] = dist.world_size
+        if cfg.train.flex_attention:
+            model.set_attn_implementation(saved_attention)
         if fsdp:
             state = distributed.full_state_dict(wrapped)  # a collective: every rank takes part
             if dist.is_main:

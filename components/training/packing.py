@@ -187,20 +187,24 @@ def token_weights(
 
 
 def packed_inputs(
-    units: list[TreeUnit], pad_id: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    units: list[TreeUnit], pad_id: int, dtype: torch.dtype, dense_mask: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Right-padded batch of packed trees: input_ids (B, T), position_ids (B, T) and an additive 4D
-    attention mask (B, 1, T, T) of `dtype` (0 = attend, dtype's min = blocked). Padding attends to itself."""
+    attention mask (B, 1, T, T) of `dtype` (0 = attend, dtype's min = blocked; None unless `dense_mask`).
+    Padding attends to itself."""
     width = max(u.num_tokens for u in units)
     b = len(units)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     pos = torch.zeros((b, width), dtype=torch.long)
+    for i, u in enumerate(units):
+        ids[i, : u.num_tokens] = u.input_ids
+        pos[i, : u.num_tokens] = u.positions
+    if not dense_mask:
+        return ids, pos, None
     allowed = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     for i, u in enumerate(units):
         n = u.num_tokens
-        ids[i, :n] = u.input_ids
-        pos[i, :n] = u.positions
         allowed[i, :n, :n] = u.ancestors[u.segment[:, None], u.segment[None, :]] & causal[:n, :n]
     mask = torch.zeros((b, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
@@ -223,3 +227,33 @@ def greedy_microbatches(units: list[TreeUnit], max_tokens: int) -> list[list[Tre
     if cur:
         batches.append(cur)
     return batches
+
+
+MAX_FLEX_NODES = 63  # a token's ancestor set is one int64 bitmask
+
+
+def flex_tree_mask(units: list[TreeUnit], width: int, device: torch.device | str):
+    """The same tree attention as `packed_inputs`' dense mask, as a FlexAttention BlockMask over a (B, T)
+    right-padded batch: no T×T tensor is materialised, and fully masked blocks are skipped. Each token
+    carries its node's ancestor set as a bitmask, so the mask function needs only 2D lookups."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b = len(units)
+    seg = torch.zeros((b, width), dtype=torch.long)
+    bits = torch.zeros((b, width), dtype=torch.long)  # bit j set: node j is the token's node or an ancestor
+    length = torch.zeros(b, dtype=torch.long)
+    for i, u in enumerate(units):
+        p = u.ancestors.shape[0]
+        if p > MAX_FLEX_NODES:
+            raise ValueError(f"tree {u.key} has {p} nodes; the FlexAttention mask supports {MAX_FLEX_NODES}")
+        node_bits = (u.ancestors.long() << torch.arange(p)).sum(-1)  # (P,)
+        seg[i, : u.num_tokens] = u.segment
+        bits[i, : u.num_tokens] = node_bits[u.segment]
+        length[i] = u.num_tokens
+    seg, bits, length = seg.to(device), bits.to(device), length.to(device)
+
+    def tree(batch, head, q, kv):
+        visible = ((bits[batch, q] >> seg[batch, kv]) & 1) == 1
+        return ((q < length[batch]) & (kv <= q) & visible) | (q == kv)
+
+    return create_block_mask(tree, b, None, width, width, device=str(device))

@@ -29,6 +29,7 @@ from components.training.distributed import Dist
 from components.training.loss import clipped_objective, kl_penalty, logprobs_and_entropy
 from components.training.packing import (
     TreeUnit,
+    flex_tree_mask,
     build_units,
     greedy_microbatches,
     leaf_scales,
@@ -101,7 +102,10 @@ def _forward_rows(model: torch.nn.Module, rows: list[Row], pad_id: int) -> list[
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if rows[0].path is None:
-        ids, pos, mask = packed_inputs([r.unit for r in rows], pad_id, dtype)
+        flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
+        ids, pos, mask = packed_inputs([r.unit for r in rows], pad_id, dtype, dense_mask=not flex)
+        if flex:  # a block mask: no T×T tensor, masked-out blocks skipped
+            mask = flex_tree_mask([r.unit for r in rows], ids.shape[1], device)
         logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device)).logits
         out = []
         for i, r in enumerate(rows):

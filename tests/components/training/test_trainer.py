@@ -250,3 +250,20 @@ def test_sampled_trees_train_with_matching_logprobs(policy, tokenizer, retriever
     if any(a != 0 for a in adv.values()):
         assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
     assert not model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels need a CUDA device "
+                    "here (torch 2.13's CPU template fails to compile); scripts/gpu_check_flex.py runs this check")
+def test_flex_attention_block_mask_gives_the_dense_mask_result(tiny_model, tokenizer):
+    """The FlexAttention path (a BlockMask, no dense T×T tensor) computes the dense 4D mask's packed loss and
+    gradients."""
+    prompts, rows, adv = random_trees(len(tokenizer), tokenizer.bos_token_id, n_trees=6, seed=8)
+    units = build_units(prompts, rows, adv)
+    cfg = _cfg()
+    model = tiny_model.cuda()
+    dense, g_dense, _ = _loss_and_grads(model, model, units, "packed", cfg, tokenizer.pad_token_id, 3)
+    flex_model = copy.deepcopy(model)
+    flex_model.set_attn_implementation("flex_attention")
+    flex, g_flex, _ = _loss_and_grads(flex_model, model, units, "packed", cfg, tokenizer.pad_token_id, 3)
+    assert abs(flex["loss"] - dense["loss"]) <= 1e-5 * dense["loss_scale"]
+    assert _max_rel_diff(g_flex, g_dense) <= 1e-5
