@@ -29,8 +29,8 @@ from components.training.distributed import Dist
 from components.training.loss import clipped_objective, kl_penalty, logprobs_and_entropy
 from components.training.packing import (
     TreeUnit,
-    flex_tree_mask,
     build_units,
+    flex_tree_mask,
     greedy_microbatches,
     leaf_scales,
     packed_inputs,
