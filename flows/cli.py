@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def _prefect_env() -> None:
         del os.environ["PREFECT_API_URL"]  # an empty URL breaks the events client; unset means "start one"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registry downloads: no bars
+    # the transformers flavor warns about hub model cards and licences a local model cannot have
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):

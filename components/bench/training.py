@@ -3,12 +3,13 @@
 The trees come from the pipeline's own stages (prepare → short warm start → sample → verify → label) run
 into a work directory, so a second bench run reuses them. Both forms then compute the loss and gradients of
 one mini-batch holding every tree, with the config's micro-batching, alternating `repeats` times; times are
-medians. Peak memory per form: the process's peak RSS over one forward+backward after resetting the peak
-mark (Linux /proc/self/clear_refs; MiB), and on CUDA the peak allocated bytes.
+medians. Peak memory per form: a fresh process loads the same model and trees and runs one forward+backward
+in that form; its peak RSS (Linux VmHWM, MiB) and on CUDA its peak allocated bytes.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import resource
 import statistics
 import time
@@ -65,18 +66,8 @@ def _step(model, rows, divisor: float, cfg: Config, pad_id: int) -> tuple[float,
     return seconds, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs); False elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_mb() -> float:
-    """Peak resident memory since the last reset (VmHWM), else since the process started (ru_maxrss), MiB."""
+    """This process's peak resident memory in MiB: VmHWM (Linux), else ru_maxrss."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -87,18 +78,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_memory(model, rows, divisor: float, cfg: Config, pad_id: int) -> dict[str, Any]:
-    """Peak RSS (and CUDA peak) over one forward+backward of `rows`, from a fresh peak mark."""
-    import gc
-
-    gc.collect()
-    model.zero_grad(set_to_none=True)
-    exact = _reset_peak_rss()
-    if next(model.parameters()).is_cuda:
+def _peak_memory_child(model_dir: str, units: list[TreeUnit], form: str, cfg_json: dict, queue) -> None:
+    cfg = Config.model_validate(cfg_json)
+    model, tokenizer = load_policy(model_dir, device(cfg))
+    rows, divisor = _prepared_rows(model, units, form, cfg, tokenizer.pad_token_id)
+    before = _peak_rss_mb()
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _step(model, rows, divisor, cfg, pad_id)
-    cuda = torch.cuda.max_memory_allocated() / 2**20 if next(model.parameters()).is_cuda else None
-    return {"peak_rss_mb": _peak_rss_mb(), "exact": exact, "cuda_peak_mb": cuda}
+    _step(model, rows, divisor, cfg, tokenizer.pad_token_id)
+    queue.put({"peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_before_step": before,
+               "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None})
+
+
+def _peak_memory(model_dir: str, units: list[TreeUnit], form: str, cfg: Config) -> dict[str, Any]:
+    """Peak memory of one forward+backward in a fresh process (a process's peak never goes down, and this
+    one's includes the sampling that made the trees): same model and trees, one form."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(model_dir, units, form, cfg.model_dump(mode="json"), queue))
+    proc.start()
+    try:
+        return queue.get(timeout=600)
+    finally:
+        proc.join(timeout=60)
 
 
 def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeats: int = 3,
@@ -143,10 +146,10 @@ def bench_training(cfg: Config, workdir: str, warmstart_steps: int = 300, repeat
     }
     result["packed_vs_ideal"] = result["packed_speedup"] / result["ideal_speedup"]
     if measure_memory:
-        for form, key in (("duplicated", "dup"), ("packed", "packed")):
-            mem = _peak_memory(model, *prepared[form], cfg, pad)
+        for form, key in (("packed", "packed"), ("duplicated", "dup")):
+            mem = _peak_memory(model_dir, units, form, cfg)
             result[f"peak_rss_mb_{key}"] = mem["peak_rss_mb"]
-            result["peak_rss_reset"] = mem["exact"]
+            result[f"peak_rss_mb_{key}_before_step"] = mem["peak_rss_mb_before_step"]
             if mem["cuda_peak_mb"] is not None:
                 result[f"cuda_peak_mb_{key}"] = mem["cuda_peak_mb"]
     return result
