@@ -161,8 +161,10 @@ class VerifyConfig(Strict):
 
 
 class AdvantageConfig(Strict):
-    estimator: Literal["tree", "tree_intra", "tree_inter", "grpo", "dr_grpo"] = Field(
-        "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a prompt."
+    estimator: Literal["tree", "tree_intra", "tree_inter", "grpo", "dr_grpo", "process"] = Field(
+        "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a "
+        "prompt; process = TreeRL per-node advantage ((V(n)−V(root)) + (V(n)−V(parent)))/sqrt(leaves under n), "
+        "applied once per node (packed form, token-mean)."
     )
     eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
     export_preferences: bool = Field(

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-ESTIMATORS = ("grpo", "dr_grpo", "tree", "tree_intra", "tree_inter")
+ESTIMATORS = ("grpo", "dr_grpo", "tree", "tree_intra", "tree_inter")  # per leaf; `process` is per node
 
 LeafKey = tuple[str, int, int]  # (prompt_id, tree_id, leaf node_id)
 
@@ -77,3 +77,38 @@ def node_weights(
             w[2] += 1
             node = parents[key]
     return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def process_advantages(
+    parents: dict[tuple[str, int, int], int | None], rewards: dict[LeafKey, float]
+) -> dict[tuple[str, int, int], float]:
+    """TreeRL-style process advantage per node (DESIGN §4.4), not per trajectory:
+
+        A(n) = ((V(n) − V(root)) + (V(n) − V(parent))) / sqrt(L(n))
+
+    with V(n) the mean reward of the L(n) leaves under n, and root the tree's prompt (V = mean over the
+    tree's leaves; the parent of a first step). Every node of a tree with a rewarded leaf gets a value.
+    """
+    total: dict[tuple[str, int, int], float] = defaultdict(float)
+    count: dict[tuple[str, int, int], int] = defaultdict(int)
+    tree_total: dict[tuple[str, int], float] = defaultdict(float)
+    tree_count: dict[tuple[str, int], int] = defaultdict(int)
+    for leaf, reward in rewards.items():
+        if leaf not in parents:
+            raise KeyError(f"leaf {leaf} has a reward but no node")
+        tree_total[leaf[:2]] += reward
+        tree_count[leaf[:2]] += 1
+        node: int | None = leaf[2]
+        while node is not None:
+            key = (leaf[0], leaf[1], node)
+            total[key] += reward
+            count[key] += 1
+            node = parents[key]
+    out = {}
+    for key, n in count.items():
+        v = total[key] / n
+        v_root = tree_total[key[:2]] / tree_count[key[:2]]
+        parent = parents[key]
+        v_parent = v_root if parent is None else total[(key[0], key[1], parent)] / count[(key[0], key[1], parent)]
+        out[key] = ((v - v_root) + (v - v_parent)) / n**0.5
+    return out

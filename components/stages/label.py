@@ -5,7 +5,7 @@ a tree viewer → trees.html."""
 from __future__ import annotations
 
 from components import schemas, storage
-from components.advantages.estimators import leaf_advantages, node_weights
+from components.advantages.estimators import leaf_advantages, node_weights, process_advantages
 from components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
 from components.config import Config
 from components.stages.base import StageResult, load_prompts, run_stage
@@ -17,11 +17,16 @@ def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
         nodes = schemas.read(storage.join(inputs["nodes"], "nodes.parquet"), schemas.NODES).to_pylist()
         rewards = schemas.read(storage.join(inputs["rewards"], "rewards.parquet"), schemas.REWARDS).to_pylist()
         est = cfg.advantage.estimator
-        leaf_adv = leaf_advantages(
-            {(r["prompt_id"], r["tree_id"], r["leaf_id"]): r["reward"] for r in rewards}, est, cfg.advantage.eps
-        )
+        leaf_rewards = {(r["prompt_id"], r["tree_id"], r["leaf_id"]): r["reward"] for r in rewards}
         parents = {(n["prompt_id"], n["tree_id"], n["node_id"]): n["parent_id"] for n in nodes}
-        weights = node_weights(parents, leaf_adv)
+        if est == "process":  # per node: each node's tokens carry its own advantage once (multiplicity 1)
+            leaf_adv = {}
+            signal = process_advantages(parents, leaf_rewards)
+            weights = {k: (max(a, 0.0), min(a, 0.0), 1) for k, a in signal.items()}
+        else:
+            leaf_adv = leaf_advantages(leaf_rewards, est, cfg.advantage.eps)
+            signal = leaf_adv
+            weights = node_weights(parents, leaf_adv)
         rows = [
             {"prompt_id": k[0], "tree_id": k[1], "node_id": k[2], "adv_pos": w[0], "adv_neg": w[1],
              "multiplicity": w[2], "leaf_advantage": leaf_adv.get(k), "estimator": est}
@@ -29,11 +34,11 @@ def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
         ]
         uri = storage.join(out, "advantages.parquet")
         schemas.write(rows, schemas.ADVANTAGES, uri)
-        nonzero = [a for a in leaf_adv.values() if a != 0.0]
-        metrics = {
-            "leaves": len(leaf_adv),
-            "nonzero_advantage_frac": len(nonzero) / max(len(leaf_adv), 1),
-            "advantage_abs_mean": sum(abs(a) for a in leaf_adv.values()) / max(len(leaf_adv), 1),
+        nonzero = [a for a in signal.values() if a != 0.0]
+        metrics = {  # over leaves for per-leaf estimators, over nodes for `process`
+            "leaves": len(leaf_rewards),
+            "nonzero_advantage_frac": len(nonzero) / max(len(signal), 1),
+            "advantage_abs_mean": sum(abs(a) for a in signal.values()) / max(len(signal), 1),
         }
         outputs = {"advantages": uri}
 

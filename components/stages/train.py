@@ -78,7 +78,11 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageR
         wanted = {n["prompt_id"] for n in nodes}
         prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
                    for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
-        units = build_units(prompts, nodes, leaf_adv)
+        per_node = None
+        if any(a["estimator"] == "process" for a in adv):  # per-node advantages: weights as labelled
+            per_node = {(a["prompt_id"], a["tree_id"], a["node_id"]): (a["adv_pos"], a["adv_neg"], a["multiplicity"])
+                        for a in adv}
+        units = build_units(prompts, nodes, leaf_adv, node_weights=per_node)
 
         ckpt_root = storage.join(out, CHECKPOINT_DIR)
         fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)

@@ -40,6 +40,8 @@ class TreeUnit:
     paths: list[torch.Tensor]  # per leaf: (L_j,) long indices into the unique tokens, root→leaf
     leaf_ids: list[int]  # node_id of each leaf, aligned with `paths`
     leaf_advantages: torch.Tensor  # (n_leaves,) float
+    segment_nodes: list[int | None] | None = None  # node_id of each segment (index 0: the prompt, None)
+    node_weights: torch.Tensor | None = None  # (U, 3) float64 A⁺, A⁻, m per token, for per-node advantages
 
     @property
     def num_tokens(self) -> int:
@@ -58,25 +60,51 @@ def build_units(
     prompt_tokens: dict[str, list[int]],
     nodes: list[dict],
     leaf_advantage: dict[tuple[str, int, int], float],
+    node_weights: dict[tuple[str, int, int], tuple[float, float, float]] | None = None,
 ) -> list[TreeUnit]:
     """Group `nodes` rows (DESIGN §3) by tree and serialise each depth-first. Trees without a labelled
-    leaf are dropped; a leaf advantage whose node is missing raises KeyError naming it."""
+    leaf are dropped; a leaf advantage whose node is missing raises KeyError naming it.
+
+    `node_weights` (per-node estimators such as `process`): (A⁺, A⁻, m) for every node, applied to its
+    trainable tokens as they are; `leaf_advantage` is then ignored and every tree is kept."""
     by_tree: dict[tuple[str, int], dict[int, dict]] = {}
     for n in nodes:
         by_tree.setdefault((n["prompt_id"], n["tree_id"]), {})[n["node_id"]] = n
-    for pid, tid, leaf in leaf_advantage:
-        if leaf not in by_tree.get((pid, tid), {}):
-            raise KeyError(f"advantage for leaf {(pid, tid, leaf)} has no node row")
+    labelled = node_weights if node_weights is not None else leaf_advantage
+    for pid, tid, nid in labelled:
+        if nid not in by_tree.get((pid, tid), {}):
+            raise KeyError(f"advantage for node {(pid, tid, nid)} has no node row")
     units = []
     for key in sorted(by_tree):
-        leaves = sorted(nid for (pid, tid, nid) in leaf_advantage if (pid, tid) == key)
+        rows = by_tree[key]
+        if node_weights is not None:
+            parents = {r["parent_id"] for r in rows.values()}
+            leaves = sorted(nid for nid in rows if nid not in parents)
+            advs = [0.0] * len(leaves)
+        else:
+            leaves = sorted(nid for (pid, tid, nid) in leaf_advantage if (pid, tid) == key)
+            advs = [leaf_advantage[(*key, leaf)] for leaf in leaves]
         if not leaves:
             continue
         if key[0] not in prompt_tokens:
             raise KeyError(f"nodes of prompt {key[0]!r} have no prompt tokens")
-        units.append(_serialise(key, prompt_tokens[key[0]], by_tree[key], leaves,
-                                [leaf_advantage[(*key, leaf)] for leaf in leaves]))
+        unit = _serialise(key, prompt_tokens[key[0]], rows, leaves, advs)
+        if node_weights is not None:
+            unit.node_weights = _per_token(unit, key, node_weights)
+        units.append(unit)
     return units
+
+
+def _per_token(unit: TreeUnit, key, weights) -> torch.Tensor:
+    """(U, 3) per-token (A⁺, A⁻, m) from per-node weights, zero off the trainable tokens."""
+    out = torch.zeros((unit.num_tokens, 3), dtype=torch.float64)
+    for t, seg in enumerate(unit.segment.tolist()):
+        if seg and unit.trainable[t]:
+            node = (*key, unit.segment_nodes[seg])
+            if node not in weights:
+                raise KeyError(f"node {node} has no advantage row")
+            out[t] = torch.tensor(weights[node], dtype=torch.float64)
+    return out
 
 
 def _serialise(key, prompt: list[int], rows: dict[int, dict], leaves: list[int], advs: list[float]) -> TreeUnit:
@@ -145,6 +173,7 @@ def _serialise(key, prompt: list[int], rows: dict[int, dict], leaves: list[int],
         paths=paths,
         leaf_ids=leaves,
         leaf_advantages=torch.tensor(advs, dtype=torch.float64),
+        segment_nodes=[nid for nid, _ in sorted(slot.items(), key=lambda kv: kv[1])],
     )
 
 
@@ -157,6 +186,12 @@ def leaf_scales(units: list[TreeUnit], aggregation: str, horizon: int) -> tuple[
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if any(u.node_weights is not None for u in units):
+        if aggregation != "token-mean":
+            raise ValueError(f"per-node advantages (estimator 'process') train with token-mean, not {aggregation!r}")
+        # each trainable token once, weighted by its node's multiplicity m
+        divisor = sum(float(u.node_weights[:, 2].sum()) for u in units)
+        return [torch.ones(len(u.paths), dtype=torch.float64) for u in units], divisor
     lengths = [u.path_trainable().double() for u in units]
     n_traj = sum(len(x) for x in lengths)
     if aggregation == "token-mean":
@@ -171,6 +206,11 @@ def token_weights(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A⁺, A⁻, m) per unique token, each (U,) float64; zero off the trainable tokens. `advantages`
     (n_leaves,) replaces the unit's leaf advantages (their signs give counts of positive/negative paths)."""
+    if unit.node_weights is not None:  # per-node advantages: the weights are given per token
+        w = unit.node_weights
+        if advantages is not None:  # counts: one "trajectory" per token, signed by its node's advantage
+            return (w[:, 0] > 0).double(), -(w[:, 1] < 0).double(), (w[:, 2] > 0).double()
+        return w[:, 0].clone(), w[:, 1].clone(), w[:, 2].clone()
     advantages = unit.leaf_advantages if advantages is None else advantages
     a_pos = torch.zeros(unit.num_tokens, dtype=torch.float64)
     a_neg = torch.zeros_like(a_pos)

@@ -78,6 +78,9 @@ def make_rows(units: list[TreeUnit], form: str, scales: list[torch.Tensor]) -> l
                                                                   torch.sign(unit.leaf_advantages)))
             rows.append(Row(unit, None, a_pos, a_neg, mult, count, n_pos, -n_neg, unit.sampler_logprobs[idx]))
         elif form == "duplicated":
+            if unit.node_weights is not None:
+                raise ValueError(f"tree {unit.key}: per-node advantages (estimator 'process') apply once per "
+                                 "token and have no duplicated form: use train.form=packed")
             for j, path in enumerate(unit.paths):
                 idx = path[unit.trainable[path]]
                 a, s = float(unit.leaf_advantages[j]), float(scale[j])

@@ -109,6 +109,16 @@ def test_a_run_reuses_a_warm_start_only_when_its_settings_match(tmp_path, prefec
         train_pipeline(other_world.model_dump(mode="json"))
 
 
+def test_process_advantages_train_through_the_flow(tmp_path, prefect_server):
+    from flows.pipeline import train_pipeline
+
+    cfg = micro(tmp_path, "advantage.estimator=process", "run.iterations=1", "tracking.enabled=false",
+                "registry.enabled=false")
+    summary = train_pipeline(cfg.model_dump(mode="json"))
+    train = json.loads((tmp_path / "runs" / "micro" / "iter_001" / "train" / "_manifest.json").read_text())
+    assert train["metrics"]["packed"] == 1.0 and summary["stage_seconds"]["train"] > 0
+
+
 def test_bad_override_is_rejected_before_anything_runs(tmp_path):
     from components.config import ConfigError
 

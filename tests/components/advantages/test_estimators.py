@@ -183,3 +183,18 @@ def test_node_weights_equal_duplicated_trajectories_on_random_trees():
 def test_leaf_without_node_is_an_error():
     with pytest.raises(KeyError, match="no node"):
         node_weights(PARENTS, {("a", 0, 9): 1.0})
+
+
+def test_process_advantages_by_hand():
+    """TreeRL process advantage ((V(n)−V(root)) + (V(n)−V(parent)))/sqrt(L(n)) on a hand-made tree:
+    n0 ─┬─ n1 (leaf, 1.0)        n4 (leaf, 0.5), a second first step
+        └─ n2 ─ n3 (leaf, 0.0)   V(root) = mean(1, 0, 0.5) = 0.5, V(n0) = 0.5, V(n2) = 0"""
+    from components.advantages.estimators import process_advantages
+
+    parents = {("p", 0, 0): None, ("p", 0, 1): 0, ("p", 0, 2): 0, ("p", 0, 3): 2, ("p", 0, 4): None}
+    rewards = {("p", 0, 1): 1.0, ("p", 0, 3): 0.0, ("p", 0, 4): 0.5}
+    adv = process_advantages(parents, rewards)
+    assert adv == pytest.approx({("p", 0, 0): 0.0, ("p", 0, 1): 1.0, ("p", 0, 2): -1.0, ("p", 0, 3): -0.5,
+                                 ("p", 0, 4): 0.0})
+    with pytest.raises(KeyError, match="no node"):
+        process_advantages(parents, {("p", 0, 9): 1.0})

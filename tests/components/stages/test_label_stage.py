@@ -88,3 +88,16 @@ def test_label_without_preferences_or_viewer(inputs, tmp_path):
     assert set(res.outputs) == {"advantages", "granularity"}
     assert not (tmp_path / "label" / "preferences.parquet").exists()
     assert not (tmp_path / "label" / "trees.html").exists()
+
+
+def test_label_with_the_per_node_process_estimator(inputs, tmp_path):
+    """process: one row per node with its own advantage as A⁺/A⁻ and multiplicity 1; no leaf advantages.
+    Tree a/0: V(root) = V(n0) = 0.5, so A(n0) = 0, A(n1) = (0.5 + 0.5)/1 = 1, A(n2) = −1."""
+    cfg = Config.model_validate({"advantage": {"estimator": "process"}, "viewer": {"max_prompts": 0}})
+    label.run(cfg, inputs, str(tmp_path / "label"))
+    rows = schemas.read(str(tmp_path / "label" / "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
+    got = {(r["prompt_id"], r["tree_id"], r["node_id"]): (r["adv_pos"], r["adv_neg"], r["multiplicity"])
+           for r in rows}
+    assert got == {("a", 0, 0): (0.0, 0.0, 1), ("a", 0, 1): (1.0, 0.0, 1), ("a", 0, 2): (0.0, -1.0, 1),
+                   ("a", 1, 0): (0.0, 0.0, 1), ("b", 0, 0): (0.0, 0.0, 1)}
+    assert all(r["leaf_advantage"] is None and r["estimator"] == "process" for r in rows)
