@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task, unmapped
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from components import storage
 from components.config import Config
@@ -44,6 +45,14 @@ def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) 
     return asdict(sample_stage.merge(cfg, shards, out, iteration))
 
 
+@flow(name="arborl-sample-shards")
+def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: list[dict]) -> list[dict]:
+    """The shards of one sample stage, mapped over the subflow's task runner: a process pool, one worker
+    process per shard (GPU jobs in production)."""
+    futures = run_stage_task.with_options(name="sample").map("sample", unmapped(cfg), unmapped(inputs), outs, params)
+    return [f.result() for f in futures]
+
+
 def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> dict:
     """The sample stage; with `sampling.shards` > 1 its shards run at once (Prefect `.map`), then merge."""
     n = cfg.sampling.shards
@@ -51,8 +60,7 @@ def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> di
         return _stage("sample", cfg, inputs, out, iteration=iteration)
     outs = [sample_stage.shard_out(out, i, n) for i in range(n)]
     params = [{"iteration": iteration, "shard": (i, n)} for i in range(n)]
-    shards = [f.result() for f in run_stage_task.with_options(name="sample").map(
-        "sample", unmapped(cfg), unmapped(inputs), outs, params)]
+    shards = sample_shards.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))(cfg, inputs, outs, params)
     merged = merge_shards_task.with_options(task_run_name=f"sample-merge-it{iteration:03d}")(
         cfg, [r["out"] for r in shards], out, iteration)
     merged["seconds"] += max(r["seconds"] for r in shards)  # shards run side by side
