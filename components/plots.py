@@ -29,7 +29,7 @@ def curves_figure(rows: list[dict]) -> Figure:
     panels = [
         (axes[0, 0], "training reward", [("reward_mean", None, "mean leaf reward"),
                                          ("correct_mean", None, "share of correct leaves")]),
-        (axes[0, 1], "test exact match", [("test_em", None, "greedy"), ("test_em_sampled", None, "one sample, T=1")]),
+        (axes[0, 1], "test exact match", [("test_em", None, "greedy"), ("test_em_sampled", None, "sampled, T=1")]),
         (axes[1, 0], "tool calls", [("tool_calls_per_prompt", "trajectories_per_prompt", "sampling, per trajectory"),
                                     ("test_tool_calls", None, "test, greedy, per question")]),
         (axes[1, 1], "sampling budget", [("chain_equivalents_per_prompt", None, "chain equivalents per prompt"),
