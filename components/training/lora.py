@@ -10,14 +10,19 @@ on the same base instead of stacking a fresh adapter on merged weights.
 from __future__ import annotations
 
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedTokenizerFast
 
 from components import storage
 from components.config import LoraSettings
 from components.models import load_policy, save_policy
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# peft is imported where adapters are made or loaded: the sampler image (vLLM, no peft) imports this module.
 
 ADAPTER_DIR = "adapter"
 BASE_FILE = "lora_base.json"
@@ -30,6 +35,8 @@ def wrap(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     if missing:
         raise ValueError(f"train.lora.target_modules: {missing} not found in the model "
                          f"(linear modules there: {sorted(n for n in names if n.endswith('proj'))})")
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -57,6 +64,8 @@ def load_for_training(
     if not storage.exists(storage.join(base_uri, "config.json")):
         raise FileNotFoundError(f"{model_uri}/{BASE_FILE}: LoRA base model {base_uri} is missing")
     base, tokenizer = load_policy(base_uri, device)
+    from peft import LoraConfig, PeftModel
+
     adapter_dir = storage.local_dir(storage.join(model_uri, ADAPTER_DIR))
     saved = LoraConfig.from_pretrained(str(adapter_dir))
     if saved.r != settings.rank or set(saved.target_modules) != set(settings.target_modules):
