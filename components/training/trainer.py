@@ -105,7 +105,7 @@ def _forward_rows(model: torch.nn.Module, rows: list[Row], pad_id: int) -> list[
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if rows[0].path is None:
-        flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
+        flex = getattr(distributed.unwrap(model).config, "_attn_implementation", None) == "flex_attention"
         ids, pos, mask = packed_inputs([r.unit for r in rows], pad_id, dtype, dense_mask=not flex)
         if flex:  # a block mask: no T×T tensor, masked-out blocks skipped
             mask = flex_tree_mask([r.unit for r in rows], ids.shape[1], device)
