@@ -14,6 +14,7 @@ import sqlite3
 import pyarrow as pa
 
 _TERM = re.compile(r"[a-z0-9]+")
+MEMO_ENTRIES = 100_000  # remembered results; cleared when full
 
 
 class RetrieverError(RuntimeError):
@@ -31,6 +32,9 @@ class FTSRetriever:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute("CREATE VIRTUAL TABLE docs USING fts5(text)")
         self._db.executemany("INSERT INTO docs(rowid, text) VALUES (?, ?)", enumerate(docs))
+        # Results by (normalised terms, k): the index never changes, and the chains and branches of one
+        # question issue the same queries again and again.
+        self._memo: dict[tuple[tuple[str, ...], int], list[str]] = {}
 
     @classmethod
     def from_facts(cls, facts: pa.Table, top_k: int = 3) -> FTSRetriever:
@@ -48,6 +52,9 @@ class FTSRetriever:
         terms = _TERM.findall(query.lower())
         if not terms:
             return []
+        key = (tuple(terms), k)
+        if key in self._memo:
+            return list(self._memo[key])
         unique = list(dict.fromkeys(terms))
         try:
             phrase = self._match('"' + " ".join(terms) + '"', k) if len(terms) > 1 else []
@@ -59,4 +66,7 @@ class FTSRetriever:
             if rowid not in seen:
                 seen.add(rowid)
                 out.append(text)
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = out[:k]
         return out[:k]

@@ -150,3 +150,14 @@ def test_gold_query_puts_the_gold_fact_first(world, retriever, relation):
 def test_k_below_one_is_an_error(retriever):
     with pytest.raises(ValueError, match="k must be at least 1"):
         retriever.search("anything", k=0)
+
+
+def test_repeated_queries_are_answered_from_memory_with_the_same_results(facts):
+    r = FTSRetriever([f["text"] for f in facts], top_k=3)
+    query = facts[0]["text"]
+    first = r.search(query)
+    r._db.execute("DELETE FROM docs")  # an emptied index can only answer a repeat from memory
+    assert r.search(query.upper() + " ?") == first  # same normalised terms, same k
+    assert r.search(query, k=2) == []  # another k is a new search
+    first.clear()  # callers get copies
+    assert len(r.search(query)) == 3
