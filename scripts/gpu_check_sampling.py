@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.sampling.backend import HFBackend  # noqa: E402
+from components.sampling.backend import FORWARDS, HFBackend  # noqa: E402
 
 DEFAULT_VOCAB = 179  # the default world's word-level vocabulary, used where pydantic (the config) is missing
 
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also time a 1024-hidden, 8-layer model")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--all-forwards", action="store_true", help="time the tiny model with every forward")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads:
@@ -140,11 +141,13 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         peaked = build(device, dtype, *dims, vocab, True)
-        backend = HFBackend(peaked, PAD, -1)
-        report[f"parity_{name}"] = parity(peaked, backend, vocab)
+        for forward in FORWARDS:
+            report[f"parity_{name}_{forward}"] = parity(peaked, HFBackend(peaked, PAD, -1, forward=forward), vocab)
         tiny = build(device, dtype, *dims, vocab, False)
-        report[f"decode_tiny_{name}"] = throughput(tiny, HFBackend(tiny, PAD, -1), vocab, device, args.new_tokens,
-                                                   args.repeats)
+        for forward in FORWARDS if args.all_forwards else (None,):
+            backend = HFBackend(tiny, PAD, -1, forward=forward)
+            report[f"decode_tiny_{name}_{backend.forward}"] = throughput(tiny, backend, vocab, device,
+                                                                         args.new_tokens, args.repeats)
         if args.big:
             big = build(device, dtype, 1024, 8, 16, 4096, vocab, False)
             report[f"decode_big_{name}"] = throughput(big, HFBackend(big, PAD, -1), vocab, device, args.new_tokens,

@@ -189,7 +189,7 @@ def run_benchmark(
         "prompts": len(prompt_list),
         "repeats": repeats,
         "decode_tokens": decode_tokens,
-        "lean_forward": backend.lean_forward,
+        "forward": backend.forward,
         "setup_seconds": setup_seconds,
     }
     result.update(tree_vs_chain(backend, env, prompt_list, cfg, repeats, device))

@@ -41,24 +41,29 @@ class KVBuffer:
     """Preallocated keys/values for a batch, passed to the model as its `cache`.
 
     Per layer one tensor of shape (2, batch, kv_heads, capacity + 1, head_dim); column `capacity` is scratch
-    space for padding slots. Before each forward, `plan` says where this forward's tokens go (`cols`, shape
-    (batch, q_len)) and how many columns attention reads (`width`); each layer's `update` writes there and
-    returns views of the first `width` columns.
+    space for padding slots. Before each forward, `plan` says where this forward's tokens go and how many columns
+    attention reads (`width`): per-slot columns `cols` (batch, q_len), as in a prefill where each row's context
+    has its own length, or one column `col` shared by every row, as in a decode step. Each layer's `update`
+    writes there and returns views of the first `width` columns.
     """
 
     def __init__(self, batch: int, capacity: int):
         self.batch, self.capacity = batch, capacity
         self.layers: list[torch.Tensor] = []
         self.cols: torch.Tensor | None = None
+        self.col: int | None = None
         self.width = 0
 
     def allocate(self, num_layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         shape = (2, self.batch, heads, self.capacity + 1, head_dim)
         self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
-    def plan(self, cols: torch.Tensor, width: int) -> None:
-        self.cols, self.width = cols, width
-        self._rows = torch.arange(cols.shape[0], device=cols.device)[:, None].expand_as(cols)
+    def plan(self, width: int, cols: torch.Tensor | None = None, col: int | None = None) -> None:
+        if (cols is None) == (col is None):
+            raise ValueError("plan takes exactly one of cols and col")
+        self.width, self.cols, self.col = width, cols, col
+        if cols is not None:
+            self._rows = torch.arange(cols.shape[0], device=cols.device)[:, None].expand_as(cols)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """key/value_states: (batch, kv_heads, q_len, head_dim) → views (batch, kv_heads, width, head_dim)."""
@@ -66,10 +71,14 @@ class KVBuffer:
             _, heads, _, dim = key_states.shape
             shape = (2, self.batch, heads, self.capacity + 1, dim)
             self.layers.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
-        buf = self.layers[layer_idx]
-        buf[0][self._rows, :, self.cols] = key_states.transpose(1, 2)
-        buf[1][self._rows, :, self.cols] = value_states.transpose(1, 2)
-        return buf[0, :, :, : self.width], buf[1, :, :, : self.width]
+        keys, values = self.layers[layer_idx].unbind(0)
+        if self.col is not None:
+            keys.narrow(2, self.col, key_states.shape[2]).copy_(key_states)
+            values.narrow(2, self.col, key_states.shape[2]).copy_(value_states)
+        else:
+            keys[self._rows, :, self.cols] = key_states.transpose(1, 2)
+            values[self._rows, :, self.cols] = value_states.transpose(1, 2)
+        return keys.narrow(2, 0, self.width), values.narrow(2, 0, self.width)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
@@ -79,9 +88,10 @@ class KVBuffer:
         self.layers = [buf.index_select(1, index) for buf in self.layers]
         self.batch = int(index.numel())
 
-    def row(self, i: int, length: int) -> torch.Tensor:
-        """A compact copy of row i's first `length` columns: (layers, 2, kv_heads, length, head_dim)."""
-        return torch.stack([buf[:, i, :, :length] for buf in self.layers])
+    def row(self, i: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """A compact copy of row i's columns [start, end) for each span, in order:
+        (layers, 2, kv_heads, total length, head_dim)."""
+        return torch.stack([torch.cat([buf[:, i, :, a:b] for a, b in spans], dim=2) for buf in self.layers])
 
 
 @dataclass
@@ -138,6 +148,9 @@ class PrefixCache:
         self.bytes -= entry.kv.numel() * entry.kv.element_size()
 
 
+FORWARDS = ("fused", "lean", "model")
+
+
 class HFBackend:
     def __init__(
         self,
@@ -146,23 +159,34 @@ class HFBackend:
         eos_id: int,
         batch_size: int = 256,
         prefix_cache_mb: float = 512.0,
-        lean_forward: bool | None = None,
+        forward: str | None = None,
     ):
-        """`prefix_cache_mb`: memory for KV reused across calls (0 disables it); `lean_forward`: use the lean
-        Llama-family forward (None: whenever the model supports it)."""
+        """`prefix_cache_mb`: memory for KV reused across calls (0 disables it). `forward`: how a step is
+        computed — "fused" (`llama_forward.FusedLlama`: concatenated weights, for CPU), "lean" (the Llama
+        modules without Hugging Face's per-call machinery) or "model" (the model's own forward); None picks
+        fused on a CPU and lean elsewhere when the model supports them, else model."""
         self.model = model
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.batch_size = batch_size
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self._weights_version: tuple | None = None
+        self._fused: llama_forward.FusedLlama | None = None
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"HFBackend needs sdpa or eager attention (it passes its own 4D masks), got {impl!r}")
         self._bool_mask = impl == "sdpa"
-        self.lean_forward = llama_forward.supports(model) if lean_forward is None else lean_forward
-        if self.lean_forward and not llama_forward.supports(model):
-            raise ValueError(f"lean forward requested but {type(model).__name__} is not a supported Llama-family model")
+        available = {"model": True, "lean": llama_forward.supports(model),
+                     "fused": llama_forward.FusedLlama.supports(model)}
+        if forward is None:
+            on_cpu = self.device.type == "cpu"
+            forward = next(f for f in (("fused",) if on_cpu else ()) + ("lean", "model") if available[f])
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        if not available[forward]:
+            raise ValueError(f"{forward} forward requested but {type(model).__name__} does not support it "
+                             "(a Llama-family model; fused also needs float32 plain linear layers, static rope)")
+        self.forward = forward
 
     @property
     def device(self) -> torch.device:
@@ -172,10 +196,15 @@ class HFBackend:
         self.prefix_cache.clear()
 
     def _check_weights(self) -> None:
-        """Drop cached prefixes when any parameter was replaced or changed in place since the last call."""
-        version = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        """Drop cached prefixes (and rebuild fused weights) when any parameter was replaced or changed in place
+        since the last call."""
+        version = tuple((p.data_ptr(), p._version, p.device) for p in self.model.parameters())
         if version != self._weights_version:
             self.prefix_cache.clear()
+            if self.forward == "fused" and not llama_forward.FusedLlama.supports(self.model):
+                raise ValueError("the model changed into one the fused forward does not support (it needs float32 "
+                                 "plain linear layers); make a new HFBackend with forward='lean'")
+            self._fused = llama_forward.FusedLlama(self.model) if self.forward == "fused" else None
             self._weights_version = version
 
     @torch.no_grad()
@@ -203,36 +232,27 @@ class HFBackend:
         _, logits, _, _ = self._prefill(contexts, capacity=max(len(c) for c in contexts))
         return logits
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """(batch, q_len, width) booleans → the 4D mask the model's attention takes."""
-        allowed = allowed[:, None]
-        if self._bool_mask:
-            return allowed
+    def _forward(self, cache: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
+                 max_position: int | None = None) -> torch.Tensor:
+        """ids, positions: (batch, q_len); bias: (batch, 1, q_len, width) float32, 0 where a slot attends and -inf
+        where it does not. The tokens' KV go where `cache` was planned. Returns float32 logits (batch, vocab) of
+        the last slot."""
+        if self.forward == "fused":
+            return self._fused.forward(ids, positions, cache, bias, max_position)
+        if self.forward == "lean":
+            return llama_forward.forward(self.model, ids, positions, cache, bias)
         dtype = next(self.model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-
-    def _forward(self, cache: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor,
-                 width: int) -> torch.Tensor:
-        """ids, positions, attend: (batch, q_len). Writes KV at column `positions`; a slot sees columns <= its
-        `attend` (its position; 0 for padding). Returns float32 logits (batch, vocab) of the last slot."""
-        cache.plan(positions, width)
-        cols = torch.arange(width, device=ids.device)
-        allowed = cols[None, None, :] <= attend[:, :, None]
-        if self.lean_forward:
-            bias = torch.zeros(allowed.shape, device=ids.device).masked_fill_(~allowed, float("-inf"))
-            return llama_forward.forward(self.model, ids, attend, cache, bias[:, None])
-        mask = self._mask(allowed)
-        res = self.model(input_ids=ids, attention_mask=mask, position_ids=attend, cache=cache, use_cache=True,
+        mask = bias.to(dtype).clamp(min=torch.finfo(dtype).min)  # eager attention adds it: keep it finite
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return res.logits[:, -1, :].float()
 
     def _prefill(self, contexts: list[list[int]], capacity: int):
         """Feed each distinct context's uncached suffix in one batched pass; fork rows of repeated contexts.
 
-        Returns (cache over len(contexts) rows, float32 logits (batch, vocab), per-row prefilled token counts,
-        per-row id of the prefix-cache entry the row extended in full or None).
+        Every context is stored from column 0, so a token's cache column is its position. Returns (cache over
+        len(contexts) rows, float32 logits (batch, vocab), per-row prefilled token counts, per-row id of the
+        prefix-cache entry the row extended in full or None).
         """
         dev = self.device
         unique: dict[tuple[int, ...], int] = {}
@@ -262,7 +282,10 @@ class HFBackend:
         ids, positions = ids.to(dev), positions.to(dev)
         # padding slots write to the scratch column but must attend somewhere: column 0
         attend = torch.where(positions == capacity, 0, positions)
-        logits = self._forward(cache, ids, positions, attend, max(len(c) for c in distinct))
+        width = max(len(c) for c in distinct)
+        cache.plan(width, cols=positions)
+        allowed = torch.arange(width, device=dev)[None, None, :] <= attend[:, :, None]
+        logits = self._forward(cache, ids, attend, _bias(allowed[:, None]))
 
         prefilled = [0] * len(contexts)
         extended: list[int | None] = [None] * len(contexts)
@@ -281,52 +304,52 @@ class HFBackend:
         return cache, logits, prefilled, extended
 
     def _generate_batch(self, contexts, max_new, stop_ids, temperature, greedy, generator) -> list[TurnOutput]:
+        """Prefill, then decode. Decode step t writes every row's token to the same column `width + t` (width:
+        the longest context), so a step's cache write is one slice; row i attends to its context columns
+        [0, len_i) and to the decode columns [width, width + t], and its token's position is len_i + t.
+        Rows that have finished keep decoding (harmlessly) until all have; their extra tokens are cut here."""
         self.model.eval()
         dev = self.device
         b = len(contexts)
         steps = max(max(max_new), 0)
-        capacity = max(len(c) for c in contexts) + steps
+        width = max(len(c) for c in contexts)
+        capacity = width + steps
         cache, logits, prefilled, extended = self._prefill(contexts, capacity)
         lengths_ctx = torch.tensor([len(c) for c in contexts], device=dev)
-        width = max(len(c) for c in contexts)
+        columns = torch.arange(capacity, device=dev)
+        bias = _bias((columns[None, :] < lengths_ctx[:, None]) | (columns[None, :] >= width))[:, None, None]
+        uniforms = None if greedy else rng.uniforms(generator, b, max(steps, 1), dev)
+        top_position = width + steps
 
-        limits = torch.tensor(max_new, device=dev)
-        stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+        last_step = torch.tensor(max_new, device=dev) - 1  # a row's last allowed step
+        stops = torch.tensor(sorted(stop_ids | {self.eos_id}), dtype=torch.long, device=dev)
         tokens = torch.zeros((b, max(steps, 1)), dtype=torch.long, device=dev)
         logps = torch.zeros((b, max(steps, 1)), device=dev)
-        lengths = torch.zeros(b, dtype=torch.long, device=dev)
-        done = limits <= 0
-        stop_kind = torch.zeros(b, dtype=torch.long, device=dev)  # 0 length, 1 stop, 2 eos
+        finished = last_step < 0
         for t in range(steps):
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            if greedy:
-                nxt = logp.argmax(-1)
-            else:
-                nxt = rng.sample_next(logp, generator)
-            live = ~done
-            tokens[:, t] = torch.where(live, nxt, 0)
-            logps[:, t] = torch.where(live, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0)
-            lengths += live.long()
-            hit_stop = live & torch.isin(nxt, stops)
-            hit_eos = live & (nxt == self.eos_id)
-            stop_kind = torch.where(hit_stop, 1, stop_kind)
-            stop_kind = torch.where(hit_eos, 2, stop_kind)
-            done = done | hit_stop | hit_eos | (lengths >= limits)
-            if t == steps - 1 or bool(done.all()):
+            logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+            nxt = logp.argmax(-1) if greedy else rng.inverse_cdf(logp, uniforms[:, t])
+            tokens[:, t] = nxt
+            torch.gather(logp, 1, nxt[:, None], out=logps[:, t : t + 1])
+            finished |= torch.isin(nxt, stops) | (last_step <= t)
+            if t == steps - 1 or bool(finished.all()):
                 break
-            positions = (lengths_ctx + t)[:, None]  # every row feeds its token t, done rows harmlessly
-            logits = self._forward(cache, nxt[:, None], positions, positions, width + t + 1)
+            cache.plan(width + t + 1, col=width + t)
+            logits = self._forward(cache, nxt[:, None], (lengths_ctx + t)[:, None], bias[..., : width + t + 1],
+                                   top_position)
 
-        kinds = {0: "length", 1: "stop", 2: "eos"}
-        tokens_l, logps_l, lengths_l, kinds_l = tokens.tolist(), logps.tolist(), lengths.tolist(), stop_kind.tolist()
-        result = []
+        tokens_l, logps_l = tokens.tolist(), logps.tolist()
+        result, lengths = [], []
         for i in range(b):
-            n = lengths_l[i]
-            result.append(TurnOutput(tokens_l[i][:n], logps_l[i][:n], kinds[kinds_l[i]], prefilled[i]))
-        self._remember(contexts, tokens_l, lengths_l, cache, extended)
+            out = _cut(tokens_l[i][: max(max_new[i], 0)], stop_ids, self.eos_id)
+            out.logprobs = logps_l[i][: len(out.tokens)]
+            out.prefilled = prefilled[i]
+            result.append(out)
+            lengths.append(len(out.tokens))
+        self._remember(contexts, tokens_l, lengths, cache, extended, width)
         return result
 
-    def _remember(self, contexts, tokens, lengths, cache: KVBuffer, extended) -> None:
+    def _remember(self, contexts, tokens, lengths, cache: KVBuffer, extended, width: int) -> None:
         """Keep each row's computed KV (context + generated tokens fed back) for later calls."""
         if self.prefix_cache.max_bytes <= 0 or not cache.layers:
             return
@@ -334,5 +357,21 @@ class HFBackend:
             if key is not None:
                 self.prefix_cache.remove(key)
         for i, (c, n) in enumerate(zip(contexts, lengths, strict=True)):
-            fed = list(c) + tokens[i][: max(n - 1, 0)]
-            self.prefix_cache.add(fed, cache.row(i, len(fed)))
+            fed = max(n - 1, 0)
+            kv = cache.row(i, [(0, len(c)), (width, width + fed)])
+            self.prefix_cache.add(list(c) + tokens[i][:fed], kv)
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """Boolean attend/not → float32 additive attention bias (0 / -inf), same shape."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _cut(tokens: list[int], stop_ids: set[int], eos_id: int) -> TurnOutput:
+    """A row's turn: its tokens up to and including the first stop token or EOS, else all of them (length)."""
+    for n, tok in enumerate(tokens):
+        if tok == eos_id:
+            return TurnOutput(tokens[: n + 1], [], "eos")
+        if tok in stop_ids:
+            return TurnOutput(tokens[: n + 1], [], "stop")
+    return TurnOutput(tokens, [], "length")

@@ -32,26 +32,33 @@ def rows(generator: Generators, start: int, end: int) -> Generators:
     return generator[start:end] if isinstance(generator, list) else generator
 
 
-def sample_rows(logp: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling, row i drawing its uniform from generators[i].
+def uniforms(generator: Generators, batch: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The uniforms a turn of `steps` tokens draws, float64 in (0, 1], shape (batch, steps), on `device`.
 
-    logp: (B, V) log-probabilities (any device). Returns (B,) long token ids on logp's device.
+    With per-row generators row i's uniforms are the first `steps` draws of generators[i], whatever the other
+    rows; with one shared generator (or None: torch's default) they are one draw for the whole batch.
     """
-    if len(generators) != logp.shape[0]:
-        raise ValueError(f"{len(generators)} generators for {logp.shape[0]} rows")
-    u = 1.0 - torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # in (0, 1]
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} rows")
+        u = torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in generator])
+    else:
+        where = generator.device if generator is not None else "cpu"
+        u = torch.rand(batch, steps, generator=generator, dtype=torch.float64, device=where)
+    return (1.0 - u).to(device)
+
+
+def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: the first token whose cumulative probability reaches u·total.
+
+    logp: (B, V) log-probabilities; u: (B,) uniforms in (0, 1] on logp's device. Returns (B,) long token ids.
+    A token of probability 0 is never drawn (the target is > 0 and a zero step never reaches it first).
+    """
     cdf = logp.double().exp().cumsum(-1)
-    target = (u.to(logp.device) * cdf[:, -1])[:, None]
-    # the first token whose cumulative probability reaches the target; target > 0 so it has p > 0
+    target = (u * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
 def sample_next(logp: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """The next token of every row: per-row generators when given a list, else one multinomial draw
-    for the batch from the shared generator (the batch-level stream, as before).
-
-    logp: (B, V) log-probabilities. Returns (B,) long token ids.
-    """
-    if isinstance(generator, list):
-        return sample_rows(logp, generator)
-    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    """The next token of every row, one uniform per row (see `uniforms`). logp: (B, V). Returns (B,) long."""
+    return inverse_cdf(logp, uniforms(generator, logp.shape[0], 1, logp.device)[:, 0])

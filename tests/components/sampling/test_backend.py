@@ -1,11 +1,14 @@
-"""components.sampling.backend.HFBackend: batched, left-padded, KV-cached generation vs a naive reference."""
+"""components.sampling.backend.HFBackend: batched, KV-cached generation vs a naive reference, for each of its
+three forwards (fused, lean, the model's own)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from components.sampling.backend import HFBackend
+from components.sampling.backend import FORWARDS, HFBackend
+from components.sampling.llama_forward import FusedLlama
 
 
 @pytest.fixture
@@ -52,15 +55,27 @@ def _teacher_forced_logps(model, context, tokens, temperature=1.0):
     return [float(logp[len(context) - 1 + i, t]) for i, t in enumerate(tokens)]
 
 
-def _backend(model, tokenizer, batch_size=256, eos_id=None):
-    return HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id if eos_id is None else eos_id, batch_size)
+def _backend(model, tokenizer, batch_size=256, eos_id=None, forward=None):
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    return HFBackend(model, tokenizer.pad_token_id, eos, batch_size, forward=forward)
+
+
+@pytest.fixture(params=FORWARDS)
+def forward(request):
+    return request.param
+
+
+def test_the_default_forward_is_fused_on_a_cpu(peaked_model, tokenizer):
+    assert _backend(peaked_model, tokenizer).forward == "fused"
+    with pytest.raises(ValueError, match="forward must be one of"):
+        _backend(peaked_model, tokenizer, forward="compiled")
 
 
 @pytest.mark.parametrize("batch_size", [256, 3])
-def test_greedy_batch_equals_single_and_naive_reference(peaked_model, tokenizer, batch_size):
+def test_greedy_batch_equals_single_and_naive_reference(peaked_model, tokenizer, batch_size, forward):
     contexts = _contexts(tokenizer)
     steps = 6
-    backend = _backend(peaked_model, tokenizer, batch_size, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, batch_size, eos_id=-1, forward=forward)
     batched = backend.generate(contexts, [steps] * len(contexts), set(), greedy=True)
     for ctx, out in zip(contexts, batched, strict=True):
         ref_tokens, ref_logps, margin = _reference_greedy(peaked_model, ctx, steps)
@@ -83,7 +98,7 @@ def test_greedy_logprobs_are_of_the_tempered_distribution(peaked_model, tokenize
         assert out.logprobs == pytest.approx(ref_logps, abs=1e-4)
 
 
-def test_stops_at_a_stop_id_and_at_eos(peaked_model, tokenizer):
+def test_stops_at_a_stop_id_and_at_eos(peaked_model, tokenizer, forward):
     ctx = _contexts(tokenizer)[0]
     steps = 8
     ref_tokens, _, _ = _reference_greedy(peaked_model, ctx, steps)
@@ -91,22 +106,25 @@ def test_stops_at_a_stop_id_and_at_eos(peaked_model, tokenizer):
     k = next(i for i in range(1, steps) if ref_tokens[i] not in ref_tokens[:i])
     stop = ref_tokens[k]
 
-    out = _backend(peaked_model, tokenizer, eos_id=-1).generate([ctx], [steps], {stop}, greedy=True)[0]
+    out = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward).generate([ctx], [steps], {stop}, greedy=True)[0]
     assert out.tokens == ref_tokens[: k + 1]  # the stop token is included
     assert out.stop == "stop"
     assert len(out.logprobs) == k + 1
 
-    out = _backend(peaked_model, tokenizer, eos_id=stop).generate([ctx], [steps], set(), greedy=True)[0]
+    eos_backend = _backend(peaked_model, tokenizer, eos_id=stop, forward=forward)
+    out = eos_backend.generate([ctx], [steps], set(), greedy=True)[0]
     assert out.tokens == ref_tokens[: k + 1]
+    assert out.stop == "eos"
+    out = eos_backend.generate([ctx], [steps], {stop}, greedy=True)[0]  # both: EOS wins, as the episode ends
     assert out.stop == "eos"
 
 
-def test_one_sequence_stopping_does_not_disturb_the_others(peaked_model, tokenizer):
+def test_one_sequence_stopping_does_not_disturb_the_others(peaked_model, tokenizer, forward):
     contexts = _contexts(tokenizer)
     steps = 6
     refs = [_reference_greedy(peaked_model, c, steps)[0] for c in contexts]
     stop = refs[1][0]  # the second context stops after its first token
-    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     outs = backend.generate(contexts, [steps] * len(contexts), {stop}, greedy=True)
     for ref, out in zip(refs, outs, strict=True):
         expected = ref[: ref.index(stop) + 1] if stop in ref else ref
@@ -114,10 +132,10 @@ def test_one_sequence_stopping_does_not_disturb_the_others(peaked_model, tokeniz
         assert out.stop == ("stop" if stop in ref else "length")
 
 
-def test_respects_per_sequence_max_new_tokens(peaked_model, tokenizer):
+def test_respects_per_sequence_max_new_tokens(peaked_model, tokenizer, forward):
     contexts = _contexts(tokenizer)
     limits = [3, 1, 0, 5]
-    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     outs = backend.generate(contexts, limits, set(), greedy=True)
     for ctx, limit, out in zip(contexts, limits, outs, strict=True):
         assert len(out.tokens) == len(out.logprobs) == limit
@@ -125,9 +143,9 @@ def test_respects_per_sequence_max_new_tokens(peaked_model, tokenizer):
         assert out.stop == "length"
 
 
-def test_sampling_is_reproducible_and_logprobs_match_the_sampled_tokens(peaked_model, tokenizer):
+def test_sampling_is_reproducible_and_logprobs_match_the_sampled_tokens(peaked_model, tokenizer, forward):
     contexts = _contexts(tokenizer)
-    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     limits = [10] * len(contexts)
 
     def sample(seed, temperature=1.5):
@@ -159,24 +177,22 @@ def test_eval_mode_is_restored_and_no_grad(peaked_model, tokenizer):
     assert len(out) == 1 and not peaked_model.training
 
 
-# --- preallocated cache, lean forward and prefix reuse ------------------------------------------------------
+# --- preallocated cache, the three forwards and prefix reuse ------------------------------------------------
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_next_token_logits_equal_the_models(peaked_model, tokenizer, lean):
+def test_next_token_logits_equal_the_models(peaked_model, tokenizer, forward):
     contexts = _contexts(tokenizer)
-    backend = HFBackend(peaked_model, tokenizer.pad_token_id, -1, lean_forward=lean)
-    assert backend.lean_forward is lean
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
+    assert backend.forward == forward
     logits = backend.next_token_logits(contexts)
     with torch.no_grad():
         ref = torch.stack([peaked_model(input_ids=torch.tensor([c])).logits[0, -1] for c in contexts])
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_greedy_tokens_equal_model_generate(peaked_model, tokenizer, lean):
+def test_greedy_tokens_equal_model_generate(peaked_model, tokenizer, forward):
     contexts = _contexts(tokenizer)
-    backend = HFBackend(peaked_model, tokenizer.pad_token_id, -1, lean_forward=lean)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     outs = backend.generate(contexts, [8] * len(contexts), set(), greedy=True)
     for ctx, out in zip(contexts, outs, strict=True):
         ref = peaked_model.generate(input_ids=torch.tensor([ctx]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
@@ -184,12 +200,12 @@ def test_greedy_tokens_equal_model_generate(peaked_model, tokenizer, lean):
         assert out.tokens == ref[0, len(ctx):].tolist()
 
 
-def test_forked_continuations_equal_full_recomputation(peaked_model, tokenizer):
+def test_forked_continuations_equal_full_recomputation(peaked_model, tokenizer, forward):
     """A chain is generated; then branches from an intermediate point and from its end (twice) reuse its cached
     keys/values. Their logits, tokens and log-probs equal a cache-free backend and a full forward pass, and
     `prefilled` counts exactly the tokens fed."""
     ctx = _contexts(tokenizer)[2]  # 13 tokens
-    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     chain = backend.generate([ctx], [6], set(), greedy=True)[0]
     assert chain.prefilled == len(ctx)
     branch_mid = ctx + chain.tokens[:3] + [7, 9]  # forks after 3 generated tokens
@@ -197,7 +213,7 @@ def test_forked_continuations_equal_full_recomputation(peaked_model, tokenizer):
     contexts = [branch_mid, branch_end, branch_end]
 
     forked = backend.generate(contexts, [5] * 3, set(), greedy=True)
-    plain = HFBackend(peaked_model, tokenizer.pad_token_id, -1, prefix_cache_mb=0)
+    plain = HFBackend(peaked_model, tokenizer.pad_token_id, -1, prefix_cache_mb=0, forward=forward)
     fresh = plain.generate(contexts, [5] * 3, set(), greedy=True)
     # the cached chain covers ctx + its first 5 tokens (the 6th was never fed back)
     assert [o.prefilled for o in forked] == [2, 2, 0]
@@ -212,9 +228,10 @@ def test_forked_continuations_equal_full_recomputation(peaked_model, tokenizer):
     torch.testing.assert_close(backend.next_token_logits(contexts), ref, rtol=0, atol=1e-4)
 
 
-def test_prefix_cache_is_dropped_when_the_weights_change(peaked_model, tokenizer):
+def test_prefix_cache_is_dropped_when_the_weights_change(peaked_model, tokenizer, forward):
+    """...and the fused forward's folded weights are rebuilt from the new ones."""
     ctx = _contexts(tokenizer)[2]
-    backend = _backend(peaked_model, tokenizer, eos_id=-1)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
     first = backend.generate([ctx], [4], set(), greedy=True)[0]
     assert backend.generate([ctx + first.tokens], [1], set(), greedy=True)[0].prefilled == 1
     with torch.no_grad():
@@ -224,3 +241,69 @@ def test_prefix_cache_is_dropped_when_the_weights_change(peaked_model, tokenizer
     with torch.no_grad():
         expected = peaked_model(input_ids=torch.tensor([ctx + first.tokens])).logits[0, -1].double().log_softmax(-1)
     assert again.logprobs[0] == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+def _random_model(cls, config_cls, **extra):
+    torch.manual_seed(4)
+    config = config_cls(vocab_size=61, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=128, **extra)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random norm weights and biases too, so folding them is exercised
+            p.normal_(0.0, 0.3 if p.dim() == 1 else (4 / p.shape[-1]) ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # grouped kv heads, q/k/v biases, a rope base other than 10,000
+        lambda: _random_model(Qwen2ForCausalLM, Qwen2Config, num_key_value_heads=2, rope_theta=5e4),
+        # linear rope scaling, untied head
+        lambda: _random_model(LlamaForCausalLM, LlamaConfig, num_key_value_heads=4, tie_word_embeddings=False,
+                              rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ],
+    ids=["qwen2-gqa-bias", "llama-linear-rope"],
+)
+def test_fused_and_lean_forwards_match_other_llama_family_models(make, forward):
+    """Logits and greedy continuations (with a cached prefix forked into repeated rows) equal the model's."""
+    model = make()
+    g = torch.Generator().manual_seed(5)
+    contexts = [torch.randint(1, 61, (n,), generator=g).tolist() for n in (9, 3, 17, 9)]
+    backend = HFBackend(model, 0, -1, forward=forward)
+    with torch.no_grad():
+        ref = torch.stack([model(input_ids=torch.tensor([c])).logits[0, -1] for c in contexts])
+    torch.testing.assert_close(backend.next_token_logits(contexts), ref, rtol=0, atol=1e-4)
+    first = backend.generate(contexts, [6] * 4, set(), greedy=True)
+    again = backend.generate([c + o.tokens for c, o in zip(contexts, first, strict=True)], [4] * 4, set(), greedy=True)
+    for c, a, b in zip(contexts, first, again, strict=True):
+        ref_tokens, ref_logps, margin = _reference_greedy(model, c, 10)
+        assert margin > 1e-3
+        assert a.tokens + b.tokens == ref_tokens
+        assert a.logprobs + b.logprobs == pytest.approx(ref_logps, abs=1e-4)
+
+
+def test_fused_forward_is_not_used_where_its_folding_would_be_wrong(peaked_model, tokenizer):
+    """bfloat16 weights, adapter-wrapped projections (their weight is not the whole map) and sequence-dependent
+    rope fall back to the lean forward."""
+    assert FusedLlama.supports(peaked_model)
+    dynamic = _random_model(LlamaForCausalLM, LlamaConfig, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert not FusedLlama.supports(dynamic)
+    assert HFBackend(dynamic, 0, -1).forward == "lean"
+    with pytest.raises(ValueError, match="fused forward requested"):
+        HFBackend(dynamic, 0, -1, forward="fused")
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    backend = _backend(peaked_model, tokenizer)
+    peaked_model.to(torch.bfloat16)
+    assert not FusedLlama.supports(peaked_model)
+    with pytest.raises(ValueError, match="does not support"):
+        backend.generate([[5, 6]], [1], set())
+    peaked_model.to(torch.float32)
+    layer = peaked_model.model.layers[0].self_attn
+    wrapped = Wrapped(layer.q_proj.in_features, layer.q_proj.out_features, bias=False)
+    layer.q_proj = wrapped
+    assert not FusedLlama.supports(peaked_model)
+    assert _backend(peaked_model, tokenizer).forward == "lean"

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from components.sampling.backend import HFBackend
-from components.sampling.rng import row_generators, sample_next, sample_rows, stable_seed
+from components.sampling.rng import inverse_cdf, row_generators, sample_next, stable_seed, uniforms
+
+
+def sample_rows(logp, generators):
+    return inverse_cdf(logp, uniforms(generators, logp.shape[0], 1)[:, 0])
 
 
 def test_stable_seed_is_deterministic_and_distinct():
@@ -38,10 +42,25 @@ def test_a_row_draws_the_same_token_whatever_its_neighbours():
         sample_rows(logp, row_generators([1, 2]))
 
 
-def test_shared_generator_keeps_the_batch_multinomial_stream():
+def test_a_turns_uniforms_are_the_rows_own_stream():
+    """Drawn a turn at a time, row i's uniforms are its generator's first draws: the same for any batch or turn
+    length (a longer turn extends a shorter one), all in (0, 1]."""
+    seeds = [3, 4, 5]
+    u = uniforms(row_generators(seeds), 3, 6)
+    assert u.shape == (3, 6) and u.dtype == torch.float64
+    assert bool(((u > 0) & (u <= 1)).all())
+    alone = torch.cat([uniforms(row_generators([s]), 1, 4) for s in seeds])
+    assert torch.equal(u[:, :4], alone)
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        uniforms(row_generators([1, 2]), 3, 6)
+
+
+def test_shared_generator_draws_one_reproducible_uniform_per_row():
     logp = torch.log_softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(2)), -1)
-    ref = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
-    assert sample_next(logp, torch.Generator().manual_seed(5)).tolist() == ref.tolist()
+    first = sample_next(logp, torch.Generator().manual_seed(5))
+    assert torch.equal(first, sample_next(logp, torch.Generator().manual_seed(5)))
+    u = 1.0 - torch.rand(4, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(first, inverse_cdf(logp, u[:, 0]))
 
 
 def test_backend_rows_with_own_generators_do_not_depend_on_the_batch(policy, tokenizer, questions):
