@@ -2,7 +2,8 @@
 
 On the default world and model (configs/tiny.yaml), with one backend and one setting:
 (a) Tree-GRPO trees (M=2, N=2, L=1: 6 trajectories per prompt) vs 6 independent chains per prompt:
-    trajectories per generated token and per second (tree ÷ chain; alternating repeats, summed);
+    trajectories per generated token and per second (tree ÷ chain; after an untimed warm-up of both,
+    alternating repeats, summed);
 (b) the backend's decode throughput vs plain `model.generate` sampling (temperature 1, no top-k/top-p) on the
     same contexts at batch 8, 32 and 128, `decode_tokens` new tokens each, no stopping (best of the repeats);
     plus the first-step logit difference to a plain forward and whether greedy tokens equal `generate`'s;
@@ -66,6 +67,8 @@ def _sync(device: str) -> None:
 def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repeats: int, device: str) -> dict:
     totals = {mode: {"trajectories": 0, "generated_tokens": 0, "prefilled_tokens": 0, "seconds": 0.0}
               for mode in ("tree", "chain")}
+    for shape in (TREE, CHAIN):  # warm-up, untimed: the first calls of a process pay one-off set-up costs
+        sample_trees(backend, env, prompts[:4], cfg.sampling.model_copy(update=shape), cfg.agent, seed=-1)
     for r in range(repeats):
         for mode, shape in (("tree", TREE), ("chain", CHAIN)):
             sampling = cfg.sampling.model_copy(update=shape)

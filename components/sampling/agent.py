@@ -18,7 +18,7 @@ import torch
 
 from components.config import AgentConfig
 from components.envs import protocol
-from components.envs.retriever import FTSRetriever, RetrieverError
+from components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
 from components.sampling.backend import HFBackend
 from components.sampling.rng import Generators, row_generators, stable_seed
 
@@ -66,6 +66,7 @@ class SearchEnv:
         self.stop_ids = {vocab[t] for t in protocol.TURN_STOPS}
         self.search_close = vocab[protocol.SEARCH_CLOSE]
         self.answer_close = vocab[protocol.ANSWER_CLOSE]
+        self._encoded: dict[str, list[int]] = {}  # observation text → token ids (the same docs recur often)
 
     def observe(self, query: str) -> tuple[str, list[int], str | None]:
         try:
@@ -73,7 +74,12 @@ class SearchEnv:
         except RetrieverError as exc:
             docs, error = [], str(exc)
         text = protocol.observation(docs)
-        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"], error
+        ids = self._encoded.get(text)
+        if ids is None:
+            if len(self._encoded) >= MEMO_ENTRIES:
+                self._encoded.clear()
+            ids = self._encoded[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text, list(ids), error
 
 
 def segment_stop_ids(env: SearchEnv, agent: AgentConfig) -> set[int]:
@@ -106,23 +112,37 @@ def run_episodes(
     generator: torch.Generator | None = None,
 ) -> None:
     """Advance every episode to its end, in place."""
+    while run_turn(backend, env, episodes, agent, temperature, greedy, generator):
+        pass
+
+
+def run_turn(
+    backend: HFBackend,
+    env: SearchEnv,
+    episodes: list[Episode],
+    agent: AgentConfig,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """Advance every live episode by one step (one batched generation call), in place. Returns whether any
+    episode was live."""
     segment = agent.node_mode == "segment"
     stop_ids = segment_stop_ids(env, agent) if segment else env.stop_ids
     turn_cap = agent.segment_tokens if segment else agent.max_tokens_per_turn
-    decode = env.tokenizer.decode
-    while True:
-        live = [e for e in episodes if not e.done]
-        if not live:
-            return
-        contexts = [e.context() for e in live]
-        budgets = [min(turn_cap, agent.max_total_tokens - len(c)) for c in contexts]
-        outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator))
-        for ep, ctx, out in zip(live, contexts, outs, strict=True):
-            text = decode(out.tokens)
-            if segment:
-                _segment_step(ep, ctx, out, text, env, agent)
-            else:
-                _tool_step(ep, ctx, out, text, env, agent)
+    live = [e for e in episodes if not e.done]
+    if not live:
+        return False
+    contexts = [e.context() for e in live]
+    budgets = [min(turn_cap, agent.max_total_tokens - len(c)) for c in contexts]
+    outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator))
+    for ep, ctx, out in zip(live, contexts, outs, strict=True):
+        text = env.tokenizer.decode(out.tokens)
+        if segment:
+            _segment_step(ep, ctx, out, text, env, agent)
+        else:
+            _tool_step(ep, ctx, out, text, env, agent)
+    return True
 
 
 def _fed(ctx: list[int], out) -> int:

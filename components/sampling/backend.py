@@ -19,6 +19,7 @@ How a batch is computed, and why:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -37,26 +38,50 @@ class TurnOutput:
     prefilled: int | None = None  # context tokens actually fed to the model for this row (None: unknown)
 
 
+class KVPool:
+    """Memory for KV buffers, kept from call to call. On a CPU a fresh tensor of tens of megabytes costs a page
+    fault per 4 KiB on first touch, ~10x the time of clearing memory that is already mapped; a backend makes
+    several such buffers per agent turn."""
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of `shape` over the pool's memory (valid until the next `take`)."""
+        n = math.prod(shape)
+        flat = self._flat
+        if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != torch.device(device):
+            grow = flat.numel() * 5 // 4 if flat is not None and flat.dtype == dtype else 0
+            self._flat = flat = torch.empty(max(n, grow), dtype=dtype, device=device)
+        return flat[:n].view(shape)
+
+
 class KVBuffer:
     """Preallocated keys/values for a batch, passed to the model as its `cache`.
 
-    Per layer one tensor of shape (2, batch, kv_heads, capacity + 1, head_dim); column `capacity` is scratch
-    space for padding slots. Before each forward, `plan` says where this forward's tokens go and how many columns
-    attention reads (`width`): per-slot columns `cols` (batch, q_len), as in a prefill where each row's context
-    has its own length, or one column `col` shared by every row, as in a decode step. Each layer's `update`
-    writes there and returns views of the first `width` columns.
+    One tensor `data` of shape (layers, 2, batch, kv_heads, capacity + 1, head_dim), zeroed when allocated
+    (from a `KVPool` when given one); column `capacity` is scratch space for padding slots. Before each forward,
+    `plan` says where this forward's tokens go and how many columns attention reads (`width`): per-slot columns
+    `cols` (batch, q_len), as in a prefill where each row's context has its own length, or one column `col`
+    shared by every row, as in a decode step. Each layer's `update` writes there and returns views of the first
+    `width` columns.
     """
 
-    def __init__(self, batch: int, capacity: int):
-        self.batch, self.capacity = batch, capacity
+    def __init__(self, batch: int, capacity: int, num_layers: int, pool: KVPool | None = None):
+        self.batch, self.capacity, self.num_layers, self.pool = batch, capacity, num_layers, pool
+        self.data: torch.Tensor | None = None
         self.layers: list[torch.Tensor] = []
         self.cols: torch.Tensor | None = None
         self.col: int | None = None
         self.width = 0
 
-    def allocate(self, num_layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (2, self.batch, heads, self.capacity + 1, head_dim)
-        self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def allocate(self, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (self.num_layers, 2, self.batch, heads, self.capacity + 1, head_dim)
+        if self.pool is None:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.data = self.pool.take(shape, dtype, device).zero_()
+        self.layers = list(self.data.unbind(0))
 
     def plan(self, width: int, cols: torch.Tensor | None = None, col: int | None = None) -> None:
         if (cols is None) == (col is None):
@@ -67,10 +92,9 @@ class KVBuffer:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """key/value_states: (batch, kv_heads, q_len, head_dim) → views (batch, kv_heads, width, head_dim)."""
-        while layer_idx >= len(self.layers):  # allocated lazily when no cached prefix fixed the shapes first
+        if self.data is None:  # allocated here when no cached prefix fixed the shapes first
             _, heads, _, dim = key_states.shape
-            shape = (2, self.batch, heads, self.capacity + 1, dim)
-            self.layers.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.allocate(heads, dim, key_states.dtype, key_states.device)
         keys, values = self.layers[layer_idx].unbind(0)
         if self.col is not None:
             keys.narrow(2, self.col, key_states.shape[2]).copy_(key_states)
@@ -83,21 +107,25 @@ class KVBuffer:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (batch' entries, repeats allowed): the KV fork of shared prefixes."""
-        self.layers = [buf.index_select(1, index) for buf in self.layers]
-        self.batch = int(index.numel())
+    def select_rows(self, index: torch.Tensor, pool: KVPool | None = None) -> None:
+        """Keep rows `index` (batch' entries, repeats allowed): the KV fork of shared prefixes. `pool`: where the
+        new rows go (not this buffer's own pool, which the old rows occupy)."""
+        shape = list(self.data.shape)
+        shape[2] = int(index.numel())
+        out = None if pool is None else pool.take(tuple(shape), self.data.dtype, self.data.device)
+        self.data = torch.index_select(self.data, 2, index, out=out)
+        self.layers = list(self.data.unbind(0))
+        self.batch, self.pool = shape[2], pool
 
-    def row(self, i: int, spans: list[tuple[int, int]]) -> torch.Tensor:
-        """A compact copy of row i's columns [start, end) for each span, in order:
-        (layers, 2, kv_heads, total length, head_dim)."""
-        return torch.stack([torch.cat([buf[:, i, :, a:b] for a, b in spans], dim=2) for buf in self.layers])
+    def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """A compact copy of the KV at (rows[j], cols[j]) for every j: (len(rows), layers, 2, kv_heads, head_dim)."""
+        return self.data[:, :, rows, :, cols]  # split advanced indices put their dimension first
 
 
 @dataclass
 class _Entry:
     tokens: list[int]
-    kv: torch.Tensor  # (layers, 2, kv_heads, len(tokens), head_dim)
+    kv: torch.Tensor  # (len(tokens), layers, 2, kv_heads, head_dim), often a view into one call's gathered KV
 
 
 class PrefixCache:
@@ -172,6 +200,8 @@ class HFBackend:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self._weights_version: tuple | None = None
         self._fused: llama_forward.FusedLlama | None = None
+        self._num_layers = model.config.num_hidden_layers
+        self._pools = (KVPool(), KVPool())  # a call's distinct-context buffer, and its rows after the fork
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"HFBackend needs sdpa or eager attention (it passes its own 4D masks), got {impl!r}")
@@ -263,16 +293,14 @@ class HFBackend:
         suffix = [len(c) - n for c, n in zip(distinct, cached, strict=True)]
         width_q = max(suffix)
 
-        cache = KVBuffer(len(distinct), capacity)
+        cache = KVBuffer(len(distinct), capacity, self._num_layers, self._pools[0])
         if any(cached):
             first = self.prefix_cache.entries[next(k for k, _ in hits if k is not None)].kv
-            layers, _, heads, _, dim = first.shape
-            cache.allocate(layers, heads, dim, first.dtype, dev)
+            _, _, _, heads, dim = first.shape
+            cache.allocate(heads, dim, first.dtype, dev)
             for i, ((key, _), n) in enumerate(zip(hits, cached, strict=True)):
                 if n:
-                    kv = self.prefix_cache.entries[key].kv
-                    for layer, buf in enumerate(cache.layers):
-                        buf[:, i, :, :n] = kv[layer, :, :, :n]
+                    cache.data[:, :, i, :, :n] = self.prefix_cache.entries[key].kv[:n].permute(1, 2, 3, 0, 4)
 
         ids = torch.full((len(distinct), width_q), self.pad_id, dtype=torch.long)
         positions = torch.full((len(distinct), width_q), capacity, dtype=torch.long)  # padding → scratch column
@@ -299,7 +327,7 @@ class HFBackend:
                     extended[row] = key
         if len(distinct) < len(contexts):
             index = torch.tensor(row_of, device=dev)
-            cache.select_rows(index)
+            cache.select_rows(index, self._pools[1])
             logits = logits.index_select(0, index)
         return cache, logits, prefilled, extended
 
@@ -356,10 +384,18 @@ class HFBackend:
         for key in extended:  # superseded by the longer sequences stored below
             if key is not None:
                 self.prefix_cache.remove(key)
-        for i, (c, n) in enumerate(zip(contexts, lengths, strict=True)):
-            fed = max(n - 1, 0)
-            kv = cache.row(i, [(0, len(c)), (width, width + fed)])
-            self.prefix_cache.add(list(c) + tokens[i][:fed], kv)
+        fed = [max(n - 1, 0) for n in lengths]
+        rows, cols = [], []
+        for i, (c, f) in enumerate(zip(contexts, fed, strict=True)):
+            rows += [i] * (len(c) + f)
+            cols += list(range(len(c))) + list(range(width, width + f))
+        dev = self.device
+        kv = cache.gather(torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))  # one copy for the batch
+        start = 0
+        for i, (c, f) in enumerate(zip(contexts, fed, strict=True)):
+            end = start + len(c) + f
+            self.prefix_cache.add(list(c) + tokens[i][:f], kv[start:end])
+            start = end
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:

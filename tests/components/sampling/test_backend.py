@@ -307,3 +307,19 @@ def test_fused_forward_is_not_used_where_its_folding_would_be_wrong(peaked_model
     layer.q_proj = wrapped
     assert not FusedLlama.supports(peaked_model)
     assert _backend(peaked_model, tokenizer).forward == "lean"
+
+
+def test_kv_memory_is_reused_and_leaves_nothing_behind(peaked_model, tokenizer, forward):
+    """A call after a larger one runs in the same (pooled) memory and gives what a fresh backend gives."""
+    contexts = _contexts(tokenizer)
+    backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
+    backend.generate(contexts * 8, [12] * 32, set(), greedy=True)  # fills the pools with 32 rows of KV
+    pools = [p._flat.data_ptr() for p in backend._pools if p._flat is not None]
+    assert pools
+    small = [contexts[3][:3], contexts[1]]  # new contexts, fewer rows and columns
+    again = backend.generate(small, [6, 6], set(), greedy=True)
+    assert [p._flat.data_ptr() for p in backend._pools if p._flat is not None] == pools
+    fresh = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward).generate(small, [6, 6], set(), greedy=True)
+    for a, b in zip(again, fresh, strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -13,8 +13,10 @@ from components import schemas
 from components.config import AgentConfig, SamplingConfig
 from components.envs.protocol import INFO_CLOSE, INFO_OPEN, TURN_STOPS
 from components.models import prompt_ids
-from components.sampling.agent import SearchEnv, Step
+from components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from components.sampling.backend import HFBackend
+from components.sampling.expansion import make_policy
+from components.sampling.rng import stable_seed
 from components.sampling.tree import ROOT, Node, Tree, node_rows, sample_trees
 
 AGENT = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
@@ -186,6 +188,84 @@ def test_node_logprobs_are_the_policy_logprobs_along_each_path(trees, policy):
                     pos += 1
                 pos += len(node.step.obs_ids)
             assert pos == len(ids)
+
+
+def _round_by_round(backend, env, prompts, sampling, agent, seed, tokens_per_prompt=None, max_rounds=16):
+    """Reference: the rounds one after the other, every prompt waiting for all others at each round, each
+    round's episodes run to their end in a batch of their own."""
+    policy = make_policy(sampling.expansion_policy, sampling.entropy_statistic)
+    backend.clear_cache()
+    by_prompt = {pid: [Tree(pid, m, ids) for m in range(sampling.trees_per_prompt)] for pid, ids in prompts}
+    rngs = {}
+    chain_mode = sampling.expansion_rounds == 0
+
+    def grow(picks, r):
+        episodes = [Episode(t.prefix(node), agent.max_turns - (0 if node == ROOT else t.nodes[node].depth),
+                            seed=stable_seed(seed, t.prompt_id, t.tree_id, r, k)) for t, node, k in picks]
+        run_episodes(backend, env, episodes, agent, sampling.temperature)
+        for (t, node, _), ep in zip(picks, episodes, strict=True):
+            t.attach(node, ep.steps, r)
+
+    grow([(t, ROOT, 0) for trees in by_prompt.values() for t in trees], 0)
+    for r in range(1, (sampling.expansion_rounds if tokens_per_prompt is None else max_rounds) + 1):
+        picks = []
+        for pid, trees in by_prompt.items():
+            if tokens_per_prompt is not None and sum(len(n.step.action_ids) for t in trees
+                                                    for n in t.nodes) >= tokens_per_prompt:
+                continue
+            if chain_mode:
+                trees.append(Tree(pid, len(trees), trees[0].prompt_ids))
+                picks.append((trees[-1], ROOT, 0))
+                continue
+            for t in trees:
+                rng = rngs.setdefault(t.tree_id, {}).setdefault(pid, random.Random(f"{seed}/{pid}/{t.tree_id}"))
+                picks += [(t, node, k) for k, node in enumerate(policy.choose(t, sampling.expansions_per_round, rng))]
+        if not picks:
+            break
+        grow(picks, 0 if chain_mode else r)
+    return [t for trees in by_prompt.values() for t in trees]
+
+
+def _shape(trees):
+    return [(t.prompt_id, t.tree_id, [(n.node_id, n.parent_id, n.depth, n.expansion_round, n.step.action_ids,
+                                        n.step.obs_ids, n.step.finish_reason) for n in t.nodes]) for t in trees]
+
+
+@pytest.mark.parametrize(
+    "shape, budget",
+    [({"expansion_rounds": 2}, None), ({"expansion_rounds": 1, "expansion_policy": "entropy"}, None),
+     ({"expansion_rounds": 1}, 120), ({"expansion_rounds": 0, "trees_per_prompt": 1}, 90)],
+    ids=["two-rounds", "entropy", "token-budget", "chains-to-a-budget"],
+)
+def test_pipelined_rounds_grow_the_trees_of_round_by_round_sampling(setup, shape, budget):
+    """Prompts move through rounds independently (a prompt's next round joins the batch as soon as its last
+    episode ends): the trees, log-probs included, equal the round-by-round reference."""
+    backend, env, prompts = setup
+    sampling = SamplingConfig(**{"trees_per_prompt": 2, "expansions_per_round": 2, **shape})
+    calls = []
+    generate = backend.generate
+
+    def counting(contexts, *args, **kwargs):
+        calls.append(len(contexts))
+        return generate(contexts, *args, **kwargs)
+
+    backend.generate = counting
+    try:
+        piped = sample_trees(backend, env, prompts, sampling, AGENT, seed=3, tokens_per_prompt=budget)
+        piped_calls, calls[:] = list(calls), []
+        ref = _round_by_round(backend, env, prompts, sampling, AGENT, seed=3, tokens_per_prompt=budget)
+    finally:
+        del backend.generate
+    assert _shape(piped) == _shape(ref)
+    for a, b in zip(piped, ref, strict=True):
+        for x, y in zip(a.nodes, b.nodes, strict=True):
+            assert x.step.action_logprobs == pytest.approx(y.step.action_logprobs, abs=1e-5)
+    if sampling.expansion_rounds:
+        assert sum(len(t.leaves()) for t in piped) > len(piped)  # some tree branched
+    else:
+        assert len(piped) > len(prompts)  # the budget added chains
+    assert len(piped_calls) <= len(calls)  # never more batched calls; usually fewer
+    assert sum(piped_calls) == sum(calls)  # the same episode turns, batched differently
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
