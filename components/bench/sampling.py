@@ -160,7 +160,7 @@ def run_benchmark(
     model_dir: str | None = None,
     warmstart_steps: int = 150,
     prompts: int = 32,
-    repeats: int = 2,
+    repeats: int = 3,
     batch_sizes: tuple[int, ...] = (8, 32, 128),
     decode_tokens: int = 128,
 ) -> dict:

@@ -83,22 +83,30 @@ class KVBuffer:
             self.data = self.pool.take(shape, dtype, device).zero_()
         self.layers = list(self.data.unbind(0))
 
-    def plan(self, width: int, cols: torch.Tensor | None = None, col: int | None = None) -> None:
+    def plan(self, width: int, cols: torch.Tensor | None = None, col: int | None = None,
+             rows: torch.Tensor | None = None) -> None:
+        """`cols` (batch, q_len), or flat `cols` and `rows` (tokens,) for tokens passed flat, or one `col`."""
         if (cols is None) == (col is None):
             raise ValueError("plan takes exactly one of cols and col")
-        self.width, self.cols, self.col = width, cols, col
-        if cols is not None:
+        self.width, self.cols, self.col, self.flat = width, cols, col, rows is not None
+        if rows is not None:
+            self._rows = rows
+        elif cols is not None:
             self._rows = torch.arange(cols.shape[0], device=cols.device)[:, None].expand_as(cols)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """key/value_states: (batch, kv_heads, q_len, head_dim) → views (batch, kv_heads, width, head_dim)."""
+        """key/value_states: (batch, kv_heads, q_len, head_dim), or (tokens, kv_heads, head_dim) when planned flat
+        → views (batch, kv_heads, width, head_dim)."""
         if self.data is None:  # allocated here when no cached prefix fixed the shapes first
-            _, heads, _, dim = key_states.shape
+            heads, dim = key_states.shape[1], key_states.shape[-1]
             self.allocate(heads, dim, key_states.dtype, key_states.device)
         keys, values = self.layers[layer_idx].unbind(0)
         if self.col is not None:
             keys.narrow(2, self.col, key_states.shape[2]).copy_(key_states)
             values.narrow(2, self.col, key_states.shape[2]).copy_(value_states)
+        elif self.flat:
+            keys[self._rows, :, self.cols] = key_states
+            values[self._rows, :, self.cols] = value_states
         else:
             keys[self._rows, :, self.cols] = key_states.transpose(1, 2)
             values[self._rows, :, self.cols] = value_states.transpose(1, 2)
@@ -311,9 +319,19 @@ class HFBackend:
         # padding slots write to the scratch column but must attend somewhere: column 0
         attend = torch.where(positions == capacity, 0, positions)
         width = max(len(c) for c in distinct)
-        cache.plan(width, cols=positions)
         allowed = torch.arange(width, device=dev)[None, None, :] <= attend[:, :, None]
-        logits = self._forward(cache, ids, attend, _bias(allowed[:, None]))
+        if self.forward == "fused" and sum(suffix) < len(distinct) * width_q:  # uneven suffixes: pack them
+            real = (positions != capacity).flatten()
+            slots = real.nonzero().squeeze(1)
+            rows = torch.arange(len(distinct), device=dev).repeat_interleave(width_q)[slots]
+            flat_pos = positions.flatten()[slots]
+            last = torch.tensor(suffix, device=dev).cumsum(0) - 1
+            cache.plan(width, cols=flat_pos, rows=rows)
+            logits = self._fused.forward(ids.flatten()[slots], flat_pos, cache, _bias(allowed[:, None]),
+                                         width, packed=(slots, len(distinct), width_q, last))
+        else:
+            cache.plan(width, cols=positions)
+            logits = self._forward(cache, ids, attend, _bias(allowed[:, None]))
 
         prefilled = [0] * len(contexts)
         extended: list[int | None] = [None] * len(contexts)

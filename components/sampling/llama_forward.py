@@ -189,27 +189,43 @@ class FusedLlama:
         return o.view(b, hq * d) if s == 1 else o.transpose(1, 2).reshape(b * s, hq * d)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, bias: torch.Tensor,
-                max_position: int | None = None) -> torch.Tensor:
+                max_position: int | None = None, packed: tuple | None = None) -> torch.Tensor:
         """ids, positions: (batch, q_len) long; bias: (batch, 1, q_len, width) float, 0 = attend, -inf = not;
         `max_position`: an upper bound of `positions` if the caller knows one (saves a device sync).
 
+        `packed` = (slots, batch, q_len, last): the tokens come flat instead — ids, positions (tokens,) — with
+        token j in slot slots[j] of the (batch · q_len) query grid, and last[i] the index of row i's last token.
+        The projections and the MLP then run over the real tokens only; attention runs over the grid (`cache`
+        must be planned with flat rows/cols). Prefills of uneven suffixes (a one-token resume beside a
+        40-token observation) spend nothing on padding.
+
         Writes every layer's keys/values through `cache.update` and returns float32 logits (batch, vocab) of the
-        last slot.
+        last slot (of each row's last token when packed).
         """
-        b, s = ids.shape
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
+        if packed is None:
+            b, s = ids.shape
+        else:
+            slots, b, s, last = packed
         self.rotary_table((int(positions.max()) if max_position is None else max_position) + 1, ids.device)
-        rotation = self._rotation[positions][:, None]  # (batch, 1, q_len, d/2) complex
-        h = F.embedding(ids, self.embed).view(b * s, -1)
+        rotation = self._rotation[positions]  # (batch, q_len, d/2) or (tokens, d/2), complex
+        rotation = rotation[:, None] if packed is None else rotation[:, None, :]
+        h = F.embedding(ids, self.embed).view(-1, self.embed.shape[1])
         for idx, (qkv_t, qkv_b, o_t, gate_up_t, act, down_t) in enumerate(self.layers):
-            qkv = self._project(h, qkv_t, qkv_b).view(b, s, hq + 2 * hkv, d).transpose(1, 2)
+            qkv = self._project(h, qkv_t, qkv_b)
+            qkv = qkv.view(b, s, hq + 2 * hkv, d).transpose(1, 2) if packed is None else qkv.view(-1, hq + 2 * hkv, d)
             pairs = torch.view_as_complex(qkv[:, : hq + hkv].unflatten(-1, (d // 2, 2)))
             qk = torch.view_as_real(pairs * rotation).flatten(-2)
             k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
-            o = self._attention(qk[:, :hq], k, v, bias)
+            if packed is None:
+                o = self._attention(qk[:, :hq], k, v, bias)
+            else:
+                grid = qk.new_zeros(b * s, hq, d)
+                grid[slots] = qk[:, :hq]
+                o = self._attention(grid.view(b, s, hq, d).transpose(1, 2), k, v, bias)[slots]
             h = torch.addmm(h, o, o_t)
             gu = self._project(h, gate_up_t)
             half = gu.shape[-1] // 2
             h = torch.addmm(h, act(gu[:, :half]) * gu[:, half:], down_t)
-        last = h.view(b, s, -1)[:, -1]
-        return self._project(last, self.lm_head).float()
+        last_h = h.view(b, s, -1)[:, -1] if packed is None else h[last]
+        return self._project(last_h, self.lm_head).float()
