@@ -119,6 +119,42 @@ def throughput(model, backend: HFBackend, vocab: int, device: str, new_tokens: i
     return out
 
 
+def trees_on_device(device: str) -> dict:
+    """Pipelined tree sampling (M=2, N=2, L=1) on the default world with a random tiny model on `device`:
+    structure, and every stored log-prob against a teacher-forced forward on the same device."""
+    from components.config import load_config
+    from components.envs.retriever import FTSRetriever
+    from components.envs.world import build_world, make_questions, vocabulary
+    from components.models import build_model, build_tokenizer, prompt_ids
+    from components.sampling.agent import SearchEnv
+    from components.sampling.tree import sample_trees
+
+    cfg = load_config()
+    world = build_world(cfg.world, 0)
+    questions = make_questions(world, cfg.world, 0, "train", 16)
+    tokenizer = build_tokenizer(vocabulary(world))
+    model = build_model(cfg.model, tokenizer, 0).to(device).eval()
+    env = SearchEnv(FTSRetriever([f["text"] for f in world.fact_rows()], top_k=3), tokenizer)
+    backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions]
+    trees = sample_trees(backend, env, prompts, cfg.sampling, cfg.agent, seed=0)
+    worst = 0.0
+    for t in trees:
+        for leaf in t.leaves():
+            path = t.path(leaf.node_id)
+            ids = t.prompt_ids + [x for n in path for x in n.step.action_ids + n.step.obs_ids]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids], device=device)).logits[0].double(), -1)
+            pos = len(t.prompt_ids)
+            for n in path:
+                for tok, stored in zip(n.step.action_ids, n.step.action_logprobs, strict=True):
+                    worst = max(worst, abs(stored - float(logp[pos - 1, tok])))
+                    pos += 1
+                pos += len(n.step.obs_ids)
+    return {"forward": backend.forward, "trees": len(trees), "nodes": sum(len(t.nodes) for t in trees),
+            "leaves_per_tree": sorted({len(t.leaves()) for t in trees}), "max_abs_logprob_diff": worst}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -160,6 +196,10 @@ def main() -> None:
             big = build(device, dtype, 1024, 8, 16, 4096, vocab, False)
             report[f"decode_big_{name}"] = throughput(big, HFBackend(big, PAD, -1), vocab, device, args.new_tokens,
                                                       args.repeats)
+    try:
+        report["trees"] = trees_on_device(device)
+    except ImportError as exc:  # no pydantic/pyyaml here: the world cannot be built
+        report["trees"] = f"skipped: {exc}"
     if device == "cuda":
         report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(report))

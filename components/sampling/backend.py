@@ -19,6 +19,7 @@ How a batch is computed, and why:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -198,9 +199,9 @@ class HFBackend:
         forward: str | None = None,
     ):
         """`prefix_cache_mb`: memory for KV reused across calls (0 disables it). `forward`: how a step is
-        computed — "fused" (`llama_forward.FusedLlama`: concatenated weights, for CPU), "lean" (the Llama
-        modules without Hugging Face's per-call machinery) or "model" (the model's own forward); None picks
-        fused on a CPU and lean elsewhere when the model supports them, else model."""
+        computed — "fused" (`llama_forward.FusedLlama`: folded, concatenated weights; float32 only), "lean"
+        (the Llama modules without Hugging Face's per-call machinery) or "model" (the model's own forward);
+        None picks the first of these the model supports."""
         self.model = model
         self.pad_id = pad_id
         self.eos_id = eos_id
@@ -213,12 +214,13 @@ class HFBackend:
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"HFBackend needs sdpa or eager attention (it passes its own 4D masks), got {impl!r}")
-        self._bool_mask = impl == "sdpa"
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns where the new one exists)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         available = {"model": True, "lean": llama_forward.supports(model),
                      "fused": llama_forward.FusedLlama.supports(model)}
         if forward is None:
-            on_cpu = self.device.type == "cpu"
-            forward = next(f for f in (("fused",) if on_cpu else ()) + ("lean", "model") if available[f])
+            forward = next(f for f in FORWARDS if available[f])
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
         if not available[forward]:
@@ -281,8 +283,8 @@ class HFBackend:
             return llama_forward.forward(self.model, ids, positions, cache, bias)
         dtype = next(self.model.parameters()).dtype
         mask = bias.to(dtype).clamp(min=torch.finfo(dtype).min)  # eager attention adds it: keep it finite
-        res = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: cache})
         return res.logits[:, -1, :].float()
 
     def _prefill(self, contexts: list[list[int]], capacity: int):

@@ -65,7 +65,7 @@ def forward(request):
     return request.param
 
 
-def test_the_default_forward_is_fused_on_a_cpu(peaked_model, tokenizer):
+def test_the_default_forward_is_fused_for_a_float32_llama(peaked_model, tokenizer):
     assert _backend(peaked_model, tokenizer).forward == "fused"
     with pytest.raises(ValueError, match="forward must be one of"):
         _backend(peaked_model, tokenizer, forward="compiled")
