@@ -4,10 +4,12 @@ The interface is deliberately narrow (token ids in, token ids + log-probs out) s
 `vllm_backend.py`) can stand in for it.
 
 How a batch is computed, and why:
-* **Preallocated KV cache.** Keys/values live in one buffer per layer, allocated once per batch at its final
-  width and written in place; decoding never concatenates (with `DynamicCache` most of a tiny model's decode
-  time went to `torch.cat`). Every row is stored from column 0 with no padding in front, so a token's cache
-  column is its position; the attention mask is built here, one boolean row per sequence.
+* **Preallocated KV cache.** Keys/values live in one buffer, allocated once per batch at its final width (from
+  memory pooled between calls) and written in place; decoding never concatenates (with `DynamicCache` most of
+  a tiny model's decode time went to `torch.cat`). A context's token sits at its position's column; decode
+  step t writes every row's token to the one column `width + t`. The additive attention bias is built here,
+  once per call.
+* **Three forwards** (see `llama_forward`): fused, lean, or the model's own.
 * **Prefix reuse.** The backend keeps the KV of what it computed in earlier calls (the context and the
   generated tokens it fed) and, for a new context, copies the longest cached common prefix and feeds only the
   rest — the next turn of an episode feeds just the observation, and a tree expansion from an intermediate node

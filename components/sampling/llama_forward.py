@@ -1,10 +1,12 @@
-"""A lean forward pass for Llama-family decoders (Llama, Mistral, Qwen2) over the backend's KV buffer.
+"""Two forwards for Llama-family decoders (Llama, Mistral, Qwen2) over the backend's KV buffer.
 
-The same modules and the same math as the Hugging Face forward (the model's own projections, norms, MLP and
-rotary embedding, so LoRA-wrapped layers work too), minus the per-call machinery around them — keyword
-plumbing, output capturing, mask construction — which dominates a small model's decode step on a CPU.
-`HFBackend` uses it when `supports(model)` holds and the model's own forward otherwise; tests check that both
-give the model's logits.
+* `forward` (lean): the same modules and the same math as the Hugging Face forward (the model's own
+  projections, norms, MLP and rotary embedding, so LoRA-wrapped layers and bf16 work too), minus the per-call
+  machinery around them — keyword plumbing, output capturing, mask construction — which dominates a small
+  model's decode step.
+* `FusedLlama` (fused): the same math over folded, concatenated copies of the float32 weights, with fewer and
+  larger operations still.
+`HFBackend` picks fused, else lean, else the model's own forward; tests check all three give the model's logits.
 """
 
 from __future__ import annotations
