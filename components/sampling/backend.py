@@ -31,6 +31,7 @@ import torch
 from components.sampling import llama_forward, rng
 
 MIN_PREFIX = 8  # contexts are looked up in the prefix cache by their first MIN_PREFIX tokens
+COMPACT_MIN_ROWS = 16  # below this many rows a decode step costs about the same whatever the count
 
 
 @dataclass
@@ -357,7 +358,10 @@ class HFBackend:
         """Prefill, then decode. Decode step t writes every row's token to the same column `width + t` (width:
         the longest context), so a step's cache write is one slice; row i attends to its context columns
         [0, len_i) and to the decode columns [width, width + t], and its token's position is len_i + t.
-        Rows that have finished keep decoding (harmlessly) until all have; their extra tokens are cut here."""
+
+        A finished row keeps decoding (harmlessly; its extra tokens are cut here) until half the rows in the
+        buffer have finished; then the finished ones hand their KV to the prefix cache and leave the buffer
+        (`alive` maps buffer rows back to batch rows), so a turn does not pay for rows waiting on its longest."""
         self.model.eval()
         dev = self.device
         b = len(contexts)
@@ -376,48 +380,66 @@ class HFBackend:
         tokens = torch.zeros((b, max(steps, 1)), dtype=torch.long, device=dev)
         logps = torch.zeros((b, max(steps, 1)), device=dev)
         finished = last_step < 0
+        alive = torch.arange(b, device=dev)
+        kept: list[int] = list(range(b))  # `alive` as a list: batch rows still in the buffer
+        turns: dict[int, TurnOutput] = {}
         for t in range(steps):
             logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
             nxt = logp.argmax(-1) if greedy else rng.inverse_cdf(logp, uniforms[:, t])
-            tokens[:, t] = nxt
-            torch.gather(logp, 1, nxt[:, None], out=logps[:, t : t + 1])
+            tokens[alive, t] = nxt
+            logps[alive, t] = logp.gather(1, nxt[:, None]).squeeze(1)
             finished |= torch.isin(nxt, stops) | (last_step <= t)
-            if t == steps - 1 or bool(finished.all()):
+            n_finished = int(finished.sum())
+            if t == steps - 1 or n_finished == len(kept):
                 break
+            if 2 * n_finished >= len(kept) >= COMPACT_MIN_ROWS:
+                leaving = finished.nonzero().squeeze(1)
+                stay = (~finished).nonzero().squeeze(1)
+                rows_out = [kept[i] for i in leaving.tolist()]
+                turns.update(self._finish(rows_out, leaving, contexts, tokens, logps, t + 1, max_new, stop_ids,
+                                          prefilled, extended, cache, width))
+                cache.select_rows(stay, self._pools[1] if cache.pool is self._pools[0] else self._pools[0])
+                kept = [kept[i] for i in stay.tolist()]
+                alive, nxt, lengths_ctx, bias, last_step, finished = (
+                    x.index_select(0, stay) for x in (alive, nxt, lengths_ctx, bias, last_step, finished))
+                if uniforms is not None:
+                    uniforms = uniforms.index_select(0, stay)
             cache.plan(width + t + 1, col=width + t)
             logits = self._forward(cache, nxt[:, None], (lengths_ctx + t)[:, None], bias[..., : width + t + 1],
                                    top_position)
+        turns.update(self._finish(kept, torch.arange(len(kept), device=dev), contexts, tokens, logps, steps,
+                                  max_new, stop_ids, prefilled, extended, cache, width))
+        return [turns[i] for i in range(b)]
 
-        tokens_l, logps_l = tokens.tolist(), logps.tolist()
-        result, lengths = [], []
-        for i in range(b):
-            out = _cut(tokens_l[i][: max(max_new[i], 0)], stop_ids, self.eos_id)
-            out.logprobs = logps_l[i][: len(out.tokens)]
-            out.prefilled = prefilled[i]
-            result.append(out)
-            lengths.append(len(out.tokens))
-        self._remember(contexts, tokens_l, lengths, cache, extended, width)
-        return result
-
-    def _remember(self, contexts, tokens, lengths, cache: KVBuffer, extended, width: int) -> None:
-        """Keep each row's computed KV (context + generated tokens fed back) for later calls."""
+    def _finish(self, rows, buffer_rows, contexts, tokens, logps, decoded, max_new, stop_ids, prefilled, extended,
+                cache: KVBuffer, width: int) -> dict[int, TurnOutput]:
+        """Turn outputs of batch rows `rows` (in the buffer at `buffer_rows`) after `decoded` decode steps, and
+        their KV (context + generated tokens fed back) kept for later calls."""
+        tokens_l = tokens[rows, :decoded].tolist()
+        logps_l = logps[rows, :decoded].tolist()
+        out = {}
+        for i, toks, lps in zip(rows, tokens_l, logps_l, strict=True):
+            turn = _cut(toks[: max(max_new[i], 0)], stop_ids, self.eos_id)
+            turn.logprobs, turn.prefilled = lps[: len(turn.tokens)], prefilled[i]
+            out[i] = turn
         if self.prefix_cache.max_bytes <= 0 or not cache.layers:
-            return
-        for key in extended:  # superseded by the longer sequences stored below
-            if key is not None:
-                self.prefix_cache.remove(key)
-        fed = [max(n - 1, 0) for n in lengths]
-        rows, cols = [], []
-        for i, (c, f) in enumerate(zip(contexts, fed, strict=True)):
-            rows += [i] * (len(c) + f)
-            cols += list(range(len(c))) + list(range(width, width + f))
+            return out
+        for i in rows:  # superseded by the longer sequences stored below
+            if extended[i] is not None:
+                self.prefix_cache.remove(extended[i])
+        fed = [max(len(out[i].tokens) - 1, 0) for i in rows]
+        index_rows, index_cols = [], []
+        for j, i, f in zip(buffer_rows.tolist(), rows, fed, strict=True):
+            index_rows += [j] * (len(contexts[i]) + f)
+            index_cols += list(range(len(contexts[i]))) + list(range(width, width + f))
         dev = self.device
-        kv = cache.gather(torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))  # one copy for the batch
+        kv = cache.gather(torch.tensor(index_rows, device=dev), torch.tensor(index_cols, device=dev))  # one copy
         start = 0
-        for i, (c, f) in enumerate(zip(contexts, fed, strict=True)):
-            end = start + len(c) + f
-            self.prefix_cache.add(list(c) + tokens[i][:f], kv[start:end])
+        for i, f in zip(rows, fed, strict=True):
+            end = start + len(contexts[i]) + f
+            self.prefix_cache.add(list(contexts[i]) + out[i].tokens[:f], kv[start:end])
             start = end
+        return out
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:

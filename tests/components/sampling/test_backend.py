@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from components.sampling.backend import FORWARDS, HFBackend
 from components.sampling.llama_forward import FusedLlama
+from components.sampling.rng import row_generators
 
 
 @pytest.fixture
@@ -323,3 +324,45 @@ def test_kv_memory_is_reused_and_leaves_nothing_behind(peaked_model, tokenizer, 
     for a, b in zip(again, fresh, strict=True):
         assert a.tokens == b.tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_finished_rows_leave_the_buffer_without_changing_any_output(peaked_model, tokenizer, forward, monkeypatch):
+    """With many rows stopping early, finished rows are dropped mid-turn (their KV handed to the prefix cache):
+    outputs, log-probs and prefilled counts equal a backend that never drops rows, also on a next turn that
+    resumes every row from the prefix cache."""
+    import components.sampling.backend as backend_module
+
+    g = torch.Generator().manual_seed(9)
+    contexts = [[tokenizer.bos_token_id] + torch.randint(4, len(tokenizer), (int(n),), generator=g).tolist()
+                for n in torch.randint(3, 20, (40,), generator=g)]
+    vocab = len(tokenizer)
+    stops = set(range(4, vocab, 3))  # a third of the vocabulary stops a row: most rows end early, at varied steps
+    seeds = list(range(100, 140))
+
+    def run(min_rows):
+        monkeypatch.setattr(backend_module, "COMPACT_MIN_ROWS", min_rows)
+        backend = _backend(peaked_model, tokenizer, eos_id=-1, forward=forward)
+        drops = []
+        select = backend_module.KVBuffer.select_rows
+
+        def counting(self, index, pool=None):
+            drops.append(self.batch - int(index.numel()))
+            return select(self, index, pool)
+
+        monkeypatch.setattr(backend_module.KVBuffer, "select_rows", counting)
+        first = backend.generate(contexts, [12] * 40, stops, 1.0, False, row_generators(seeds))
+        nxt = [c + o.tokens + [5] for c, o in zip(contexts, first, strict=True)]
+        second = backend.generate(nxt, [6] * 40, stops, 1.0, False, row_generators([s + 1 for s in seeds]))
+        return first + second, drops
+
+    dropped, drops = run(16)
+    kept, no_drops = run(10**9)
+    assert any(d > 0 for d in drops) and not any(d > 0 for d in no_drops)
+    assert {o.stop for o in dropped} >= {"stop", "length"}
+    for a, b in zip(dropped, kept, strict=True):
+        assert (a.tokens, a.stop, a.prefilled) == (b.tokens, b.stop, b.prefilled)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    # the next turn found every row's KV cached (sequences shorter than MIN_PREFIX are not kept)
+    for c, o, again in zip(contexts, dropped[:40], dropped[40:], strict=True):
+        fed = len(c) + len(o.tokens) - 1
+        assert again.prefilled == (2 if fed >= backend_module.MIN_PREFIX else fed + 2)
