@@ -130,14 +130,16 @@ class KVBuffer:
         self.batch, self.pool = shape[2], pool
 
     def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """A compact copy of the KV at (rows[j], cols[j]) for every j: (len(rows), layers, 2, kv_heads, head_dim)."""
-        return self.data[:, :, rows, :, cols]  # split advanced indices put their dimension first
+        """A compact copy of the KV at (rows[j], cols[j]) for every j: (layers, 2, kv_heads, len(rows), head_dim),
+        the buffer's own order, so a slice of it copies back into a row in contiguous runs."""
+        # split advanced indices put their dimension first: (len(rows), layers, 2, kv_heads, head_dim)
+        return self.data[:, :, rows, :, cols].permute(1, 2, 3, 0, 4).contiguous()
 
 
 @dataclass
 class _Entry:
     tokens: list[int]
-    kv: torch.Tensor  # (len(tokens), layers, 2, kv_heads, head_dim), often a view into one call's gathered KV
+    kv: torch.Tensor  # (layers, 2, kv_heads, len(tokens), head_dim), often a view into one call's gathered KV
 
 
 class PrefixCache:
@@ -309,11 +311,11 @@ class HFBackend:
         cache = KVBuffer(len(distinct), capacity, self._num_layers, self._pools[0])
         if any(cached):
             first = self.prefix_cache.entries[next(k for k, _ in hits if k is not None)].kv
-            _, _, _, heads, dim = first.shape
+            _, _, heads, _, dim = first.shape
             cache.allocate(heads, dim, first.dtype, dev)
             for i, ((key, _), n) in enumerate(zip(hits, cached, strict=True)):
                 if n:
-                    cache.data[:, :, i, :, :n] = self.prefix_cache.entries[key].kv[:n].permute(1, 2, 3, 0, 4)
+                    cache.data[:, :, i, :, :n] = self.prefix_cache.entries[key].kv[:, :, :, :n]
 
         ids = torch.full((len(distinct), width_q), self.pad_id, dtype=torch.long)
         positions = torch.full((len(distinct), width_q), capacity, dtype=torch.long)  # padding → scratch column
@@ -437,7 +439,7 @@ class HFBackend:
         start = 0
         for i, f in zip(rows, fed, strict=True):
             end = start + len(contexts[i]) + f
-            self.prefix_cache.add(list(contexts[i]) + out[i].tokens[:f], kv[start:end])
+            self.prefix_cache.add(list(contexts[i]) + out[i].tokens[:f], kv[:, :, :, start:end])
             start = end
         return out
 
