@@ -67,8 +67,8 @@ def _sync(device: str) -> None:
 def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repeats: int, device: str) -> dict:
     totals = {mode: {"trajectories": 0, "generated_tokens": 0, "prefilled_tokens": 0, "seconds": 0.0}
               for mode in ("tree", "chain")}
-    for shape in (TREE, CHAIN):  # warm-up, untimed: the first calls of a process pay one-off set-up costs
-        sample_trees(backend, env, prompts[:4], cfg.sampling.model_copy(update=shape), cfg.agent, seed=-1)
+    for shape in (TREE, CHAIN):  # warm-up at full size, untimed: first calls pay one-off costs (memory growth)
+        sample_trees(backend, env, prompts, cfg.sampling.model_copy(update=shape), cfg.agent, seed=-1)
     for r in range(repeats):
         for mode, shape in (("tree", TREE), ("chain", CHAIN)):
             sampling = cfg.sampling.model_copy(update=shape)

@@ -138,8 +138,25 @@ class KVBuffer:
 
 @dataclass
 class _Entry:
+    """A cached token sequence and its KV as consecutive segments, each (layers, 2, kv_heads, length, head_dim):
+    the segments of the entry it extended (shared, not copied) and then what the call that made it computed."""
+
     tokens: list[int]
-    kv: torch.Tensor  # (layers, 2, kv_heads, len(tokens), head_dim), often a view into one call's gathered KV
+    segments: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.segments)
+
+    def first(self, n: int) -> list[torch.Tensor]:
+        """The segments covering the first n tokens (the last one cut to fit)."""
+        out = []
+        for seg in self.segments:
+            if n <= 0:
+                break
+            out.append(seg[:, :, :, :n])
+            n -= seg.shape[3]
+        return out
 
 
 class PrefixCache:
@@ -172,13 +189,14 @@ class PrefixCache:
                 best, best_len = key, i
         return best, best_len
 
-    def add(self, tokens: list[int], kv: torch.Tensor) -> None:
+    def add(self, tokens: list[int], segments: list[torch.Tensor]) -> None:
+        """Keep `tokens` with their KV `segments` (see `_Entry`; counted in full, shared parts included)."""
         if len(tokens) < MIN_PREFIX or self.max_bytes <= 0:
             return
         key, self._next = self._next, self._next + 1
-        self.entries[key] = _Entry(tokens, kv)
+        self.entries[key] = entry = _Entry(tokens, segments)
         self.buckets.setdefault(tuple(tokens[:MIN_PREFIX]), set()).add(key)
-        self.bytes += kv.numel() * kv.element_size()
+        self.bytes += entry.nbytes
         while self.bytes > self.max_bytes and self.entries:
             self.remove(next(iter(self.entries)))
 
@@ -187,7 +205,7 @@ class PrefixCache:
         if entry is None:
             return
         self.buckets[tuple(entry.tokens[:MIN_PREFIX])].discard(key)
-        self.bytes -= entry.kv.numel() * entry.kv.element_size()
+        self.bytes -= entry.nbytes
 
 
 FORWARDS = ("fused", "lean", "model")
@@ -274,7 +292,7 @@ class HFBackend:
     def next_token_logits(self, contexts: list[list[int]]) -> torch.Tensor:
         """float32 logits (batch, vocab) of the token after each context, computed as generation computes them."""
         self._check_weights()
-        _, logits, _, _ = self._prefill(contexts, capacity=max(len(c) for c in contexts))
+        _, logits, _, _, _ = self._prefill(contexts, capacity=max(len(c) for c in contexts))
         return logits
 
     def _forward(self, cache: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
@@ -309,13 +327,17 @@ class HFBackend:
         width_q = max(suffix)
 
         cache = KVBuffer(len(distinct), capacity, self._num_layers, self._pools[0])
+        # the cached segments each distinct context starts from, taken now: entries may be evicted by the time
+        # this call's own entries (which share them) are made
+        bases = [self.prefix_cache.entries[key].first(n) if n else [] for (key, _), n in zip(hits, cached, strict=True)]
         if any(cached):
-            first = self.prefix_cache.entries[next(k for k, _ in hits if k is not None)].kv
-            _, _, heads, _, dim = first.shape
-            cache.allocate(heads, dim, first.dtype, dev)
-            for i, ((key, _), n) in enumerate(zip(hits, cached, strict=True)):
-                if n:
-                    cache.data[:, :, i, :, :n] = self.prefix_cache.entries[key].kv[:, :, :, :n]
+            _, _, heads, _, dim = next(b for b in bases if b)[0].shape
+            cache.allocate(heads, dim, next(b for b in bases if b)[0].dtype, dev)
+            for i, segments in enumerate(bases):
+                start = 0
+                for seg in segments:
+                    cache.data[:, :, i, :, start : start + seg.shape[3]] = seg
+                    start += seg.shape[3]
 
         ids = torch.full((len(distinct), width_q), self.pad_id, dtype=torch.long)
         positions = torch.full((len(distinct), width_q), capacity, dtype=torch.long)  # padding → scratch column
@@ -354,7 +376,8 @@ class HFBackend:
             index = torch.tensor(row_of, device=dev)
             cache.select_rows(index, self._pools[1])
             logits = logits.index_select(0, index)
-        return cache, logits, prefilled, extended
+        origins = [(bases[u], cached[u]) for u in row_of]
+        return cache, logits, prefilled, extended, origins
 
     def _generate_batch(self, contexts, max_new, stop_ids, temperature, greedy, generator) -> list[TurnOutput]:
         """Prefill, then decode. Decode step t writes every row's token to the same column `width + t` (width:
@@ -370,7 +393,7 @@ class HFBackend:
         steps = max(max(max_new), 0)
         width = max(len(c) for c in contexts)
         capacity = width + steps
-        cache, logits, prefilled, extended = self._prefill(contexts, capacity)
+        cache, logits, prefilled, extended, origins = self._prefill(contexts, capacity)
         lengths_ctx = torch.tensor([len(c) for c in contexts], device=dev)
         columns = torch.arange(capacity, device=dev)
         bias = _bias((columns[None, :] < lengths_ctx[:, None]) | (columns[None, :] >= width))[:, None, None]
@@ -399,7 +422,7 @@ class HFBackend:
                 stay = (~finished).nonzero().squeeze(1)
                 rows_out = [kept[i] for i in leaving.tolist()]
                 turns.update(self._finish(rows_out, leaving, contexts, tokens, logps, t + 1, max_new, stop_ids,
-                                          prefilled, extended, cache, width))
+                                          prefilled, extended, origins, cache, width))
                 cache.select_rows(stay, self._pools[1] if cache.pool is self._pools[0] else self._pools[0])
                 kept = [kept[i] for i in stay.tolist()]
                 alive, nxt, lengths_ctx, bias, last_step, finished = (
@@ -410,13 +433,14 @@ class HFBackend:
             logits = self._forward(cache, nxt[:, None], (lengths_ctx + t)[:, None], bias[..., : width + t + 1],
                                    top_position)
         turns.update(self._finish(kept, torch.arange(len(kept), device=dev), contexts, tokens, logps, steps,
-                                  max_new, stop_ids, prefilled, extended, cache, width))
+                                  max_new, stop_ids, prefilled, extended, origins, cache, width))
         return [turns[i] for i in range(b)]
 
     def _finish(self, rows, buffer_rows, contexts, tokens, logps, decoded, max_new, stop_ids, prefilled, extended,
-                cache: KVBuffer, width: int) -> dict[int, TurnOutput]:
+                origins, cache: KVBuffer, width: int) -> dict[int, TurnOutput]:
         """Turn outputs of batch rows `rows` (in the buffer at `buffer_rows`) after `decoded` decode steps, and
-        their KV (context + generated tokens fed back) kept for later calls."""
+        their KV (context + generated tokens fed back) kept for later calls: the cached segments a row started
+        from, shared, plus one gathered segment of what this call computed for it."""
         tokens_l = tokens[rows, :decoded].tolist()
         logps_l = logps[rows, :decoded].tolist()
         out = {}
@@ -432,14 +456,16 @@ class HFBackend:
         fed = [max(len(out[i].tokens) - 1, 0) for i in rows]
         index_rows, index_cols = [], []
         for j, i, f in zip(buffer_rows.tolist(), rows, fed, strict=True):
-            index_rows += [j] * (len(contexts[i]) + f)
-            index_cols += list(range(len(contexts[i]))) + list(range(width, width + f))
+            n = origins[i][1]
+            index_rows += [j] * (len(contexts[i]) - n + f)
+            index_cols += list(range(n, len(contexts[i]))) + list(range(width, width + f))
         dev = self.device
         kv = cache.gather(torch.tensor(index_rows, device=dev), torch.tensor(index_cols, device=dev))  # one copy
         start = 0
         for i, f in zip(rows, fed, strict=True):
-            end = start + len(contexts[i]) + f
-            self.prefix_cache.add(list(contexts[i]) + out[i].tokens[:f], kv[:, :, :, start:end])
+            base, n = origins[i]
+            end = start + len(contexts[i]) - n + f
+            self.prefix_cache.add(list(contexts[i]) + out[i].tokens[:f], base + [kv[:, :, :, start:end]])
             start = end
         return out
 

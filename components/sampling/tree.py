@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from components.config import AgentConfig, SamplingConfig
-from components.sampling.agent import Episode, SearchEnv, Step, run_turn
+from components.sampling.agent import Episode, SearchEnv, Step, frozen_heap, run_turn
 from components.sampling.backend import HFBackend
 from components.sampling.rng import stable_seed
 
@@ -157,16 +157,17 @@ def sample_trees(
     for pid, trees in by_prompt.items():
         picks = [(t, ROOT, 0) for t in trees]
         running[pid] = (0, picks, episodes_for(picks, 0))
-    while running:
-        live = [e for _, _, eps in running.values() for e in eps]
-        run_turn(backend, env, live, agent, sampling.temperature, greedy=False)
-        for pid in [p for p, (_, _, eps) in running.items() if all(e.done for e in eps)]:
-            r, picks, eps = running.pop(pid)
-            for (tree, node, _), ep in zip(picks, eps, strict=True):
-                tree.attach(node, ep.steps, 0 if chain_mode else r)
-            picks = next_picks(pid, r + 1)
-            if picks:
-                running[pid] = (r + 1, picks, episodes_for(picks, 0 if chain_mode else r + 1))
+    with frozen_heap():
+        while running:
+            live = [e for _, _, eps in running.values() for e in eps]
+            run_turn(backend, env, live, agent, sampling.temperature, greedy=False)
+            for pid in [p for p, (_, _, eps) in running.items() if all(e.done for e in eps)]:
+                r, picks, eps = running.pop(pid)
+                for (tree, node, _), ep in zip(picks, eps, strict=True):
+                    tree.attach(node, ep.steps, 0 if chain_mode else r)
+                picks = next_picks(pid, r + 1)
+                if picks:
+                    running[pid] = (r + 1, picks, episodes_for(picks, 0 if chain_mode else r + 1))
     all_trees = [t for trees in by_prompt.values() for t in trees]
     if sampling.keep_leaves is not None:
         for tree in all_trees:
