@@ -374,13 +374,23 @@ def test_prefilled_tokens_are_what_the_model_was_fed(setup, trees):
                 assert node.step.prefilled <= len(tree.nodes[node.parent_id].step.obs_ids) + 1
     plain = HFBackend(backend.model, backend.pad_id, backend.eos_id, prefix_cache_mb=0)
     sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=2, expansion_rounds=1)
-    fed = defaultdict(list)  # identical contexts of one generate call (a round's turn) go to the model once
-    for tree in sample_trees(plain, env, prompts, sampling, AGENT, seed=0):
-        for node in tree.nodes:
-            context = tree.prefix(ROOT if node.parent_id is None else node.parent_id)
-            turn, up = 0, node.parent_id  # the node's turn within its episode: ancestors from the same round
-            while up is not None and tree.nodes[up].expansion_round == node.expansion_round:
-                turn, up = turn + 1, tree.nodes[up].parent_id
-            fed[node.expansion_round, turn, tuple(context)].append(node.step.prefilled)
-    for (_, _, context), counts in fed.items():
-        assert sorted(counts) == [0] * (len(counts) - 1) + [len(context)]
+    calls = []  # identical contexts of one generate call go to the model once
+    generate = plain.generate
+
+    def recording(contexts, *args, **kwargs):
+        outs = generate(contexts, *args, **kwargs)
+        calls.append([(tuple(c), o.prefilled) for c, o in zip(contexts, outs, strict=True)])
+        return outs
+
+    plain.generate = recording
+    trees = sample_trees(plain, env, prompts, sampling, AGENT, seed=0)
+    repeated = 0
+    for call in calls:
+        fed = defaultdict(list)
+        for context, prefilled in call:
+            fed[context].append(prefilled)
+        for context, counts in fed.items():
+            assert sorted(counts) == [0] * (len(counts) - 1) + [len(context)]
+            repeated += len(counts) > 1
+    assert repeated  # the M trees of a prompt start from one context
+    assert sum(len(call) for call in calls) == sum(len(t.nodes) for t in trees)  # one row per node
