@@ -10,12 +10,15 @@ How a batch is computed, and why:
   step t writes every row's token to the one column `width + t`. The additive attention bias is built here,
   once per call.
 * **Three forwards** (see `llama_forward`): fused, lean, or the model's own.
+* **Finished rows leave.** Once half the rows in the buffer have finished their turn, the finished ones hand
+  their KV to the prefix cache and the rest are copied into the other pooled buffer.
 * **Prefix reuse.** The backend keeps the KV of what it computed in earlier calls (the context and the
-  generated tokens it fed) and, for a new context, copies the longest cached common prefix and feeds only the
-  rest — the next turn of an episode feeds just the observation, and a tree expansion from an intermediate node
-  feeds nothing it computed before. Identical contexts within a call (the M trees of a prompt, a node drawn
-  twice) are prefilled once and their cache rows repeated. The cache is dropped whenever a parameter of the
-  model changes (tracked by tensor version counters), and is bounded by `prefix_cache_mb`.
+  generated tokens it fed; an entry shares the segments of the entry it extended) and, for a new context,
+  copies the longest cached common prefix and feeds only the rest — the next turn of an episode feeds just
+  the observation, and a tree expansion from an intermediate node feeds nothing it computed before.
+  Identical contexts within a call (the M trees of a prompt, a node drawn twice) are prefilled once and their
+  cache rows repeated. The cache is dropped whenever a parameter of the model changes (tracked by tensor
+  version counters), and is bounded by `prefix_cache_mb`.
 * Logits are cast to float32 before the softmax, so bf16 models sample from float32 probabilities.
 """
 
