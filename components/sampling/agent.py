@@ -110,7 +110,10 @@ def frozen_heap() -> Iterator[None]:
     """Sampling makes many short-lived objects, and each of the collector's full passes would rescan the whole
     heap (world, questions, model, caches): pauses of ~0.2 s were measured mid-sampling. Objects alive before
     the block are moved out of the collector's sight for its duration (`gc.freeze`); new ones are still
-    collected."""
+    collected. Where something else froze objects already, nothing is done (unfreezing would undo its freeze)."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

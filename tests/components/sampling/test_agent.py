@@ -99,3 +99,22 @@ def test_segment_trees_expand_from_segment_boundaries(setup, policy):
             assert stored == pytest.approx([float(logp[pos - 1 + i, tok]) for i, tok in enumerate(ids[pos:])],
                                            abs=1e-4)
     assert from_inner > 0
+
+
+def test_frozen_heap_hides_old_objects_from_the_collector_and_restores_it():
+    import gc
+
+    from components.sampling.agent import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # someone else's freeze is left alone
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
