@@ -334,8 +334,9 @@ class HFBackend:
         # this call's own entries (which share them) are made
         bases = [self.prefix_cache.entries[key].first(n) if n else [] for (key, _), n in zip(hits, cached, strict=True)]
         if any(cached):
-            _, _, heads, _, dim = next(b for b in bases if b)[0].shape
-            cache.allocate(heads, dim, next(b for b in bases if b)[0].dtype, dev)
+            sample = next(b for b in bases if b)[0]
+            _, _, heads, _, dim = sample.shape
+            cache.allocate(heads, dim, sample.dtype, dev)
             for i, segments in enumerate(bases):
                 start = 0
                 for seg in segments:

@@ -57,8 +57,3 @@ def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = logp.double().exp().cumsum(-1)
     target = (u * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logp.shape[-1] - 1)
-
-
-def sample_next(logp: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """The next token of every row, one uniform per row (see `uniforms`). logp: (B, V). Returns (B,) long."""
-    return inverse_cdf(logp, uniforms(generator, logp.shape[0], 1, logp.device)[:, 0])

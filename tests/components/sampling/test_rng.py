@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from components.sampling.backend import HFBackend
-from components.sampling.rng import inverse_cdf, row_generators, sample_next, stable_seed, uniforms
+from components.sampling.rng import inverse_cdf, row_generators, stable_seed, uniforms
 
 
 def sample_rows(logp, generators):
     return inverse_cdf(logp, uniforms(generators, logp.shape[0], 1)[:, 0])
+
+
+def sample_shared(logp, generator):
+    return inverse_cdf(logp, uniforms(generator, logp.shape[0], 1)[:, 0])
 
 
 def test_stable_seed_is_deterministic_and_distinct():
@@ -57,8 +61,8 @@ def test_a_turns_uniforms_are_the_rows_own_stream():
 
 def test_shared_generator_draws_one_reproducible_uniform_per_row():
     logp = torch.log_softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(2)), -1)
-    first = sample_next(logp, torch.Generator().manual_seed(5))
-    assert torch.equal(first, sample_next(logp, torch.Generator().manual_seed(5)))
+    first = sample_shared(logp, torch.Generator().manual_seed(5))
+    assert torch.equal(first, sample_shared(logp, torch.Generator().manual_seed(5)))
     u = 1.0 - torch.rand(4, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert torch.equal(first, inverse_cdf(logp, u[:, 0]))
 
