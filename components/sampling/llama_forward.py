@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from components.sampling import cpu_kernels
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
@@ -80,6 +82,7 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, 
 
 
 STATIC_ROPE = ("default", "linear", "llama3")  # rotary tables that do not depend on the sequence seen so far
+HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # head dims the compiled decode-attention kernel is built for
 
 
 class FusedLlama:
@@ -133,6 +136,9 @@ class FusedLlama:
                 m.down_proj.weight.detach().t(),
             ))
         self._rotation = None
+        # decode attention on a CPU: the compiled kernel where it builds (see cpu_kernels), else batched matmuls
+        usable = not self.embed.is_cuda and d in HEAD_DIMS
+        self._kernel = cpu_kernels.decode_attention() if usable else None
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -201,8 +207,9 @@ class FusedLlama:
         must be planned with flat rows/cols). Prefills of uneven suffixes (a one-token resume beside a
         40-token observation) spend nothing on padding.
 
-        Writes every layer's keys/values through `cache.update` and returns float32 logits (batch, vocab) of the
-        last slot (of each row's last token when packed).
+        Writes every layer's keys/values into `cache` (through `cache.update`, or in a decode step on a CPU the
+        compiled kernel writes them at `cache.col`) and returns float32 logits (batch, vocab) of the last slot (of
+        each row's last token when packed).
         """
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
         if packed is None:
@@ -213,15 +220,22 @@ class FusedLlama:
         rotation = self._rotation[positions]  # (batch, q_len, d/2) or (tokens, d/2), complex
         rotation = rotation[:, None] if packed is None else rotation[:, None, :]
         h = F.embedding(ids, self.embed).view(-1, self.embed.shape[1])
+        kernel_step = (self._kernel is not None and packed is None and s == 1
+                       and getattr(cache, "col", None) is not None and cache.data is not None)
         for idx, (qkv_t, qkv_b, o_t, gate_up_t, act, down_t) in enumerate(self.layers):
             qkv = self._project(h, qkv_t, qkv_b)
             qkv = qkv.view(b, s, hq + 2 * hkv, d).transpose(1, 2) if packed is None else qkv.view(-1, hq + 2 * hkv, d)
             pairs = torch.view_as_complex(qkv[:, : hq + hkv].unflatten(-1, (d // 2, 2)))
             qk = torch.view_as_real(pairs * rotation).flatten(-2)
-            k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
-            if packed is None:
+            if kernel_step:  # the kernel writes this step's key/value into the cache and attends, in one call
+                keys, values = cache.layer_kv(idx)
+                o = self._kernel.decode_attention(qk[:, :hq, 0], qk[:, hq:, 0], qkv[:, hq + hkv :, 0], keys, values,
+                                                  cache.col, bias[:, 0, 0])
+            elif packed is None:
+                k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
                 o = self._attention(qk[:, :hq], k, v, bias)
             else:
+                k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
                 grid = qk.new_zeros(b * s, hq, d)
                 grid[slots] = qk[:, :hq]
                 o = self._attention(grid.view(b, s, hq, d).transpose(1, 2), k, v, bias)[slots]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from components.sampling import cpu_kernels
 from components.sampling.backend import FORWARDS, HFBackend
 from components.sampling.llama_forward import FusedLlama
 from components.sampling.rng import row_generators
@@ -61,8 +62,13 @@ def _backend(model, tokenizer, batch_size=256, eos_id=None, forward=None):
     return HFBackend(model, tokenizer.pad_token_id, eos, batch_size, forward=forward)
 
 
-@pytest.fixture(params=FORWARDS)
-def forward(request):
+@pytest.fixture(params=[*FORWARDS, "fused-matmul"])
+def forward(request, monkeypatch):
+    """Each forward; "fused" decodes through the compiled attention kernel on a CPU, "fused-matmul" with the
+    kernel switched off (its torch fallback)."""
+    if request.param == "fused-matmul":
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        return "fused"
     return request.param
 
 
