@@ -33,6 +33,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C++ compiler for the CPU decode-attention kernel, built on first use for the CPU the container runs on
+# (without one, sampling falls back to torch operations).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # CPU torch first, from PyTorch's CPU wheel index, so the project's "torch>=2.4" is already met.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 

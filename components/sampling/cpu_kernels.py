@@ -2,15 +2,19 @@
 
 `decode_attention()` returns the kernel's module, or None where it cannot be built (no C++ compiler, or
 `ARBORL_CPU_KERNELS=0`); callers then use plain torch operations, which compute the same thing, slower. The
-build takes ~20 s once per machine and source version (torch caches it under `TORCH_EXTENSIONS_DIR`, by default
-~/.cache/torch_extensions) and is tuned for the CPU it runs on (`-march=native`). OpenMP comes from the runtime
-torch already loaded, so the kernel shares torch's threads instead of starting a second pool.
+build takes ~20 s once per CPU model and source version (torch caches it under `TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions) and is tuned for the CPU it runs on (`-march=native`; the build's name carries a hash of
+the CPU's model and flags, so a home directory shared by different machines never loads a build made for another
+CPU). OpenMP comes from the runtime torch already loaded, so the kernel shares torch's threads instead of starting
+a second pool.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -35,6 +39,18 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def cpu_tag() -> str:
+    """A short hash of this CPU's model name and instruction-set flags (Linux), else of what `platform` reports."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        text += "".join(dict.fromkeys(lines))  # the first of each distinct line: the same on every core
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def decode_attention() -> ModuleType | None:
     """The built kernel module (with `decode_attention(q, new_k, new_v, keys, values, column, bias)`), or None."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -51,7 +67,7 @@ def _build() -> ModuleType | None:
 
         _ninja_on_path()
         return load(
-            name="arborl_cpu_attention",
+            name=f"arborl_cpu_attention_{cpu_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
