@@ -193,6 +193,7 @@ def run_benchmark(
         "repeats": repeats,
         "decode_tokens": decode_tokens,
         "forward": backend.forward,
+        "cpu_attention_kernel": backend.uses_cpu_kernel,
         "setup_seconds": setup_seconds,
     }
     result.update(tree_vs_chain(backend, env, prompt_list, cfg, repeats, device))

@@ -265,6 +265,15 @@ class HFBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def uses_cpu_kernel(self) -> bool:
+        """Whether decode attention runs in the compiled CPU kernel (`cpu_kernels`), as of the last build of the
+        fused weights (built here if none was)."""
+        if self.forward != "fused":
+            return False
+        self._check_weights()
+        return self._fused._kernel is not None
+
     def clear_cache(self) -> None:
         self.prefix_cache.clear()
 

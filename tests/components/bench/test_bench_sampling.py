@@ -10,6 +10,7 @@ import math
 
 from typer.testing import CliRunner
 
+from components.sampling import cpu_kernels
 from flows.cli import app
 
 SMALL = ["world.num_people=60", "world.num_train=50", "world.num_val=10", "world.num_test=20", "run.threads=1",
@@ -30,3 +31,6 @@ def test_quick_bench_reports_finite_positive_numbers():
     assert set(ratios) == {"8"} and all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert report["first_step_max_abs_logit_diff"] < 1e-4
     assert report["greedy_tokens_equal_generate"] is True
+    # head dim 16: the fused forward decodes through the compiled kernel wherever it builds
+    assert report["forward"] == "fused"
+    assert report["cpu_attention_kernel"] is (cpu_kernels.decode_attention() is not None)
