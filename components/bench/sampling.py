@@ -3,7 +3,7 @@
 On the default world and model (configs/tiny.yaml), with one backend and one setting:
 (a) Tree-GRPO trees (M=2, N=2, L=1: 6 trajectories per prompt) vs 6 independent chains per prompt:
     trajectories per generated token and per second (tree ÷ chain; after an untimed warm-up of both,
-    alternating repeats, summed);
+    alternating repeats, summed), and per processed (generated + prefilled) token;
 (b) the backend's decode throughput vs plain `model.generate` sampling (temperature 1, no top-k/top-p) on the
     same contexts at batch 8, 32 and 128, `decode_tokens` new tokens each, no stopping (best of the repeats);
     plus the first-step logit difference to a plain forward and whether greedy tokens equal `generate`'s;
@@ -91,6 +91,10 @@ def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repe
         out[f"{mode}_traj_per_second"] = t["trajectories"] / t["seconds"]
     out["tree_vs_chain_traj_per_token"] = out["tree_traj_per_token"] / out["chain_traj_per_token"]
     out["tree_vs_chain_traj_per_second"] = out["tree_traj_per_second"] / out["chain_traj_per_second"]
+    # the per-second ratio if a prefilled token cost as much as a generated one and nothing else cost anything
+    processed = {m: t["trajectories"] / max(t["generated_tokens"] + t["prefilled_tokens"], 1)
+                 for m, t in totals.items()}
+    out["tree_vs_chain_traj_per_processed_token"] = processed["tree"] / processed["chain"]
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from components.sampling import cpu_kernels
@@ -27,6 +28,8 @@ def test_quick_bench_reports_finite_positive_numbers():
     for key in ("tree_vs_chain_traj_per_token", "tree_vs_chain_traj_per_second", "peak_rss_mb"):
         assert report[key] > 0, key
     assert report["tree_trajectories"] == report["chain_trajectories"] == 6 * report["prompts"]
+    processed = {m: report[f"{m}_generated_tokens"] + report[f"{m}_prefilled_tokens"] for m in ("tree", "chain")}
+    assert report["tree_vs_chain_traj_per_processed_token"] == pytest.approx(processed["chain"] / processed["tree"])
     ratios = report["backend_vs_generate_tokens_per_s"]
     assert set(ratios) == {"8"} and all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert report["first_step_max_abs_logit_diff"] < 1e-4
