@@ -77,7 +77,7 @@ def test_kernel_rejects_bad_input_with_a_clear_message(kernel):
 
 
 @needs_compiler
-def test_backend_decodes_through_the_kernel_exactly_as_with_matmuls(monkeypatch):
+def test_backend_samples_the_same_through_the_kernel_as_with_matmuls(monkeypatch):
     """A head dim of 32 (the default model's): sampled tokens and their log-probs are the same with the kernel as
     with the torch fallback, and the kernel is what ran."""
     torch.manual_seed(2)
