@@ -92,7 +92,7 @@ class FusedLlama:
     * q, k and v projections are one matrix, gate and up another;
     * RMSNorm's weight is folded into the matrix it feeds: W·(g ⊙ x / √(‖x‖²/d + ε)) = (W·diag(g)·√d)·(x / √(‖x‖² +
       dε)), so a norm costs a vector norm, three in-place ops on one number per token, and one scaling (of the
-      matrix output, or of x for gate/up, which is 8× wider);
+      matrix output, or of x for gate/up, whose output is several times wider);
     * the attention scale is folded into the q rows (rotary is linear, so it commutes);
     * rotary runs as a complex multiplication: the q and k rows of each head are permuted so that the pairs
       rotate-half mixes (i, i + d/2) sit side by side; q·k is unchanged by a permutation applied to both, and the
@@ -177,9 +177,10 @@ class FusedLlama:
     def _project(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                  scale_input: bool = False) -> torch.Tensor:
         """RMSNorm(x) times a folded matrix, given transposed (hidden, out): x: (tokens, hidden) → (tokens, out).
-        The per-token scale goes on the output, or with `scale_input` on x, which is cheaper for gate/up (8× wider
-        than x). For q/k/v and the head, scaling x was measured to more than double the logit error against the
-        model's own forward (on a test model with large weights), so they scale the output."""
+        The per-token scale goes on the output, or with `scale_input` on x, which is cheaper for gate/up (its
+        output is several times wider than x). For q/k/v and the head, scaling x was measured to more than double
+        the logit error against the model's own forward (on a test model with large weights): they scale the
+        output."""
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(self.d_eps).rsqrt_()
         y = torch.mm(x * scale, weight_t) if scale_input else torch.mm(x, weight_t).mul_(scale)
         return y if bias is None else y.add_(bias)
