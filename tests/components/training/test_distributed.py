@@ -113,9 +113,16 @@ def test_two_gloo_ranks_sum_to_the_single_process_gradient(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], env=env, check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(tmp_path / "two.json")], env=env, check=True, timeout=180,
-                   stdout=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path / "two.json")]
+    # gloo on a loaded 2-core machine was seen (once in many runs) to abort a rank at exit ("terminate called
+    # without an active exception"); a second launch tells that apart from a real failure, which repeats
+    for _ in range(2):
+        done = subprocess.run(command, env=env, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode == 0:
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (one["world"], two["world"]) == (1, 2)
     for name, g in one["grads"].items():
