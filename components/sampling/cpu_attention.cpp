@@ -1,4 +1,5 @@
-// Decode attention for one query token per row, float32 on a CPU: softmax(q·kᵀ + bias)·v per head.
+// Attention kernels for the sampling backend, float32 on a CPU: decode attention (one query token per row,
+// softmax(q·kᵀ + bias)·v per head) and packed prefill attention (see packed_attention, at the end).
 //
 // Why a kernel: in a decode step every row reads its whole cache once. torch.bmm over cache views whose rows
 // are strided (a buffer allocated at its final width and read up to the current one) ran at a third of the
@@ -207,6 +208,75 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor new_k, torch::Tens
   return out;
 }
 
+// Packed prefill attention: the tokens of a prefill come flat (a one-token resume beside a 40-token observation,
+// with no padding), token t at cache row rows[t] and position ends[t] - 1, its key and value already in the
+// cache. Every row's context fills its columns from 0, so token t attends to columns [0, ends[t]) of its row:
+// causal, no bias. Attending on the padded (rows × longest suffix) grid instead spent most of a prefill's
+// attention on padding. Shapes: q (tokens, heads, dim); keys, values (batch, kv_heads, capacity, dim); rows, ends
+// (tokens,) int64. Returns (tokens, heads · dim).
+torch::Tensor packed_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor rows,
+                               torch::Tensor ends) {
+  const std::vector<torch::Tensor> floats = {q, keys, values};
+  for (const auto& t : floats) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu(), "packed_attention: float32 CPU tensors only");
+    TORCH_CHECK(t.stride(-1) == 1, "packed_attention: the last dimension must be contiguous");
+  }
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && ends.scalar_type() == torch::kLong && rows.is_contiguous() &&
+                  ends.is_contiguous() && rows.device().is_cpu() && ends.device().is_cpu(),
+              "packed_attention: rows and ends must be contiguous int64 CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && rows.dim() == 1 && ends.dim() == 1,
+              "packed_attention: expected q (tokens, heads, dim), keys, values (batch, kv_heads, capacity, dim), "
+              "rows and ends (tokens,)");
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t batch = keys.size(0), kv_heads = keys.size(1), capacity = keys.size(2);
+  TORCH_CHECK(heads % kv_heads == 0 && keys.size(3) == dim && values.sizes() == keys.sizes() &&
+                  rows.size(0) == tokens && ends.size(0) == tokens,
+              "packed_attention: shapes do not match");
+  TORCH_CHECK(dim == 8 || dim == 16 || dim == 32 || dim == 64 || dim == 128 || dim == 256,
+              "packed_attention: head dim must be 8, 16, 32, 64, 128 or 256");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* ep = ends.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < batch && ep[t] >= 1 && ep[t] <= capacity, "packed_attention: token ", t,
+                " has row ", rp[t], " and end ", ep[t], " outside the cache (batch ", batch, ", capacity ", capacity,
+                ")");
+  }
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty({tokens, heads * dim}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(capacity);
+    std::vector<float> zeros(capacity, 0.0f);
+    std::vector<int64_t> live(capacity);
+    for (int64_t j = 0; j < capacity; ++j) live[j] = j;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / kv_heads, hk = task % kv_heads;
+      const float* krow = kp + rp[t] * ks0 + hk * ks1;
+      const float* vrow = vp + rp[t] * vs0 + hk * vs1;
+      const float* qrow = qp + t * qs0 + hk * group * qs1;
+      float* orow = op + (t * heads + hk * group) * dim;
+      const int64_t n = ep[t];
+      switch (dim) {
+        case 8: attend<8>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
+        case 16: attend<16>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
+        case 32: attend<32>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
+        case 64: attend<64>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
+        case 128: attend<128>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
+        default: attend<256>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "append a decode step's key/value, then softmax(q·kᵀ + bias)·v");
+  m.def("packed_attention", &packed_attention, "causal attention of flat tokens, each over its row's first columns");
 }

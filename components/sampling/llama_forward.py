@@ -136,7 +136,8 @@ class FusedLlama:
                 m.down_proj.weight.detach().t(),
             ))
         self._rotation = None
-        # decode attention on a CPU: the compiled kernel where it builds (see cpu_kernels), else batched matmuls
+        # decode and packed prefill attention on a CPU: the compiled kernels where they build (see cpu_kernels),
+        # else batched matmuls
         usable = not self.embed.is_cuda and d in HEAD_DIMS
         self._kernel = cpu_kernels.decode_attention() if usable else None
 
@@ -209,8 +210,10 @@ class FusedLlama:
         `packed` = (slots, batch, q_len, last): the tokens come flat instead — ids, positions (tokens,) — with
         token j in slot slots[j] of the (batch · q_len) query grid, and last[i] the index of row i's last token.
         The projections and the MLP then run over the real tokens only; attention runs over the grid (`cache`
-        must be planned with flat rows/cols). Prefills of uneven suffixes (a one-token resume beside a
-        40-token observation) spend nothing on padding.
+        must be planned with flat rows/cols), or on a CPU with the compiled kernel over the real tokens only, each
+        attending to its row's columns [0, position] — a packed prefill's bias must say exactly that (the
+        backend's does: a context fills its row from column 0). Prefills of uneven suffixes (a one-token resume
+        beside a 40-token observation) spend nothing on padding.
 
         Writes every layer's keys/values into `cache` (through `cache.update`, or in a decode step on a CPU the
         compiled kernel writes them at `cache.col`) and returns float32 logits (batch, vocab) of the last slot (of
@@ -227,6 +230,8 @@ class FusedLlama:
         h = F.embedding(ids, self.embed).view(-1, self.embed.shape[1])
         kernel_step = (self._kernel is not None and packed is None and s == 1
                        and getattr(cache, "col", None) is not None and cache.data is not None)
+        if self._kernel is not None and packed is not None:  # each flat token attends its row's columns [0, end)
+            token_rows, token_ends = torch.div(slots, s, rounding_mode="floor"), positions + 1
         for idx, (qkv_t, qkv_b, o_t, gate_up_t, act, down_t) in enumerate(self.layers):
             qkv = self._project(h, qkv_t, qkv_b)
             qkv = qkv.view(b, s, hq + 2 * hkv, d).transpose(1, 2) if packed is None else qkv.view(-1, hq + 2 * hkv, d)
@@ -239,6 +244,9 @@ class FusedLlama:
             elif packed is None:
                 k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
                 o = self._attention(qk[:, :hq], k, v, bias)
+            elif self._kernel is not None:
+                k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
+                o = self._kernel.packed_attention(qk[:, :hq], k, v, token_rows, token_ends)
             else:
                 k, v = cache.update(qk[:, hq:], qkv[:, hq + hkv :], idx)
                 grid = qk.new_zeros(b * s, hq, d)

@@ -1,5 +1,5 @@
-"""components.sampling.cpu_kernels: the compiled CPU decode-attention kernel against torch's attention, its use by
-the fused forward, and the fallback when it cannot be built."""
+"""components.sampling.cpu_kernels: the compiled CPU attention kernels (decode, packed prefill) against torch's
+attention, their use by the fused forward, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -77,9 +77,47 @@ def test_kernel_rejects_bad_input_with_a_clear_message(kernel):
 
 
 @needs_compiler
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 32), (8, 2, 16), (2, 1, 64)])
+def test_packed_attention_equals_causal_attention_over_each_tokens_row(kernel, heads, kv_heads, dim):
+    """Flat tokens of several rows, each at its own position: token t attends to columns [0, ends[t]) of its row,
+    as torch's attention over that slice computes it; strided q and cache views, grouped kv heads."""
+    g = torch.Generator().manual_seed(1)
+    batch, capacity = 4, 30
+    rows = torch.tensor([0, 0, 0, 2, 3, 3, 1, 2])
+    ends = torch.tensor([5, 6, 7, 1, 20, 21, 12, 2])  # a suffix resumed after a cached prefix; a first token
+    q = torch.randn(len(rows), heads + 2, dim, generator=g)[:, :heads]
+    buffer = torch.randn(2, batch, kv_heads, capacity + 1, dim, generator=g)
+    keys, values = (x.narrow(2, 0, capacity) for x in buffer.unbind(0))
+    before = buffer.clone()
+
+    out = kernel.packed_attention(q, keys, values, rows, ends)
+
+    assert torch.equal(buffer, before)  # reads only
+    for t, (r, e) in enumerate(zip(rows.tolist(), ends.tolist(), strict=True)):
+        ref = F.scaled_dot_product_attention(q[t][None, :, None], keys[r, :, :e][None], values[r, :, :e][None],
+                                             scale=1.0, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(out[t], ref.reshape(-1), rtol=0, atol=2e-5)
+
+
+@needs_compiler
+def test_packed_attention_rejects_tokens_outside_the_cache(kernel):
+    q = torch.randn(2, 4, 32)
+    keys = torch.randn(3, 4, 10, 32)
+    with pytest.raises(RuntimeError, match="token 1 has row 3 and end 4 outside the cache"):
+        kernel.packed_attention(q, keys, keys, torch.tensor([0, 3]), torch.tensor([2, 4]))
+    with pytest.raises(RuntimeError, match="token 0 has row 0 and end 11 outside the cache"):
+        kernel.packed_attention(q, keys, keys, torch.tensor([0, 1]), torch.tensor([11, 4]))
+    with pytest.raises(RuntimeError, match="contiguous int64 CPU tensors"):
+        kernel.packed_attention(q, keys, keys, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2, 4]))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernel.packed_attention(q, keys, keys, torch.tensor([0, 1, 2]), torch.tensor([2, 4, 1]))
+
+
+@needs_compiler
 def test_backend_samples_the_same_through_the_kernel_as_with_matmuls(monkeypatch):
-    """A head dim of 32 (the default model's): sampled tokens and their log-probs are the same with the kernel as
-    with the torch fallback, and the kernel is what ran."""
+    """A head dim of 32 (the default model's): sampled tokens and their log-probs are the same with the kernels as
+    with the torch fallback, over a first call and a second whose contexts extend the first's (a packed prefill of
+    uneven suffixes after cached prefixes), and the kernels are what ran."""
     torch.manual_seed(2)
     config = LlamaConfig(vocab_size=97, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128)
@@ -89,7 +127,13 @@ def test_backend_samples_the_same_through_the_kernel_as_with_matmuls(monkeypatch
             p.normal_(0.0, 0.3 if p.dim() == 1 else (4 / p.shape[-1]) ** 0.5)
     contexts = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 3, 17)]
 
-    calls = []
+    def two_calls(backend):
+        gen = torch.Generator().manual_seed(1)
+        first = backend.generate(contexts, [12] * 3, set(), 1.0, False, gen)
+        longer = [c + o.tokens + [5] * (2 + 7 * i) for i, (c, o) in enumerate(zip(contexts, first, strict=True))]
+        return first + backend.generate(longer, [6] * 3, set(), 1.0, False, gen)
+
+    calls = {"decode": 0, "packed": 0}
     with_kernel = HFBackend(model, 0, -1)
     with_kernel._check_weights()
     module = with_kernel._fused._kernel
@@ -97,17 +141,23 @@ def test_backend_samples_the_same_through_the_kernel_as_with_matmuls(monkeypatch
 
     class Counting:
         def decode_attention(self, *args):
-            calls.append(args[5])
+            calls["decode"] += 1
             return module.decode_attention(*args)
+
+        def packed_attention(self, *args):
+            calls["packed"] += 1
+            return module.packed_attention(*args)
 
     with_kernel._fused._kernel = Counting()
     with_kernel._check_weights = lambda: None  # keep the wrapped kernel
-    out = with_kernel.generate(contexts, [12] * 3, set(), 1.0, False, torch.Generator().manual_seed(1))
-    assert len(calls) == 2 * 11  # two layers, every decode step after the prefill
+    out = two_calls(with_kernel)
+    # two layers; every decode step after a prefill; both prefills packed (uneven suffixes)
+    assert calls == {"decode": 2 * (11 + 5), "packed": 2 * 2}
+    assert [o.prefilled for o in out[3:]] == [3, 10, 17]  # the last sampled token and the new ones: prefixes reused
 
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     without = HFBackend(model, 0, -1)
-    ref = without.generate(contexts, [12] * 3, set(), 1.0, False, torch.Generator().manual_seed(1))
+    ref = two_calls(without)
     assert without._fused._kernel is None
     for a, b in zip(out, ref, strict=True):
         assert a.tokens == b.tokens
