@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from components.sampling import cpu_kernels
-from components.sampling.backend import FORWARDS, HFBackend
+from components.sampling.backend import FORWARDS, MIN_PREFIX, HFBackend, PrefixCache
 from components.sampling.llama_forward import FusedLlama
 from components.sampling.rng import row_generators
 
@@ -265,6 +265,43 @@ def _random_model(cls, config_cls, **extra):
         for p in model.parameters():  # random norm weights and biases too, so folding them is exercised
             p.normal_(0.0, 0.3 if p.dim() == 1 else (4 / p.shape[-1]) ** 0.5)
     return model
+
+
+def test_prefix_cache_lookup_finds_the_longest_common_prefix_of_any_entry():
+    """The block index against a scan of every entry: sequences sharing prefixes of every length (one template
+    opening them all), shorter and longer than the query, some removed; the longest match (ties: the oldest
+    entry) is found, and nothing under MIN_PREFIX tokens."""
+    import random
+
+    rng = random.Random(0)
+    cache = PrefixCache(max_bytes=1 << 30)
+    template = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    stored: dict[int, list[int]] = {}  # entry id → tokens
+    for _ in range(300):
+        base = stored[rng.choice(list(stored))] if stored and rng.random() < 0.7 else template
+        tokens = base[: rng.randrange(len(base) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        key = cache.add(tokens, [])
+        assert (key is None) == (len(tokens) < MIN_PREFIX)
+        if key is not None:
+            stored[key] = tokens
+        if stored and rng.random() < 0.2:
+            gone = rng.choice(list(stored))
+            cache.remove(gone)
+            del stored[gone]
+
+    def common(a, b):
+        i = 0
+        while i < min(len(a), len(b)) and a[i] == b[i]:
+            i += 1
+        return i
+
+    queries = [stored[rng.choice(list(stored))][: rng.randrange(40)] + [rng.randrange(4) for _ in range(5)]
+               for _ in range(300)]
+    for query in queries + [template[:5], [9, 9, 9, 9, 9, 9, 9, 9, 9]]:
+        lengths = {key: common(tokens, query) for key, tokens in stored.items()}
+        best = max(lengths.values(), default=0)
+        want = (min(k for k, v in lengths.items() if v == best), best) if best >= MIN_PREFIX else (None, 0)
+        assert cache.longest(query) == want, query
 
 
 @pytest.mark.parametrize(
