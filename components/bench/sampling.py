@@ -3,9 +3,12 @@
 On the default world and model (configs/tiny.yaml), with one backend and one setting:
 (a) Tree-GRPO trees (M=2, N=2, L=1: 6 trajectories per prompt) vs 6 independent chains per prompt:
     trajectories per generated token and per second (tree ÷ chain; after an untimed warm-up of both,
-    alternating repeats, summed), and per processed (generated + prefilled) token;
+    alternating repeats, summed), and per processed (generated + prefilled) token; what the per-token ratio is
+    in expectation for this policy's chains under the official draw (`budget.random_expansion_cost`), and an
+    upper bound of the per-second ratio from the tokens each side processed (`per_second_ceiling`, with a
+    prefilled token's cost relative to a decoded one measured here);
 (b) the backend's decode throughput vs plain `model.generate` sampling (temperature 1, no top-k/top-p) on the
-    same contexts at batch 8, 32 and 128, `decode_tokens` new tokens each, no stopping (best of the repeats);
+    same distinct prompts at batch 8, 32 and 128, `decode_tokens` new tokens each, no stopping (best of the repeats);
     plus the first-step logit difference to a plain forward and whether greedy tokens equal `generate`'s;
 (c) peak resident memory of the process (and peak CUDA memory on a GPU).
 
@@ -29,7 +32,7 @@ from components.envs.world import RELATIONS, build_world, make_questions, vocabu
 from components.models import build_model, build_tokenizer, load_policy, prompt_ids
 from components.sampling.agent import SearchEnv
 from components.sampling.backend import HFBackend
-from components.sampling.budget import budget
+from components.sampling.budget import budget, planned_chains, random_expansion_cost
 from components.sampling.tree import sample_trees
 from components.training.warmstart import supervised_train, tokenize_demo
 
@@ -67,6 +70,7 @@ def _sync(device: str) -> None:
 def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repeats: int, device: str) -> dict:
     totals = {mode: {"trajectories": 0, "generated_tokens": 0, "prefilled_tokens": 0, "seconds": 0.0}
               for mode in ("tree", "chain")}
+    chains = []
     for shape in (TREE, CHAIN):  # warm-up at full size, untimed: first calls pay one-off costs (memory growth)
         sample_trees(backend, env, prompts, cfg.sampling.model_copy(update=shape), cfg.agent, seed=-1)
     for r in range(repeats):
@@ -78,6 +82,8 @@ def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repe
             _sync(device)
             seconds = time.perf_counter() - start
             _, metrics = budget(trees)
+            if mode == "chain":
+                chains += trees
             for key in ("trajectories", "generated_tokens", "prefilled_tokens"):
                 totals[mode][key] += metrics[key]
             totals[mode]["seconds"] += seconds
@@ -95,7 +101,23 @@ def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repe
     processed = {m: t["trajectories"] / max(t["generated_tokens"] + t["prefilled_tokens"], 1)
                  for m, t in totals.items()}
     out["tree_vs_chain_traj_per_processed_token"] = processed["tree"] / processed["chain"]
+    # what the official draw gives in expectation for this policy's chains (see budget.random_expansion_cost)
+    cost = random_expansion_cost(chains)
+    tree_cost = planned_chains(cfg.sampling.model_copy(update=TREE), cost)
+    out["random_expansion_cost"] = cost
+    tree_trajectories = TREE["trees_per_prompt"] * (1 + TREE["expansion_rounds"] * TREE["expansions_per_round"])
+    out["tree_vs_chain_traj_per_token_expected"] = tree_trajectories / tree_cost  # chains: 1 trajectory per chain
     return out
+
+
+def per_second_ceiling(report: dict) -> float:
+    """Trees ÷ chains in trajectories per second if time were the tokens processed, a prefilled token costing
+    `prefill_vs_decode_token_cost` of a decoded one, and nothing else cost anything (no per-step or per-call
+    cost, every batch as efficient as the largest): an upper bound of `tree_vs_chain_traj_per_second`."""
+    alpha = report["prefill_vs_decode_token_cost"]
+    work = {m: (report[f"{m}_generated_tokens"] + alpha * report[f"{m}_prefilled_tokens"]) / report[f"{m}_trajectories"]
+            for m in ("tree", "chain")}
+    return work["chain"] / work["tree"]
 
 
 def _hf_generate(model, contexts: list[list[int]], new_tokens: int, pad_id: int, greedy: bool) -> torch.Tensor:
@@ -143,6 +165,21 @@ def backend_vs_generate(backend: HFBackend, contexts: list[list[int]], batch_siz
             result["backend_tokens_per_s"][b] = tps["backend"]
             result["generate_tokens_per_s"][b] = tps["generate"]
             result["backend_vs_generate_tokens_per_s"][b] = tps["backend"] / tps["generate"]
+
+        # prefill: the largest batch's contexts in one pass, nothing cached (best of the repeats); repeated
+        # contexts (when there are fewer than the batch) are fed once, so only distinct ones are counted
+        batch = [contexts[i % len(contexts)] for i in range(max(batch_sizes))]
+        best = math.inf
+        for _ in range(repeats + 1):
+            backend.clear_cache()
+            _sync(device)
+            start = time.perf_counter()
+            backend.next_token_logits(batch)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        result["prefill_tokens_per_s"] = sum(len(c) for c in {tuple(c) for c in batch}) / best
+        result["prefill_vs_decode_token_cost"] = (result["backend_tokens_per_s"][max(batch_sizes)]
+                                                  / result["prefill_tokens_per_s"])
 
         probe = contexts[: min(8, len(contexts))]
         backend.clear_cache()
@@ -201,8 +238,12 @@ def run_benchmark(
         "setup_seconds": setup_seconds,
     }
     result.update(tree_vs_chain(backend, env, prompt_list, cfg, repeats, device))
-    contexts = [ids for _, ids in prompt_list]
+    # distinct contexts up to the largest batch: the backend prefills a repeated context once, `generate` would not
+    decode_rows = random.Random(cfg.run.seed + 1).sample(train, min(max(batch_sizes), len(train)))
+    contexts = [list(c) for c in dict.fromkeys(tuple(prompt_ids(tokenizer, r["prompt"])) for r in decode_rows)]
+    result["decode_contexts"] = len(contexts)
     result.update(backend_vs_generate(backend, contexts, batch_sizes, decode_tokens, repeats, device))
+    result["tree_vs_chain_traj_per_second_ceiling"] = per_second_ceiling(result)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

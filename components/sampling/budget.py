@@ -36,6 +36,25 @@ def mean_chain_tokens(trees: list[Tree]) -> float:
     return sum(chains) / len(chains) if chains else 0.0
 
 
+def random_expansion_cost(trees: list[Tree]) -> float:
+    """Expected cost, in chains, of one expansion under the official uniform draw over {root} ∪ non-leaf nodes,
+    predicted from each tree's round-0 chain.
+
+    A chain of d steps that generated g_1 … g_d tokens offers d nodes to draw (the root and the d − 1 non-leaf
+    steps); drawing the one after step k regenerates g_{k+1} + … + g_d tokens if the new branch costs what the
+    chain spent after it, so an expansion costs Σ_j j·g_j / d tokens in expectation. Returns the sum of that over
+    the chains ÷ the sum of their tokens: `plan`'s c for the policy that wrote them. DESIGN's ½ is the limit of
+    long chains; d steps of equal length give (d + 1) / 2d (⅔ for three).
+    """
+    expected = total = 0.0
+    for tree in trees:
+        chain = [len(n.step.action_ids) for n in tree.nodes if n.expansion_round == 0]
+        if chain:
+            expected += sum(j * g for j, g in enumerate(chain, start=1)) / len(chain)
+            total += sum(chain)
+    return expected / total if total else 0.0
+
+
 def prompt_counts(trees: list[Tree]) -> dict[str, dict]:
     """Per prompt: the COUNTS, `trees`, and a `rounds` list with the COUNTS per expansion round. These
     depend on the prompt's own trees only, so shards' counts can be merged."""

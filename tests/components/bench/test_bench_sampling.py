@@ -30,6 +30,14 @@ def test_quick_bench_reports_finite_positive_numbers():
     assert report["tree_trajectories"] == report["chain_trajectories"] == 6 * report["prompts"]
     processed = {m: report[f"{m}_generated_tokens"] + report[f"{m}_prefilled_tokens"] for m in ("tree", "chain")}
     assert report["tree_vs_chain_traj_per_processed_token"] == pytest.approx(processed["chain"] / processed["tree"])
+    # the official draw's expected per-token ratio: 6 trajectories for 2·(1 + 2c) chains
+    cost = report["random_expansion_cost"]
+    assert 1 / 4 <= cost <= 1  # 1/d (all tokens in the first step) to 1 (all in the last), d ≤ max_turns = 4
+    assert report["tree_vs_chain_traj_per_token_expected"] == pytest.approx(3 / (1 + 2 * cost))
+    alpha = report["prefill_vs_decode_token_cost"]
+    assert alpha > 0 and report["prefill_tokens_per_s"] > 0
+    work = {m: report[f"{m}_generated_tokens"] + alpha * report[f"{m}_prefilled_tokens"] for m in ("tree", "chain")}
+    assert report["tree_vs_chain_traj_per_second_ceiling"] == pytest.approx(work["chain"] / work["tree"])
     ratios = report["backend_vs_generate_tokens_per_s"]
     assert set(ratios) == {"8"} and all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert report["first_step_max_abs_logit_diff"] < 1e-4

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from components.sampling.agent import Step
-from components.sampling.budget import budget, mean_chain_tokens
+from components.sampling.budget import budget, mean_chain_tokens, random_expansion_cost
+from components.sampling.expansion import make_policy
 from components.sampling.tree import ROOT, Tree
 
 
@@ -33,6 +36,25 @@ def hand_made() -> list[Tree]:
 
 def test_mean_chain_tokens_uses_round_zero_chains():
     assert mean_chain_tokens(hand_made()) == pytest.approx((6 + 16) / 2)
+
+
+def test_random_expansion_cost_from_round_zero_chains():
+    # p0's chain 4, 2: drawing the root regenerates 6 tokens, node 0 regenerates 2 → 4 expected
+    # p1's chain 6, 6, 4: root 16, node 0 10, node 1 4 → 10 expected; round-1 nodes are not part of a chain
+    assert random_expansion_cost(hand_made()) == pytest.approx((4 + 10) / (6 + 16))
+    assert random_expansion_cost([]) == 0.0
+
+
+def test_random_expansion_cost_is_what_the_random_policy_draws_cost():
+    """Simulated: the `random` policy's draws from a chain, each costing the chain's tokens after the drawn
+    node, average to the predicted cost."""
+    tree = Tree("p", 0, [1])
+    tree.attach(ROOT, [step(6, 0, True, False), step(3, 0, True, False), step(8, 0, True, False),
+                       step(2, 0, False, True)], 0)
+    tokens = [len(n.step.action_ids) for n in tree.nodes]
+    draws = make_policy("random", "max").choose(tree, 20000, random.Random(0))
+    regenerated = [sum(tokens if node == ROOT else tokens[node + 1 :]) for node in draws]
+    assert sum(regenerated) / len(draws) / sum(tokens) == pytest.approx(random_expansion_cost([tree]), rel=0.02)
 
 
 def test_budget_per_prompt_and_round():
