@@ -135,6 +135,21 @@ void attend(const float* q, int64_t q_stride, const float* keys, int64_t k_strid
   }
 }
 
+using AttendFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, const float*,
+                          const int64_t*, int64_t, int64_t, float*, float*, const float*, const float*);
+
+// `attend` compiled for head dim `dim` (checked by the callers to be one of these).
+AttendFn attend_for(int64_t dim) {
+  switch (dim) {
+    case 8: return attend<8>;
+    case 16: return attend<16>;
+    case 32: return attend<32>;
+    case 64: return attend<64>;
+    case 128: return attend<128>;
+    default: return attend<256>;
+  }
+}
+
 }  // namespace
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor new_k, torch::Tensor new_v, torch::Tensor keys,
@@ -171,6 +186,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor new_k, torch::Tens
   const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
   const int64_t bs0 = bias.stride(0);
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const AttendFn attend_heads = attend_for(dim);
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(width);
@@ -195,14 +211,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor new_k, torch::Tens
       }
       const float* qrow = qp + b * qs0 + hk * group * qs1;
       float* orow = op + (b * heads + hk * group) * dim;
-      switch (dim) {
-        case 8: attend<8>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v); break;
-        case 16: attend<16>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v); break;
-        case 32: attend<32>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v); break;
-        case 64: attend<64>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v); break;
-        case 128: attend<128>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v); break;
-        default: attend<256>(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v);
-      }
+      attend_heads(qrow, qs1, krow, ks2, vrow, vs2, brow, live.data(), n, group, scores.data(), orow, next_k, next_v);
     }
   });
   return out;
@@ -250,6 +259,7 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
   const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+  const AttendFn attend_heads = attend_for(dim);
 
   at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(capacity);
@@ -263,14 +273,8 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
       const float* qrow = qp + t * qs0 + hk * group * qs1;
       float* orow = op + (t * heads + hk * group) * dim;
       const int64_t n = ep[t];
-      switch (dim) {
-        case 8: attend<8>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
-        case 16: attend<16>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
-        case 32: attend<32>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
-        case 64: attend<64>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
-        case 128: attend<128>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr); break;
-        default: attend<256>(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr, nullptr);
-      }
+      attend_heads(qrow, qs1, krow, ks2, vrow, vs2, zeros.data(), live.data(), n, group, scores.data(), orow, nullptr,
+                   nullptr);
     }
   });
   return out;
