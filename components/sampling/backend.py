@@ -402,7 +402,10 @@ class HFBackend:
         # padding slots write to the scratch column but must attend somewhere: column 0
         attend = torch.where(positions == capacity, 0, positions)
         width = max(len(c) for c in distinct)
-        allowed = torch.arange(width, device=dev)[None, None, :] <= attend[:, :, None]
+
+        def causal_bias() -> torch.Tensor:  # (distinct, 1, width_q, width): each slot sees its row up to itself
+            return _bias((torch.arange(width, device=dev)[None, None, :] <= attend[:, :, None])[:, None])
+
         if self.forward == "fused" and sum(suffix) < len(distinct) * width_q:  # uneven suffixes: pack them
             real = (positions != capacity).flatten()
             slots = real.nonzero().squeeze(1)
@@ -410,11 +413,13 @@ class HFBackend:
             flat_pos = positions.flatten()[slots]
             last = torch.tensor(suffix, device=dev).cumsum(0) - 1
             cache.plan(width, cols=flat_pos, rows=rows)
-            logits = self._fused.forward(ids.flatten()[slots], flat_pos, cache, _bias(allowed[:, None]),
-                                         width, packed=(slots, len(distinct), width_q, last))
+            # the compiled kernel attends causally by position and never reads a bias
+            bias = None if self._fused.packed_kernel else causal_bias()
+            logits = self._fused.forward(ids.flatten()[slots], flat_pos, cache, bias, width,
+                                         packed=(slots, len(distinct), width_q, last))
         else:
             cache.plan(width, cols=positions)
-            logits = self._forward(cache, ids, attend, _bias(allowed[:, None]))
+            logits = self._forward(cache, ids, attend, causal_bias())
 
         prefilled = [0] * len(contexts)
         extended: list[int | None] = [None] * len(contexts)

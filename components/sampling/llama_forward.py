@@ -141,6 +141,11 @@ class FusedLlama:
         usable = not self.embed.is_cuda and d in HEAD_DIMS
         self._kernel = cpu_kernels.decode_attention() if usable else None
 
+    @property
+    def packed_kernel(self) -> bool:
+        """Whether a packed forward attends through the compiled kernel (causal by position; no bias needed)."""
+        return self._kernel is not None
+
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         """float32 Llama-family models with plain (not adapter-wrapped) linear layers, bias only on q/k/v, static
@@ -202,9 +207,10 @@ class FusedLlama:
             o = torch.bmm(probs, v.reshape(b * hkv, width, d)).view(b, hq, s, d)
         return o.view(b, hq * d) if s == 1 else o.transpose(1, 2).reshape(b * s, hq * d)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, bias: torch.Tensor,
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, bias: torch.Tensor | None,
                 max_position: int | None = None, packed: tuple | None = None) -> torch.Tensor:
-        """ids, positions: (batch, q_len) long; bias: (batch, 1, q_len, width) float, 0 = attend, -inf = not;
+        """ids, positions: (batch, q_len) long; bias: (batch, 1, q_len, width) float, 0 = attend, -inf = not (None
+        only for a packed forward through the kernel, see `packed_kernel`);
         `max_position`: an upper bound of `positions` if the caller knows one (saves a device sync).
 
         `packed` = (slots, batch, q_len, last): the tokens come flat instead — ids, positions (tokens,) — with
