@@ -33,8 +33,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# A C++ compiler for the CPU decode-attention kernel, built on first use for the CPU the container runs on
-# (without one, sampling falls back to torch operations).
+# A C++ compiler for the CPU attention kernels, built for the CPU they run on (below, and again on first use on
+# another CPU model; without a compiler, sampling falls back to torch operations).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 # CPU torch first, from PyTorch's CPU wheel index, so the project's "torch>=2.4" is already met.
@@ -48,6 +48,10 @@ RUN pip install .
 
 RUN useradd --create-home arborl && chown -R arborl /app
 USER arborl
+
+# Build the CPU attention kernels now (~20 s), so a container started on a machine like the builder does not pay
+# for it at its first sampling step; on a different CPU model the kernels are rebuilt for it on first use.
+RUN python -c "from components.sampling import cpu_kernels; assert cpu_kernels.decode_attention() is not None"
 
 ENTRYPOINT ["arborl"]
 CMD ["run", "--config", "configs/tiny.yaml"]
