@@ -40,17 +40,24 @@ def random_expansion_cost(trees: list[Tree]) -> float:
     """Expected cost, in chains, of one expansion under the official uniform draw over {root} ∪ non-leaf nodes,
     predicted from each tree's round-0 chain.
 
-    A chain of d steps that generated g_1 … g_d tokens offers d nodes to draw (the root and the d − 1 non-leaf
-    steps); drawing the one after step k regenerates g_{k+1} + … + g_d tokens if the new branch costs what the
-    chain spent after it, so an expansion costs Σ_j j·g_j / d tokens in expectation. Returns the sum of that over
-    the chains ÷ the sum of their tokens: `plan`'s c for the policy that wrote them. DESIGN's ½ is the limit of
-    long chains; d steps of equal length give (d + 1) / 2d (⅔ for three).
+    A chain of d steps that generated g_1 … g_d tokens offers d nodes to draw: the root, which starts a fresh
+    chain (expected cost: the mean generated tokens of its prompt's chains), and the d − 1 non-leaf steps, where
+    drawing the one after step k regenerates what this chain spent after it, g_{k+1} + … + g_d (the only sample
+    of that continuation there is). Returns the sum of those expectations over the chains ÷ the sum of their
+    tokens: `plan`'s c for the policy that wrote them. DESIGN's ½ is the limit of long chains; d steps of equal
+    length give (d + 1) / 2d (⅔ for three).
     """
-    expected = total = 0.0
+    chains: dict[str, list[list[int]]] = defaultdict(list)
     for tree in trees:
         chain = [len(n.step.action_ids) for n in tree.nodes if n.expansion_round == 0]
         if chain:
-            expected += sum(j * g for j, g in enumerate(chain, start=1)) / len(chain)
+            chains[tree.prompt_id].append(chain)
+    expected = total = 0.0
+    for prompt_chains in chains.values():
+        fresh = sum(map(sum, prompt_chains)) / len(prompt_chains)
+        for chain in prompt_chains:
+            suffixes = [sum(chain[k:]) for k in range(1, len(chain))]
+            expected += (fresh + sum(suffixes)) / len(chain)
             total += sum(chain)
     return expected / total if total else 0.0
 

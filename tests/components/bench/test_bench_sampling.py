@@ -32,7 +32,9 @@ def test_quick_bench_reports_finite_positive_numbers():
     assert report["tree_vs_chain_traj_per_processed_token"] == pytest.approx(processed["chain"] / processed["tree"])
     # the official draw's expected per-token ratio: 6 trajectories for 2·(1 + 2c) chains
     cost = report["random_expansion_cost"]
-    assert 1 / 4 <= cost <= 1  # 1/d (all tokens in the first step) to 1 (all in the last), d ≤ max_turns = 4
+    # per prompt, the fresh-chain terms sum to at most its chains' tokens and the suffix terms to less: c < 2
+    # (above 1 where short chains, which draw the root more often, sit beside long ones)
+    assert 0 < cost < 2
     assert report["tree_vs_chain_traj_per_token_expected"] == pytest.approx(3 / (1 + 2 * cost))
     alpha = report["prefill_vs_decode_token_cost"]
     assert alpha > 0 and report["prefill_tokens_per_s"] > 0

@@ -39,10 +39,15 @@ def test_mean_chain_tokens_uses_round_zero_chains():
 
 
 def test_random_expansion_cost_from_round_zero_chains():
-    # p0's chain 4, 2: drawing the root regenerates 6 tokens, node 0 regenerates 2 → 4 expected
-    # p1's chain 6, 6, 4: root 16, node 0 10, node 1 4 → 10 expected; round-1 nodes are not part of a chain
+    # p0's chain 4, 2: drawing the root starts a fresh chain (6 tokens, p0's only chain), node 0 regenerates 2
+    # → 4 expected; p1's chain 6, 6, 4: root 16, node 0 10, node 1 4 → 10 expected; round-1 nodes are no chain's
     assert random_expansion_cost(hand_made()) == pytest.approx((4 + 10) / (6 + 16))
     assert random_expansion_cost([]) == 0.0
+    # two chains of one prompt, 3 and 9 tokens: a fresh chain costs their mean, 6, whichever chain drew the root
+    short, long = Tree("q", 0, [1]), Tree("q", 1, [1])
+    short.attach(ROOT, [step(3, 0, False, True)], 0)  # one step: only the root to draw
+    long.attach(ROOT, [step(5, 0, True, False), step(4, 0, False, True)], 0)  # root 6, node 0 regenerates 4
+    assert random_expansion_cost([short, long]) == pytest.approx((6 + (6 + 4) / 2) / (3 + 9))
 
 
 def test_random_expansion_cost_is_what_the_random_policy_draws_cost():
