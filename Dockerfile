@@ -51,7 +51,7 @@ USER arborl
 
 # Build the CPU attention kernels now (~20 s), so a container started on a machine like the builder does not pay
 # for it at its first sampling step; on a different CPU model the kernels are rebuilt for it on first use.
-RUN python -c "from components.sampling import cpu_kernels; assert cpu_kernels.decode_attention() is not None"
+RUN python -c "from arborl.components.sampling import cpu_kernels; assert cpu_kernels.decode_attention() is not None"
 
 ENTRYPOINT ["arborl"]
 CMD ["run", "--config", "configs/tiny.yaml"]

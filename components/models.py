@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from components import storage
-from components.config import ModelConfig
-from components.envs.protocol import TAGS
+from arborl.components import storage
+from arborl.components.config import ModelConfig
+from arborl.components.envs.protocol import TAGS
 
 hf_logging.disable_progress_bar()
 

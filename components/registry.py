@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from components import schemas, storage
-from components.config import Config
-from components.evaluation.evaluate import question_scores
-from components.evaluation.metrics import paired_bootstrap
-from components.stages.base import load_prompts
-from components.tracking import tracking_uri
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.evaluation.evaluate import question_scores
+from arborl.components.evaluation.metrics import paired_bootstrap
+from arborl.components.stages.base import load_prompts
+from arborl.components.tracking import tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 PROMOTE, REJECT, INCOMPLETE = "promote", "reject", "incomplete"
@@ -162,7 +162,7 @@ def register_final_model(
     import torch
     import transformers
 
-    from components.models import load_policy
+    from arborl.components.models import load_policy
 
     client = _client(cfg)
     name = cfg.registry.model_name
@@ -251,7 +251,7 @@ class Promotion:
 
 def promote(cfg: Config, split: str | None = None) -> Promotion:
     """Gate the `challenger` version against `champion` (or the warm start) and move `champion` on success."""
-    from components.stages.evaluate import evaluate_model
+    from arborl.components.stages.evaluate import evaluate_model
 
     client = _client(cfg)
     name = cfg.registry.model_name

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import storage
-from components.config import Config
+from arborl.components import storage
+from arborl.components.config import Config
 
 RUN_ID_FILE = "_mlflow_run.json"
 

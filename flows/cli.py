@@ -33,7 +33,7 @@ def _prefect_env() -> None:
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
-    from components.config import ConfigError, load_config
+    from arborl.components.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides or [])
@@ -47,13 +47,13 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
     """Run the whole pipeline (prepare → warm start → RL iterations → evaluation) as a Prefect flow."""
     cfg = _load(config, overrides)
     _prefect_env()
-    from flows.pipeline import train_pipeline
-    from flows.progress import RichReporter, set_reporter
+    from arborl.flows.pipeline import train_pipeline
+    from arborl.flows.progress import RichReporter, set_reporter
 
     reporter = RichReporter(console)
     set_reporter(reporter)
     try:
-        from components.config import DEFAULT_CONFIG
+        from arborl.components.config import DEFAULT_CONFIG
 
         summary = train_pipeline(cfg.model_dump(mode="json"), str(config or DEFAULT_CONFIG))
     finally:
@@ -75,7 +75,7 @@ def stage(
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Run one stage alone on given input URIs (e.g. as its own container)."""
-    from components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
+    from arborl.components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
 
     if name not in STAGES:
         console.print(f"[red]unknown stage {name!r}[/red]; choose one of {', '.join(STAGES)}")
@@ -95,7 +95,7 @@ def stage(
         raise typer.Exit(2)
     params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
     if shard is not None:
-        from components.stages.sample import parse_shard
+        from arborl.components.stages.sample import parse_shard
 
         if name != "sample":
             console.print(f"[red]--shard applies to the sample stage only, not {name!r}[/red]")
@@ -122,7 +122,7 @@ def merge_shards(
     iteration: int = typer.Option(1, "--iteration", help="Iteration number."),
 ) -> None:
     """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
-    from components.stages.sample import merge
+    from arborl.components.stages.sample import merge
 
     cfg = _load(config, [])
     try:
@@ -157,7 +157,7 @@ def bench_sampling(
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Trees vs chains (trajectories per token and per second), the HF backend vs model.generate, peak memory."""
-    from components.bench.sampling import run_benchmark
+    from arborl.components.bench.sampling import run_benchmark
 
     cfg = _load(config, overrides)
     if quick:
@@ -190,7 +190,7 @@ def bench_training_cmd(
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Packed vs duplicated forward+backward on trees sampled by the config."""
-    from components.bench.training import bench_training
+    from arborl.components.bench.training import bench_training
 
     cfg = _load(config, overrides)
     result = bench_training(cfg, workdir, warmstart_steps=warmstart_steps, repeats=repeats)
@@ -219,7 +219,7 @@ def promote(
     if questions not in (None, "val", "test"):
         console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
         raise typer.Exit(2)
-    from components.registry import promote as run_promotion
+    from arborl.components.registry import promote as run_promotion
 
     try:
         result = run_promotion(cfg, questions)
@@ -243,7 +243,7 @@ def compare(
 
     cfg = _load(config, overrides)
     _prefect_env()
-    from flows.compare import compare_pipeline, rows
+    from arborl.flows.compare import compare_pipeline, rows
 
     result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
     table = Table(title="final test EM (greedy), mean and 95% t-interval over seeds")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from components import storage
-from components.config import Config
-from components.evaluation.compare import METHODS, aggregate, matched_chains, method_config, plot_curves
-from components.tracking import tracking_uri
-from flows.pipeline import train_pipeline
+from arborl.components import storage
+from arborl.components.config import Config
+from arborl.components.evaluation.compare import METHODS, aggregate, matched_chains, method_config, plot_curves
+from arborl.components.tracking import tracking_uri
+from arborl.flows.pipeline import train_pipeline
 
 
 @flow(name="arborl-compare")

@@ -14,9 +14,9 @@ from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from components import storage
-from components.plots import curves_figure, granularity_figure
-from components.tracking import Tracker
+from arborl.components import storage
+from arborl.components.plots import curves_figure, granularity_figure
+from arborl.components.tracking import Tracker
 
 SAMPLE_KEYS = ("tool_calls_per_prompt", "trajectories_per_prompt", "chain_equivalents_per_prompt",
                "trajectories_per_chain_equivalent", "generated_tokens")

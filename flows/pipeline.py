@@ -12,13 +12,13 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from components import storage
-from components.config import Config
-from components.stages import STAGES
-from components.stages import sample as sample_stage
-from components.tracking import Tracker
-from flows.dashboards import Dashboards
-from flows.progress import Reporter, get_reporter
+from arborl.components import storage
+from arborl.components.config import Config
+from arborl.components.stages import STAGES
+from arborl.components.stages import sample as sample_stage
+from arborl.components.tracking import Tracker
+from arborl.flows.dashboards import Dashboards
+from arborl.flows.progress import Reporter, get_reporter
 
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
                 "test_tool_calls_sampled")
@@ -192,14 +192,14 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
 
 @task(name="register")
 def register_task(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> str:
-    from components.registry import register_final_model
+    from arborl.components.registry import register_final_model
 
     return register_final_model(cfg, run_id, model, metrics, tags)
 
 
 @task(name="promote")
 def promote_task(cfg: Config) -> dict:
-    from components.registry import promote
+    from arborl.components.registry import promote
 
     result = promote(cfg)
     decision = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(result.decision).items()}

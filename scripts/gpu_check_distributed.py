@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_training import tree_grpo_trees  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from components.config import LoraSettings, TrainConfig  # noqa: E402
-from components.training import distributed, trainer  # noqa: E402
-from components.training.distributed import Dist  # noqa: E402
-from components.training.packing import build_units  # noqa: E402
+from arborl.components.config import LoraSettings, TrainConfig  # noqa: E402
+from arborl.components.training import distributed, trainer  # noqa: E402
+from arborl.components.training.distributed import Dist  # noqa: E402
+from arborl.components.training.packing import build_units  # noqa: E402
 
 
 def step(model, units, cfg, d: Dist, pad=0):
@@ -102,7 +102,7 @@ def main() -> None:
     _, g4, _, _, _ = step(ck, units, cfg, ddp)
     result["checkpointing_vs_plain_max_rel_grad_diff"] = rel(g4, g0)
 
-    from components.training.lora import wrap as lora_wrap
+    from arborl.components.training.lora import wrap as lora_wrap
 
     lm = lora_wrap(copy.deepcopy(model), LoraSettings(enabled=True, rank=8, target_modules=["q_proj", "v_proj"]))
     distributed.enable_gradient_checkpointing(lm)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_training import loss_and_grads, rel_diff, tree_grpo_trees  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from components.config import TrainConfig  # noqa: E402
-from components.training.packing import build_units  # noqa: E402
+from arborl.components.config import TrainConfig  # noqa: E402
+from arborl.components.training.packing import build_units  # noqa: E402
 
 
 def main() -> None:

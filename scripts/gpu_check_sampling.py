@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.sampling.backend import FORWARDS, HFBackend  # noqa: E402
+from arborl.components.sampling.backend import FORWARDS, HFBackend  # noqa: E402
 
 DEFAULT_VOCAB = 179  # the default world's word-level vocabulary, used where pydantic (the config) is missing
 
@@ -28,9 +28,9 @@ def default_model() -> tuple[dict, int]:
     """configs/tiny.yaml's model section and the default world's vocabulary size; plain defaults on a machine
     without pydantic/pyyaml (then the world cannot be built)."""
     try:
-        from components.config import load_config
-        from components.envs.protocol import TAGS
-        from components.envs.world import build_world, vocabulary
+        from arborl.components.config import load_config
+        from arborl.components.envs.protocol import TAGS
+        from arborl.components.envs.world import build_world, vocabulary
     except ImportError:
         return {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}, DEFAULT_VOCAB
     cfg = load_config()
@@ -122,12 +122,12 @@ def throughput(model, backend: HFBackend, vocab: int, device: str, new_tokens: i
 def trees_on_device(device: str) -> dict:
     """Pipelined tree sampling (M=2, N=2, L=1) on the default world with a random tiny model on `device`:
     structure, and every stored log-prob against a teacher-forced forward on the same device."""
-    from components.config import load_config
-    from components.envs.retriever import FTSRetriever
-    from components.envs.world import build_world, make_questions, vocabulary
-    from components.models import build_model, build_tokenizer, prompt_ids
-    from components.sampling.agent import SearchEnv
-    from components.sampling.tree import sample_trees
+    from arborl.components.config import load_config
+    from arborl.components.envs.retriever import FTSRetriever
+    from arborl.components.envs.world import build_world, make_questions, vocabulary
+    from arborl.components.models import build_model, build_tokenizer, prompt_ids
+    from arborl.components.sampling.agent import SearchEnv
+    from arborl.components.sampling.tree import sample_trees
 
     cfg = load_config()
     world = build_world(cfg.world, 0)

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from components.config import TrainConfig  # noqa: E402
-from components.training import trainer  # noqa: E402
-from components.training.packing import build_units, leaf_scales  # noqa: E402
+from arborl.components.config import TrainConfig  # noqa: E402
+from arborl.components.training import trainer  # noqa: E402
+from arborl.components.training.packing import build_units, leaf_scales  # noqa: E402
 
 
 def tree_grpo_trees(n_prompts: int, vocab: int, seed: int, turns: int = 4, act: int = 24, obs: int = 48):
@@ -119,7 +119,7 @@ def flex_check(model_cfg, units, pad):
 
     block = create_block_mask(tree_mask, 1, None, n, n, device="cuda")
     ids, pos = u.input_ids[None].cuda(), u.positions[None].cuda()
-    from components.training.packing import packed_inputs
+    from arborl.components.training.packing import packed_inputs
 
     _, _, dense = packed_inputs([u], pad, torch.float32)
     with torch.no_grad():

@@ -25,16 +25,16 @@ import time
 
 import torch
 
-from components.config import Config
-from components.envs.demos import demonstration
-from components.envs.retriever import FTSRetriever
-from components.envs.world import RELATIONS, build_world, make_questions, vocabulary
-from components.models import build_model, build_tokenizer, load_policy, prompt_ids
-from components.sampling.agent import SearchEnv
-from components.sampling.backend import HFBackend
-from components.sampling.budget import budget, planned_chains, random_expansion_cost
-from components.sampling.tree import sample_trees
-from components.training.warmstart import supervised_train, tokenize_demo
+from arborl.components.config import Config
+from arborl.components.envs.demos import demonstration
+from arborl.components.envs.retriever import FTSRetriever
+from arborl.components.envs.world import RELATIONS, build_world, make_questions, vocabulary
+from arborl.components.models import build_model, build_tokenizer, load_policy, prompt_ids
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.budget import budget, planned_chains, random_expansion_cost
+from arborl.components.sampling.tree import sample_trees
+from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 TREE = {"trees_per_prompt": 2, "expansions_per_round": 2, "expansion_rounds": 1, "keep_leaves": None}
 CHAIN = {"trees_per_prompt": 6, "expansion_rounds": 0, "keep_leaves": None}

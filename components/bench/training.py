@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from components import schemas, storage
-from components.config import Config
-from components.models import load_policy, prompt_ids
-from components.stages import STAGES
-from components.stages.base import device, load_prompts
-from components.training import trainer
-from components.training.packing import TreeUnit, leaf_scales
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.models import load_policy, prompt_ids
+from arborl.components.stages import STAGES
+from arborl.components.stages.base import device, load_prompts
+from arborl.components.training import trainer
+from arborl.components.training.packing import TreeUnit, leaf_scales
 
 
 def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tuple[str, list[TreeUnit]]:

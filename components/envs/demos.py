@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import random
 
-from components.envs.protocol import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, observation
-from components.envs.retriever import FTSRetriever
-from components.envs.world import RELATIONS
+from arborl.components.envs.protocol import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, observation
+from arborl.components.envs.retriever import FTSRetriever
+from arborl.components.envs.world import RELATIONS
 
 Segment = tuple[str, bool]  # (text, written by the model → trained on)
 

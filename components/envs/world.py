@@ -12,8 +12,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from components.config import WorldConfig
-from components.envs.protocol import question_prompt
+from arborl.components.config import WorldConfig
+from arborl.components.envs.protocol import question_prompt
 
 DATA_SOURCE = "synthetic_kb"
 
@@ -182,7 +182,7 @@ def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int
 
 def vocabulary(world: World) -> list[str]:
     """Every word the world can produce: fact sentences, questions, name parts (sorted, deterministic)."""
-    from components.envs.protocol import words
+    from arborl.components.envs.protocol import words
 
     vocab: set[str] = set()
     for row in world.fact_rows():

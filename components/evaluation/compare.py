@@ -9,8 +9,8 @@ The generated tokens each run actually spent are reported beside it, so the matc
 
 from __future__ import annotations
 
-from components.config import Config, SamplingConfig
-from components.evaluation.metrics import t_interval
+from arborl.components.config import Config, SamplingConfig
+from arborl.components.evaluation.metrics import t_interval
 
 METHODS = ("tree_grpo", "grpo")
 

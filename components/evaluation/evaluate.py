@@ -14,12 +14,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from components.config import AgentConfig, VerifyConfig
-from components.evaluation.metrics import bootstrap_ci, pass_at_k
-from components.models import prompt_ids
-from components.sampling.agent import Episode, SearchEnv, Step, run_episodes
-from components.sampling.backend import HFBackend
-from components.verification.qa_em import score_response
+from arborl.components.config import AgentConfig, VerifyConfig
+from arborl.components.evaluation.metrics import bootstrap_ci, pass_at_k
+from arborl.components.models import prompt_ids
+from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.verification.qa_em import score_response
 
 # Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
 QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled")

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from components.config import AgentConfig
-from components.envs import protocol
-from components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
-from components.sampling.backend import HFBackend
-from components.sampling.rng import Generators, row_generators, stable_seed
+from arborl.components.config import AgentConfig
+from arborl.components.envs import protocol
+from arborl.components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.rng import Generators, row_generators, stable_seed
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from components.sampling import llama_forward, rng
+from arborl.components.sampling import llama_forward, rng
 
 MIN_PREFIX = 8  # the prefix cache keeps and finds only prefixes of at least this many tokens (its block size)
 COMPACT_MIN_ROWS = 16  # below this many rows a decode step costs about the same whatever the count

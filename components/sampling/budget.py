@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from components.config import BudgetConfig, SamplingConfig
-from components.sampling.tree import Tree
+from arborl.components.config import BudgetConfig, SamplingConfig
+from arborl.components.sampling.tree import Tree
 
 COUNTS = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from components.sampling.tree import ROOT, Tree
+from arborl.components.sampling.tree import ROOT, Tree
 
 
 class ExpansionPolicy(Protocol):

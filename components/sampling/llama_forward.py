@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from components.sampling import cpu_kernels
+from arborl.components.sampling import cpu_kernels
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 

@@ -13,10 +13,10 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from components.config import AgentConfig, SamplingConfig
-from components.sampling.agent import Episode, SearchEnv, Step, frozen_heap, run_turn
-from components.sampling.backend import HFBackend
-from components.sampling.rng import stable_seed
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.sampling.agent import Episode, SearchEnv, Step, frozen_heap, run_turn
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.rng import stable_seed
 
 ROOT = -1  # the prompt itself: drawing it starts a fresh chain
 
@@ -114,7 +114,7 @@ def sample_trees(
     turn, beside other prompts' unfinished episodes. The trees are exactly those of running the rounds one
     after the other (tested); the batches are just fuller and fewer.
     """
-    from components.sampling.expansion import make_policy  # expansion imports this module
+    from arborl.components.sampling.expansion import make_policy  # expansion imports this module
 
     policy = make_policy(sampling.expansion_policy, sampling.entropy_statistic)
     backend.clear_cache()  # reuse prefixes within this call only: a seed gives the same trees whatever ran before

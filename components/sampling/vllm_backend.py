@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from components import storage
-from components.sampling.backend import TurnOutput
+from arborl.components import storage
+from arborl.components.sampling.backend import TurnOutput
 
 
 def _vllm():

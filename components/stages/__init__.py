@@ -1,6 +1,6 @@
 """The pipeline's stages. Each is `run(cfg, inputs: {name: uri}, out: uri, **params) -> StageResult`."""
 
-from components.stages import evaluate, label, prepare, sample, train, verify, warmstart
+from arborl.components.stages import evaluate, label, prepare, sample, train, verify, warmstart
 
 STAGES = {
     "prepare": prepare.run,

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from components import schemas, storage
-from components.config import Config
-from components.envs.retriever import FTSRetriever
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.envs.retriever import FTSRetriever
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from components import schemas, storage
-from components.config import Config
-from components.evaluation.evaluate import evaluate_policy
-from components.models import load_policy
-from components.sampling.agent import SearchEnv
-from components.sampling.backend import HFBackend
-from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.evaluation.evaluate import evaluate_policy
+from arborl.components.models import load_policy
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
 
 def evaluation_seed(cfg: Config) -> int:

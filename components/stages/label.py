@@ -4,12 +4,12 @@ a tree viewer → trees.html."""
 
 from __future__ import annotations
 
-from components import schemas, storage
-from components.advantages.estimators import leaf_advantages, node_weights, process_advantages
-from components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
-from components.config import Config
-from components.stages.base import StageResult, load_prompts, run_stage
-from components.viewer.tree_html import build_html
+from arborl.components import schemas, storage
+from arborl.components.advantages.estimators import leaf_advantages, node_weights, process_advantages
+from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
+from arborl.components.config import Config
+from arborl.components.stages.base import StageResult, load_prompts, run_stage
+from arborl.components.viewer.tree_html import build_html
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:

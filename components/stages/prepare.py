@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from components import schemas, storage
-from components.config import Config
-from components.envs.world import build_world, make_questions
-from components.stages.base import StageResult, run_stage
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.envs.world import build_world, make_questions
+from arborl.components.stages.base import StageResult, run_stage
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:

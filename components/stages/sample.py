@@ -16,14 +16,14 @@ from __future__ import annotations
 import random
 import threading
 
-from components import schemas, storage
-from components.config import Config
-from components.models import load_policy, prompt_ids
-from components.sampling.agent import SearchEnv
-from components.sampling.backend import HFBackend
-from components.sampling.budget import plan, prompt_counts, summarize
-from components.sampling.tree import Tree, node_rows, sample_trees
-from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.models import load_policy, prompt_ids
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.budget import plan, prompt_counts, summarize
+from arborl.components.sampling.tree import Tree, node_rows, sample_trees
+from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
 SECTIONS = ("sampling", "agent", "budget")
 # transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
@@ -112,7 +112,7 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
 
     def body():
         if cfg.sampling.backend == "vllm":  # runs where vllm is installed: the Dockerfile's `sampler` image
-            from components.sampling.vllm_backend import VLLMBackend
+            from arborl.components.sampling.vllm_backend import VLLMBackend
 
             backend, tokenizer = VLLMBackend.from_model_dir(inputs["model"], seed=cfg.run.seed)
             model_context = None

@@ -13,12 +13,12 @@ import tempfile
 
 import torch
 
-from components import schemas, storage
-from components.config import Config
-from components.models import load_policy, prompt_ids
-from components.stages.base import StageResult, device, load_prompts, run_stage
-from components.training import checkpoint, distributed, lora
-from components.training.trainer import StepHooks, build_units, policy_update
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.models import load_policy, prompt_ids
+from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
+from arborl.components.training import checkpoint, distributed, lora
+from arborl.components.training.trainer import StepHooks, build_units, policy_update
 
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINT_DIR = "_checkpoints"

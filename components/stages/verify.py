@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from components import schemas, storage
-from components.config import Config
-from components.stages.base import StageResult, load_prompts, run_stage
-from components.verification.qa_em import VERIFIER, score_response
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.stages.base import StageResult, load_prompts, run_stage
+from arborl.components.verification.qa_em import VERIFIER, score_response
 
 
 def leaf_responses(nodes: list[dict]) -> list[tuple[str, int, int, str]]:

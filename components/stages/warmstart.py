@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import random
 
-from components import schemas, storage
-from components.config import Config
-from components.envs.demos import demonstration
-from components.envs.world import RELATIONS, World, vocabulary
-from components.models import build_model, build_tokenizer, load_policy, save_policy
-from components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
-from components.training.warmstart import supervised_train, tokenize_demo
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.envs.demos import demonstration
+from arborl.components.envs.world import RELATIONS, World, vocabulary
+from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
+from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str, on_step=None) -> StageResult:

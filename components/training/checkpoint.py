@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import storage
+from arborl.components import storage
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from components import storage
-from components.config import LoraSettings
-from components.models import load_policy, save_policy
+from arborl.components import storage
+from arborl.components.config import LoraSettings
+from arborl.components.models import load_policy, save_policy
 
 if TYPE_CHECKING:
     from peft import PeftModel

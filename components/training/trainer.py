@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from components.config import TrainConfig
-from components.training import distributed
-from components.training.distributed import Dist
-from components.training.loss import clipped_objective, kl_penalty, logprobs_and_entropy
-from components.training.packing import (
+from arborl.components.config import TrainConfig
+from arborl.components.training import distributed
+from arborl.components.training.distributed import Dist
+from arborl.components.training.loss import clipped_objective, kl_penalty, logprobs_and_entropy
+from arborl.components.training.packing import (
     TreeUnit,
     build_units,
     flex_tree_mask,

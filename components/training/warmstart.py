@@ -7,9 +7,9 @@ import random
 
 import torch
 
-from components.config import WarmstartConfig
-from components.envs.demos import Segment
-from components.models import encode
+from arborl.components.config import WarmstartConfig
+from arborl.components.envs.demos import Segment
+from arborl.components.models import encode
 
 
 def tokenize_demo(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:

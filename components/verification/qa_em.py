@@ -7,8 +7,8 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
-from components.config import VerifyConfig
-from components.envs.protocol import extract_answer, is_valid_sequence
+from arborl.components.config import VerifyConfig
+from arborl.components.envs.protocol import extract_answer, is_valid_sequence
 
 VERIFIER = "qa_em_format"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import html
 import json
 
-from components.advantages.preferences import build_forest, node_advantage
-from components.envs.protocol import INFO_CLOSE, INFO_OPEN
+from arborl.components.advantages.preferences import build_forest, node_advantage
+from arborl.components.envs.protocol import INFO_CLOSE, INFO_OPEN
 
 
 def split_step(text: str) -> tuple[str, str]:

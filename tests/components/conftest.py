@@ -19,12 +19,12 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(1)
 
-from components.config import ModelConfig, WarmstartConfig, WorldConfig  # noqa: E402
-from components.envs.demos import demonstration  # noqa: E402
-from components.envs.retriever import FTSRetriever  # noqa: E402
-from components.envs.world import RELATIONS, build_world, make_questions, vocabulary  # noqa: E402
-from components.models import build_model, build_tokenizer  # noqa: E402
-from components.training.warmstart import supervised_train, tokenize_demo  # noqa: E402
+from arborl.components.config import ModelConfig, WarmstartConfig, WorldConfig  # noqa: E402
+from arborl.components.envs.demos import demonstration  # noqa: E402
+from arborl.components.envs.retriever import FTSRetriever  # noqa: E402
+from arborl.components.envs.world import RELATIONS, build_world, make_questions, vocabulary  # noqa: E402
+from arborl.components.models import build_model, build_tokenizer  # noqa: E402
+from arborl.components.training.warmstart import supervised_train, tokenize_demo  # noqa: E402
 
 SEED = 0
 TINY_MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

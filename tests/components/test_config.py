@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import (
+from arborl.components.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from components.plots import aggregate_granularity, curves_figure, granularity_figure
+from arborl.components.plots import aggregate_granularity, curves_figure, granularity_figure
 
 
 def g(depth, nodes, bp, inf_sets, inf_pairs, dv, adv, pref):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from components.registry import INCOMPLETE, PROMOTE, REJECT, gate, paired_scores
+from arborl.components.registry import INCOMPLETE, PROMOTE, REJECT, gate, paired_scores
 
 RNG = np.random.default_rng(0)
 BASE = RNG.binomial(1, 0.4, size=200).astype(float)

@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from components import schemas, storage
+from arborl.components import schemas, storage
 
 NODE_ROWS = [
     {

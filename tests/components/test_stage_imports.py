@@ -10,8 +10,8 @@ PROBE = """
 import sys
 for name in ("prefect", "mlflow", "peft", "matplotlib"):
     sys.modules[name] = None  # any import of them now fails
-from components.stages import STAGES
-import flows.cli
+from arborl.components.stages import STAGES
+import arborl.flows.cli
 print(sorted(STAGES))
 """
 

@@ -8,9 +8,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from components import schemas, storage
-from components.config import Config, config_from_dict
-from components.stages.base import run_stage
+from arborl.components import schemas, storage
+from arborl.components.config import Config, config_from_dict
+from arborl.components.stages.base import run_stage
 
 # --- local files -----------------------------------------------------------------------------------
 

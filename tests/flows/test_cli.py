@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "configs" / "micro.yaml")
@@ -100,6 +100,6 @@ def test_sample_shards_from_the_command_line_merge_to_the_unsharded_output(tmp_p
 
 
 def storage_rows(path):
-    from components import storage
+    from arborl.components import storage
 
     return storage.read_parquet(str(path)).to_pylist()

@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

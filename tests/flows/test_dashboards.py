@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from components.config import load_config
+from arborl.components.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ def test_flow_logs_dashboards(tmp_path, prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     cfg = load_config(ROOT / "configs" / "micro.yaml", [f"run.output_root={tmp_path / 'runs'}", "run.eval_every=2"])
     state = train_pipeline(cfg.model_dump(mode="json"), return_state=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from components import storage
-from components.config import load_config
+from arborl.components import storage
+from arborl.components.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def manifests(run_root: Path) -> dict[str, float]:
 
 
 def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path)
     summary = train_pipeline(cfg.model_dump(mode="json"), str(ROOT / "configs" / "micro.yaml"))
@@ -80,7 +80,7 @@ def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
 
 
 def test_chain_baseline_is_one_override(tmp_path, prefect_server):
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path, "sampling.expansion_rounds=0", "sampling.trees_per_prompt=3", "advantage.estimator=grpo",
                 "run.iterations=1", "tracking.enabled=false")
@@ -93,7 +93,7 @@ def test_chain_baseline_is_one_override(tmp_path, prefect_server):
 
 
 def test_a_run_reuses_a_warm_start_only_when_its_settings_match(tmp_path, prefect_server):
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     first = micro(tmp_path, "run.iterations=0", "tracking.enabled=false", "registry.enabled=false")
     train_pipeline(first.model_dump(mode="json"))
@@ -110,7 +110,7 @@ def test_a_run_reuses_a_warm_start_only_when_its_settings_match(tmp_path, prefec
 
 
 def test_process_advantages_train_through_the_flow(tmp_path, prefect_server):
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path, "advantage.estimator=process", "run.iterations=1", "tracking.enabled=false",
                 "registry.enabled=false")
@@ -120,15 +120,15 @@ def test_process_advantages_train_through_the_flow(tmp_path, prefect_server):
 
 
 def test_bad_override_is_rejected_before_anything_runs(tmp_path):
-    from components.config import ConfigError
+    from arborl.components.config import ConfigError
 
     with pytest.raises(ConfigError, match="sampling.tree_per_prompt"):
         micro(tmp_path, "sampling.tree_per_prompt=3")
 
 
 def test_sharded_sampling_fans_out_and_merges_to_the_unsharded_trees(tmp_path, prefect_server):
-    from components.stages import sample
-    from flows.pipeline import train_pipeline
+    from arborl.components.stages import sample
+    from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path, "sampling.shards=2", "run.iterations=1", "tracking.enabled=false")
     train_pipeline(cfg.model_dump(mode="json"))

@@ -12,11 +12,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from components import storage
-from components.config import load_config
-from components.registry import CHALLENGER, CHAMPION, promote, register_final_model
-from components.stages import STAGES
-from flows.cli import app
+from arborl.components import storage
+from arborl.components.config import load_config
+from arborl.components.registry import CHALLENGER, CHAMPION, promote, register_final_model
+from arborl.components.stages import STAGES
+from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "configs" / "micro.yaml")
@@ -29,7 +29,7 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import train_pipeline
 
     overrides = [f"run.output_root={tmp_path / 'runs'}", *EASY]
     cfg = load_config(MICRO, overrides)

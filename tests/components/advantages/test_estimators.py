@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from components.advantages.estimators import ESTIMATORS, group_norm, leaf_advantages, node_weights
+from arborl.components.advantages.estimators import ESTIMATORS, group_norm, leaf_advantages, node_weights
 
 EPS = 1e-6
 
@@ -189,7 +189,7 @@ def test_process_advantages_by_hand():
     """TreeRL process advantage ((V(n)−V(root)) + (V(n)−V(parent)))/sqrt(L(n)) on a hand-made tree:
     n0 ─┬─ n1 (leaf, 1.0)        n4 (leaf, 0.5), a second first step
         └─ n2 ─ n3 (leaf, 0.0)   V(root) = mean(1, 0, 0.5) = 0.5, V(n0) = 0.5, V(n2) = 0"""
-    from components.advantages.estimators import process_advantages
+    from arborl.components.advantages.estimators import process_advantages
 
     parents = {("p", 0, 0): None, ("p", 0, 1): 0, ("p", 0, 2): 0, ("p", 0, 3): 2, ("p", 0, 4): None}
     rewards = {("p", 0, 1): 1.0, ("p", 0, 3): 0.0, ("p", 0, 4): 0.5}

@@ -8,8 +8,8 @@ from itertools import combinations
 
 import pytest
 
-from components import schemas
-from components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
+from arborl.components import schemas
+from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
 
 
 def node(pid, tid, nid, parent, depth, leaf):

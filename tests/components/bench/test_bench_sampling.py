@@ -11,8 +11,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from components.sampling import cpu_kernels
-from flows.cli import app
+from arborl.components.sampling import cpu_kernels
+from arborl.flows.cli import app
 
 SMALL = ["world.num_people=60", "world.num_train=50", "world.num_val=10", "world.num_test=20", "run.threads=1",
          "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64"]

@@ -7,9 +7,9 @@ import math
 
 from typer.testing import CliRunner
 
-from components.bench.training import bench_training
-from components.config import load_config
-from flows.cli import app
+from arborl.components.bench.training import bench_training
+from arborl.components.config import load_config
+from arborl.flows.cli import app
 
 
 def test_bench_training_reports_side_by_side_numbers(tmp_path, repo_root):

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from components.envs.demos import demonstration
-from components.envs.protocol import ANSWER_OPEN, INFO_OPEN, SEARCH_OPEN, extract_answer, is_valid_sequence
-from components.envs.world import RELATIONS
+from arborl.components.envs.demos import demonstration
+from arborl.components.envs.protocol import ANSWER_OPEN, INFO_OPEN, SEARCH_OPEN, extract_answer, is_valid_sequence
+from arborl.components.envs.world import RELATIONS
 
 
 def _all_questions(questions):
@@ -114,7 +114,7 @@ def test_demonstrations_are_reproducible(questions, retriever, fact_index, entit
 
 
 def test_observations_are_the_retrieved_documents(questions, retriever, fact_index, entities_by_type):
-    from components.envs.protocol import observation, search_query
+    from arborl.components.envs.protocol import observation, search_query
 
     q = questions["train"][3]
     segments = _demo(q, retriever, fact_index, entities_by_type, 0, 0.0, 0.0)

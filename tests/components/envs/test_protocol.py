@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.envs import protocol
-from components.envs.protocol import extract_answer, is_valid_sequence, search_query, turn_action, words
+from arborl.components.envs import protocol
+from arborl.components.envs.protocol import extract_answer, is_valid_sequence, search_query, turn_action, words
 
 VALID = [
     "<answer> paris </answer>",

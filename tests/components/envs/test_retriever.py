@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from components.envs.retriever import FTSRetriever
-from components.envs.world import RELATIONS
+from arborl.components.envs.retriever import FTSRetriever
+from arborl.components.envs.world import RELATIONS
 
 
 def test_gold_birth_query_finds_the_birth_fact(world, retriever):

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from components.config import WorldConfig
-from components.envs.protocol import TAGS, words
-from components.envs.world import QUESTIONS, RELATIONS, build_world, make_questions, vocabulary
-from components.models import build_tokenizer, encode
+from arborl.components.config import WorldConfig
+from arborl.components.envs.protocol import TAGS, words
+from arborl.components.envs.world import QUESTIONS, RELATIONS, build_world, make_questions, vocabulary
+from arborl.components.models import build_tokenizer, encode
 
 
 def test_build_world_is_deterministic_per_seed(world_cfg):

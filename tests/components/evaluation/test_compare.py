@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.config import Config, SamplingConfig
-from components.evaluation.compare import aggregate, matched_chains, method_config, run_curve
+from arborl.components.config import Config, SamplingConfig
+from arborl.components.evaluation.compare import aggregate, matched_chains, method_config, run_curve
 
 
 def test_matched_chains_follow_the_half_chain_rule():

@@ -7,10 +7,10 @@ from collections import defaultdict
 
 import pytest
 
-from components.config import AgentConfig, VerifyConfig
-from components.evaluation.evaluate import evaluate_policy, question_scores, summarize
-from components.sampling.agent import SearchEnv
-from components.sampling.backend import HFBackend
+from arborl.components.config import AgentConfig, VerifyConfig
+from arborl.components.evaluation.evaluate import evaluate_policy, question_scores, summarize
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.backend import HFBackend
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from components.evaluation.metrics import bootstrap_ci, paired_bootstrap, pass_at_k, t_interval
+from arborl.components.evaluation.metrics import bootstrap_ci, paired_bootstrap, pass_at_k, t_interval
 
 
 def test_pass_at_k_matches_the_unbiased_formula():

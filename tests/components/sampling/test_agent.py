@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.config import AgentConfig, SamplingConfig
-from components.envs.protocol import ANSWER_CLOSE, SEARCH_CLOSE
-from components.models import prompt_ids
-from components.sampling.agent import Episode, SearchEnv, run_episodes
-from components.sampling.backend import HFBackend
-from components.sampling.tree import sample_trees
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.envs.protocol import ANSWER_CLOSE, SEARCH_CLOSE
+from arborl.components.models import prompt_ids
+from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.tree import sample_trees
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_segment_trees_expand_from_segment_boundaries(setup, policy):
 def test_frozen_heap_hides_old_objects_from_the_collector_and_restores_it():
     import gc
 
-    from components.sampling.agent import frozen_heap
+    from arborl.components.sampling.agent import frozen_heap
 
     assert gc.get_freeze_count() == 0
     with frozen_heap():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from components.sampling import cpu_kernels
-from components.sampling.backend import FORWARDS, MIN_PREFIX, HFBackend, PrefixCache
-from components.sampling.llama_forward import FusedLlama
-from components.sampling.rng import row_generators
+from arborl.components.sampling import cpu_kernels
+from arborl.components.sampling.backend import FORWARDS, MIN_PREFIX, HFBackend, PrefixCache
+from arborl.components.sampling.llama_forward import FusedLlama
+from arborl.components.sampling.rng import row_generators
 
 
 @pytest.fixture
@@ -379,7 +379,7 @@ def test_finished_rows_leave_the_buffer_without_changing_any_output(peaked_model
     """With many rows stopping early, finished rows are dropped mid-turn (their KV handed to the prefix cache):
     outputs, log-probs and prefilled counts equal a backend that never drops rows, also on a next turn that
     resumes every row from the prefix cache."""
-    import components.sampling.backend as backend_module
+    import arborl.components.sampling.backend as backend_module
 
     g = torch.Generator().manual_seed(9)
     contexts = [[tokenizer.bos_token_id] + torch.randint(4, len(tokenizer), (int(n),), generator=g).tolist()

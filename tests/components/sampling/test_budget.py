@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from components.sampling.agent import Step
-from components.sampling.budget import budget, mean_chain_tokens, random_expansion_cost
-from components.sampling.expansion import make_policy
-from components.sampling.tree import ROOT, Tree
+from arborl.components.sampling.agent import Step
+from arborl.components.sampling.budget import budget, mean_chain_tokens, random_expansion_cost
+from arborl.components.sampling.expansion import make_policy
+from arborl.components.sampling.tree import ROOT, Tree
 
 
 def step(n_gen: int, prefilled: int, search: bool, leaf: bool) -> Step:
@@ -83,8 +83,8 @@ def test_budget_per_prompt_and_round():
 
 
 def _plan(b, **sampling):
-    from components.config import BudgetConfig, SamplingConfig
-    from components.sampling.budget import plan, planned_chains
+    from arborl.components.config import BudgetConfig, SamplingConfig
+    from arborl.components.sampling.budget import plan, planned_chains
 
     s = plan(SamplingConfig(**sampling), BudgetConfig(chains_per_prompt=b))
     return (s.trees_per_prompt, s.expansions_per_round, s.expansion_rounds), planned_chains(s, 0.5)
@@ -101,8 +101,8 @@ def test_chains_budget_chooses_m_n_l_by_the_documented_rule():
     # chain mode: M = round(B) chains
     assert _plan(4, expansion_rounds=0) == ((4, 2, 0), 4.0)
     assert _plan(6.5, expansion_rounds=0)[0][0] == 7
-    from components.config import BudgetConfig, SamplingConfig
-    from components.sampling.budget import plan
+    from arborl.components.config import BudgetConfig, SamplingConfig
+    from arborl.components.sampling.budget import plan
 
     given = SamplingConfig(trees_per_prompt=3)
     assert plan(given, BudgetConfig()) is given  # no budget: M/N/L as given
@@ -111,14 +111,14 @@ def test_chains_budget_chooses_m_n_l_by_the_documented_rule():
 def test_at_most_one_budget_key():
     from pydantic import ValidationError
 
-    from components.config import BudgetConfig
+    from arborl.components.config import BudgetConfig
 
     with pytest.raises(ValidationError, match="at most one"):
         BudgetConfig(tokens_per_prompt=100, chains_per_prompt=4)
 
 
 def test_summarize_of_merged_prompt_counts_equals_the_budget_of_the_whole_batch():
-    from components.sampling.budget import prompt_counts, summarize
+    from arborl.components.sampling.budget import prompt_counts, summarize
 
     trees = hand_made()
     whole_stats, whole = budget(trees)
@@ -132,11 +132,11 @@ def test_summarize_of_merged_prompt_counts_equals_the_budget_of_the_whole_batch(
 def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer, retriever, questions, rounds):
     """Tree mode: expansion rounds go on per prompt until its generated tokens reach the budget; chain mode:
     one more chain per round. A prompt stops at the first round that reaches the budget."""
-    from components.config import AgentConfig, SamplingConfig
-    from components.models import prompt_ids
-    from components.sampling.agent import SearchEnv
-    from components.sampling.backend import HFBackend
-    from components.sampling.tree import sample_trees
+    from arborl.components.config import AgentConfig, SamplingConfig
+    from arborl.components.models import prompt_ids
+    from arborl.components.sampling.agent import SearchEnv
+    from arborl.components.sampling.backend import HFBackend
+    from arborl.components.sampling.tree import sample_trees
 
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:5]]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from components.sampling import cpu_kernels
-from components.sampling.backend import HFBackend
+from arborl.components.sampling import cpu_kernels
+from arborl.components.sampling.backend import HFBackend
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler on this machine: the kernel cannot be built")

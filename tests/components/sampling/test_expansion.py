@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 
-from components.config import AgentConfig, SamplingConfig
-from components.models import prompt_ids
-from components.sampling.agent import SearchEnv, Step
-from components.sampling.backend import HFBackend
-from components.sampling.expansion import DepthStratifiedPolicy, EntropyPolicy, RandomPolicy, make_policy
-from components.sampling.tree import ROOT, Tree, sample_trees
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.models import prompt_ids
+from arborl.components.sampling.agent import SearchEnv, Step
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.expansion import DepthStratifiedPolicy, EntropyPolicy, RandomPolicy, make_policy
+from arborl.components.sampling.tree import ROOT, Tree, sample_trees
 
 
 def _step(logprobs, leaf=False):

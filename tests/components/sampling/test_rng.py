@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.sampling.backend import HFBackend
-from components.sampling.rng import inverse_cdf, row_generators, stable_seed, uniforms
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.rng import inverse_cdf, row_generators, stable_seed, uniforms
 
 
 def sample_rows(logp, generators):

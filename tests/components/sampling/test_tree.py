@@ -9,15 +9,15 @@ from collections import defaultdict
 import pytest
 import torch
 
-from components import schemas
-from components.config import AgentConfig, SamplingConfig
-from components.envs.protocol import INFO_CLOSE, INFO_OPEN, TURN_STOPS
-from components.models import prompt_ids
-from components.sampling.agent import Episode, SearchEnv, Step, run_episodes
-from components.sampling.backend import HFBackend
-from components.sampling.expansion import make_policy
-from components.sampling.rng import stable_seed
-from components.sampling.tree import ROOT, Node, Tree, node_rows, sample_trees
+from arborl.components import schemas
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.envs.protocol import INFO_CLOSE, INFO_OPEN, TURN_STOPS
+from arborl.components.models import prompt_ids
+from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.expansion import make_policy
+from arborl.components.sampling.rng import stable_seed
+from arborl.components.sampling.tree import ROOT, Node, Tree, node_rows, sample_trees
 
 AGENT = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
 FINISH = {"answer", "eos", "length", "max_turns"}

@@ -11,15 +11,15 @@ import importlib.util
 import pytest
 import torch
 
-from components.config import AgentConfig, SamplingConfig
-from components.models import prompt_ids, save_policy
-from components.sampling.agent import SearchEnv
-from components.sampling.tree import sample_trees
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.models import prompt_ids, save_policy
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.tree import sample_trees
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_missing_vllm_is_a_clear_error(tmp_path, policy, tokenizer):
-    from components.sampling.vllm_backend import VLLMBackend
+    from arborl.components.sampling.vllm_backend import VLLMBackend
 
     save_policy(policy, tokenizer, str(tmp_path / "model"))
     with pytest.raises(ImportError, match=r"vllm.*extra.*sampler"):
@@ -28,7 +28,7 @@ def test_missing_vllm_is_a_clear_error(tmp_path, policy, tokenizer):
 
 def test_vllm_backend_grows_trees_with_the_policys_logprobs(tmp_path, policy, tokenizer, retriever, questions):
     pytest.importorskip("vllm")
-    from components.sampling.vllm_backend import VLLMBackend
+    from arborl.components.sampling.vllm_backend import VLLMBackend
 
     save_policy(policy, tokenizer, str(tmp_path / "model"))
     backend, tok = VLLMBackend.from_model_dir(str(tmp_path / "model"), dtype="float32", gpu_memory_utilization=0.3)

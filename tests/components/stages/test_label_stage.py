@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from components import schemas, storage
-from components.config import Config
-from components.stages import label
+from arborl.components import schemas, storage
+from arborl.components.config import Config
+from arborl.components.stages import label
 
 
 def node(pid, tid, nid, parent, depth, leaf, text):

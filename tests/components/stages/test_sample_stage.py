@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from components import schemas, storage
-from components.config import Config, WorldConfig
-from components.envs.retriever import FTSRetriever, RetrieverError
-from components.models import save_policy
-from components.stages import prepare, sample
+from arborl.components import schemas, storage
+from arborl.components.config import Config, WorldConfig
+from arborl.components.envs.retriever import FTSRetriever, RetrieverError
+from arborl.components.models import save_policy
+from arborl.components.stages import prepare, sample
 
 
 @pytest.fixture(scope="module")

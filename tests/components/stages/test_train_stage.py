@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import schemas, storage
-from components.config import load_config
-from components.stages import label, prepare, sample, train, warmstart
-from components.stages.train import CHECKPOINT_DIR
+from arborl.components import schemas, storage
+from arborl.components.config import load_config
+from arborl.components.stages import label, prepare, sample, train, warmstart
+from arborl.components.stages.train import CHECKPOINT_DIR
 
 ROOT = Path(__file__).resolve().parents[3]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -61,9 +61,9 @@ def _env() -> dict[str, str]:
 
 
 def _run(inputs, out: Path, *overrides: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "flows.cli"] if ranks == 1 else [
+    launcher = [sys.executable, "-m", "arborl.flows.cli"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m",
-        "flows.cli"]
+        "arborl.flows.cli"]
     done = subprocess.run([*launcher, *_command(inputs, out, *overrides)], env=_env(), capture_output=True,
                           text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -85,8 +85,8 @@ def test_killed_train_stage_resumes_to_the_same_weights(inputs, tmp_path):
     reference = _weights(tmp_path / "straight")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *_command(inputs, out, "train.save_every_steps=2")],
-                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "arborl.flows.cli", *_command(inputs, out, "train.save_every_steps=2")]
+    proc = subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
         while not list((out / CHECKPOINT_DIR).glob("step-*/checkpoint.json")):

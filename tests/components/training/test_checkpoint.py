@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from components.training.checkpoint import (
+from arborl.components.training.checkpoint import (
     META_FILE,
     STATE_FILE,
     latest_checkpoint,
@@ -77,7 +77,7 @@ def test_half_and_corrupt_checkpoints_are_skipped_with_a_log(tmp_path, caplog):
     (tmp_path / "ckpt" / "step-00000006" / META_FILE).unlink()  # killed before the manifest
     state = tmp_path / "ckpt" / "step-00000004" / STATE_FILE
     state.write_bytes(state.read_bytes()[:-10])  # truncated copy
-    with caplog.at_level(logging.WARNING, logger="components.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="arborl.components.training.checkpoint"):
         assert latest_checkpoint(root) == step_dir(root, 2)
     text = caplog.text
     assert "step-00000006" in text and "half-written" in text
@@ -88,7 +88,7 @@ def test_other_fingerprint_is_not_resumed(tmp_path, caplog):
     root = str(tmp_path / "ckpt")
     model, opt, _ = _model_and_opt()
     save_checkpoint(root, 1, model=model, optimizer=opt, fingerprint="old")
-    with caplog.at_level(logging.WARNING, logger="components.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="arborl.components.training.checkpoint"):
         assert latest_checkpoint(root, "new") is None
     assert "other inputs or settings" in caplog.text
     assert latest_checkpoint(str(tmp_path / "nothing-here")) is None

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import TrainConfig
-from components.training import distributed
-from components.training.distributed import Dist
-from components.training.packing import build_units
-from components.training.trainer import policy_update
+from arborl.components.config import TrainConfig
+from arborl.components.training import distributed
+from arborl.components.training.distributed import Dist
+from arborl.components.training.packing import build_units
+from arborl.components.training.trainer import policy_update
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent('''
     import json, os, sys
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from components.training import distributed
+    from arborl.components.training import distributed
 
     torch.set_num_threads(1)
     d = distributed.init("ddp", "cpu")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from components.training.loss import clipped_objective, token_logprobs
+from arborl.components.training.loss import clipped_objective, token_logprobs
 
 # ratios in every region for ε_low = ε_high = 0.2, c = 3 (never exactly on a boundary)
 RATIOS = [0.3, 0.79, 0.81, 0.95, 1.0, 1.05, 1.19, 1.21, 2.0, 2.99, 3.01, 7.0]

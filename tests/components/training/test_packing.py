@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from components.advantages.estimators import node_weights
-from components.training.packing import (
+from arborl.components.advantages.estimators import node_weights
+from arborl.components.training.packing import (
     build_units,
     greedy_microbatches,
     leaf_scales,

@@ -14,15 +14,21 @@ import random
 import pytest
 import torch
 
-from components.advantages.estimators import leaf_advantages
-from components.config import AgentConfig, SamplingConfig, TrainConfig
-from components.models import prompt_ids
-from components.sampling.agent import SearchEnv
-from components.sampling.backend import HFBackend
-from components.sampling.tree import node_rows, sample_trees
-from components.training import trainer
-from components.training.packing import leaf_scales
-from components.training.trainer import build_units, compute_loss, make_rows, packed_attention_supported, policy_update
+from arborl.components.advantages.estimators import leaf_advantages
+from arborl.components.config import AgentConfig, SamplingConfig, TrainConfig
+from arborl.components.models import prompt_ids
+from arborl.components.sampling.agent import SearchEnv
+from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.tree import node_rows, sample_trees
+from arborl.components.training import trainer
+from arborl.components.training.packing import leaf_scales
+from arborl.components.training.trainer import (
+    build_units,
+    compute_loss,
+    make_rows,
+    packed_attention_supported,
+    policy_update,
+)
 
 NAN = math.nan
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")

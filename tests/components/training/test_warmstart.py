@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from components.config import ModelConfig, WarmstartConfig
-from components.envs.demos import demonstration
-from components.models import build_model, encode
-from components.training.warmstart import supervised_train, tokenize_demo
+from arborl.components.config import ModelConfig, WarmstartConfig
+from arborl.components.envs.demos import demonstration
+from arborl.components.models import build_model, encode
+from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 SEGMENTS = [
     ("<question> where was kai born ? </question>", False),

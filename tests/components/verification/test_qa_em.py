@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from components.config import VerifyConfig
-from components.verification.qa_em import exact_match, f1_score, normalize_answer, score_response
+from arborl.components.config import VerifyConfig
+from arborl.components.verification.qa_em import exact_match, f1_score, normalize_answer, score_response
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from components.viewer.tree_html import build_html, split_step, tree_data
+from arborl.components.viewer.tree_html import build_html, split_step, tree_data
 
 OBS = "<information> ann was born in rome . </information>"
 
