@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from arborl.components.advantages.registry import check_training, describe_estimators, get_estimator
 
 
 class Strict(BaseModel):
@@ -122,8 +124,9 @@ class SamplingConfig(Strict):
         description="Bad prompts (empty, longer than the context, a tool error) are recorded and left out of "
         "training; the sample stage fails, naming them, when more than this fraction of prompts is bad.",
     )
-    backend: Literal["hf", "vllm"] = Field(
-        "hf", description="Generation engine of the sample stage: hf (in process) or vllm (the `sampler` image)."
+    backend: Literal["hf", "generate", "vllm"] = Field(
+        "hf", description="Generation backend of sampling and evaluation: hf (the in-process engine), generate (the "
+        "reference: Hugging Face `model.generate`, any causal LM, slower) or vllm (GPU; the `sampler` image).",
     )
 
 
@@ -141,7 +144,11 @@ class BudgetConfig(Strict):
         "1 + expansion_cost gives chains. null uses M/N/L as given.",
     )
     expansion_cost: float = Field(
-        0.5, gt=0, le=1, description="Cost of one expansion in chains (DESIGN §4.2: about half a chain)."
+        0.5, gt=0, le=1,
+        description="c: the cost of one expansion relative to a full chain, in the cost model M·(1 + L·N·c) "
+        "chains per prompt that `chains_per_prompt` and `arborl compare`'s GRPO chain count both use. ½ is the "
+        "long-chain limit (a uniformly drawn node regenerates about half a chain); budget.random_expansion_cost "
+        "and the sampling bench measure it for a policy (about 0.59 for the trained default policy).",
     )
     max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
 
@@ -161,10 +168,9 @@ class VerifyConfig(Strict):
 
 
 class AdvantageConfig(Strict):
-    estimator: Literal["tree", "tree_intra", "tree_inter", "grpo", "dr_grpo", "process"] = Field(
-        "tree", description="tree = A_intra + A_inter (Tree-GRPO); grpo = normalise over all trajectories of a "
-        "prompt; process = TreeRL per-node advantage ((V(n)−V(root)) + (V(n)−V(parent)))/sqrt(leaves under n), "
-        "applied once per node (packed form, token-mean)."
+    estimator: str = Field(
+        "tree", description="Advantage estimator, by its registered name (components/advantages/registry.py): "
+        + describe_estimators(),
     )
     eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
     export_preferences: bool = Field(
@@ -173,6 +179,12 @@ class AdvantageConfig(Strict):
     preference_margin: float = Field(
         0.1, gt=0, description="Least subtree-value gap |V(a) − V(b)| between two siblings that makes a pair."
     )
+
+    @field_validator("estimator")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        get_estimator(name)  # ValueError listing the registered names
+        return name
 
 
 class LoraSettings(Strict):
@@ -294,6 +306,12 @@ class Config(Strict):
     viewer: ViewerConfig = Field(default_factory=ViewerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="after")
+    def _estimator_fits_training(self) -> Config:
+        # a model-level error has no key of its own: the message names advantage.estimator and the train key
+        check_training(self.advantage.estimator, self.train.form, self.train.loss_aggregation)
+        return self
+
     def section_hash(self, *sections: str, **params: Any) -> str:
         """Stable hash of the named sections (all when none), the seed and extra params; manifests use it
         to tell whether a finished stage was made with the same settings."""
@@ -362,6 +380,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key {key!r}")
-            else:
+            elif key:
                 problems.append(f"key {key!r}: {err['msg']}")
+            else:  # a check across sections: its message names the keys
+                problems.append(err["msg"].removeprefix("Value error, "))
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

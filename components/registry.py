@@ -31,6 +31,7 @@ from arborl.components.stages.base import load_prompts
 from arborl.components.tracking import tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+DECISION_FILE = "decision.json"  # the gate's decision, under the run's promote_v<version>/
 PROMOTE, REJECT, INCOMPLETE = "promote", "reject", "incomplete"
 
 
@@ -312,8 +313,8 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
         out = storage.join(run_root, f"promote_v{challenger_version}")
         for role, (rows, _) in results.items():
             if rows is not None:
-                schemas.write(rows, schemas.EVAL, storage.join(out, f"{role}_eval.parquet"))
-        storage.write_json(storage.join(out, "decision.json"),
+                schemas.write(rows, schemas.EVAL, storage.join(out, f"{role}_{schemas.EVAL_FILE}"))
+        storage.write_json(storage.join(out, DECISION_FILE),
                            {**asdict(decision), "baseline": baseline_label, "split": split})
     for k, v in {**decision.tags(), "gate.baseline_model": baseline_label, "gate.split": split}.items():
         client.set_model_version_tag(name, challenger_version, k, v)

@@ -12,11 +12,18 @@ from arborl.components import storage
 
 SCHEMA_VERSION = "1"
 
+# Each Parquet artifact's file name stands beside its schema below. The stages' other files:
+WORLD_FILE = "world.json"  # prepare: the world's people and entities (`World.to_json`)
+PROMPT_STATS_FILE = "prompt_stats.json"  # sample: per-prompt counts and the reason a prompt is bad
+GRANULARITY_FILE = "granularity.json"  # label: the per-depth granularity report
+TREES_FILE = "trees.html"  # label: the tree viewer
+
 
 def _schema(name: str, fields: list[pa.Field], version: str = SCHEMA_VERSION) -> pa.Schema:
     return pa.schema(fields, metadata={"arborl.schema": name, "arborl.schema_version": version})
 
 
+FACTS_FILE = "facts.parquet"
 FACTS = _schema(
     "facts",
     [
@@ -28,6 +35,7 @@ FACTS = _schema(
     ],
 )
 
+PROMPTS_FILE = "prompts.parquet"
 PROMPTS = _schema(
     "prompts",
     [
@@ -40,6 +48,7 @@ PROMPTS = _schema(
     ],
 )
 
+NODES_FILE = "nodes.parquet"
 NODES = _schema(
     "nodes",
     [
@@ -60,6 +69,7 @@ NODES = _schema(
     ],
 )
 
+REWARDS_FILE = "rewards.parquet"
 REWARDS = _schema(
     "rewards",
     [
@@ -75,6 +85,7 @@ REWARDS = _schema(
     ],
 )
 
+ADVANTAGES_FILE = "advantages.parquet"
 ADVANTAGES = _schema(
     "advantages",
     [
@@ -89,6 +100,7 @@ ADVANTAGES = _schema(
     ],
 )
 
+EVAL_FILE = "eval.parquet"
 EVAL = _schema(
     "eval",
     [
@@ -110,6 +122,7 @@ EVAL = _schema(
     version="2",  # 2: sampled mode holds evaluate.pass_k samples per question; valid_format column
 )
 
+PREFERENCES_FILE = "preferences.parquet"
 PREFERENCES = _schema(  # sibling-subtree preference pairs in TRL's DPO format (components/advantages/preferences.py)
     "preferences",
     [

@@ -47,7 +47,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
     """Run the whole pipeline (prepare → warm start → RL iterations → evaluation) as a Prefect flow."""
     cfg = _load(config, overrides)
     _prefect_env()
-    from arborl.flows.pipeline import train_pipeline
+    from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
     from arborl.flows.progress import RichReporter, set_reporter
 
     reporter = RichReporter(console)
@@ -59,7 +59,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
     finally:
         reporter.close()
     root = f"{cfg.run.output_root.rstrip('/')}/{cfg.run.name}"
-    console.print(f"outputs: {root}/   summary: {root}/summary.json   MLflow run: {summary['mlflow_run_id']}")
+    console.print(f"outputs: {root}/   summary: {root}/{SUMMARY_FILE}   MLflow run: {summary['mlflow_run_id']}")
 
 
 @app.command()

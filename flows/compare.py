@@ -11,7 +11,7 @@ from prefect import flow
 
 from arborl.components import storage
 from arborl.components.config import Config
-from arborl.components.evaluation.compare import METHODS, aggregate, matched_chains, method_config, plot_curves
+from arborl.components.evaluation.compare import METHODS, aggregate, budget_rule, method_config, plot_curves
 from arborl.components.tracking import tracking_uri
 from arborl.flows.pipeline import train_pipeline
 
@@ -31,8 +31,7 @@ def compare_pipeline(config: dict, seeds: int = 3) -> dict:
                 run_cfg.run.warmstart_from = first_root
             runs[method].append((run_cfg.run.seed, train_pipeline(run_cfg.model_dump(mode="json")), run_cfg))
     result = aggregate(runs)
-    result["budget_rule"] = (f"GRPO chains per prompt = round(M * (1 + L*N/2)) = {matched_chains(cfg.sampling)} "
-                             "(an expansion from a random node regenerates about half a chain)")
+    result["budget_rule"] = budget_rule(cfg)
     out = storage.join(cfg.run.output_root, f"{cfg.run.name}-compare")
     result["out"] = storage.join(out, "compare.json")
     storage.write_json(result["out"], result)

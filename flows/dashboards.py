@@ -14,7 +14,7 @@ from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from arborl.components import storage
+from arborl.components import schemas, storage
 from arborl.components.plots import curves_figure, granularity_figure
 from arborl.components.tracking import Tracker
 
@@ -63,7 +63,7 @@ class Dashboards:
         self.granularity += [{"iteration": iteration, **r} for r in storage.read_json(outputs["granularity"])]
         columns = list(self.granularity[0]) if self.granularity else []
         self.tracker.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in self.granularity]},
-                              "granularity.json")
+                              schemas.GRANULARITY_FILE)
 
     def iteration_finished(self, iteration: int, sample: dict, verify: dict, train: dict) -> None:
         row = self._row(iteration)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, task, unmapped
@@ -20,6 +20,8 @@ from arborl.components.tracking import Tracker
 from arborl.flows.dashboards import Dashboards
 from arborl.flows.progress import Reporter, get_reporter
 
+RUN_CONFIG_FILE = "config.json"  # the resolved config, at the run's root
+SUMMARY_FILE = "summary.json"  # what `train_pipeline` returns, at the run's root
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
                 "test_tool_calls_sampled")
 
@@ -83,6 +85,84 @@ def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
     return world, model
 
 
+@dataclass
+class RunContext:
+    """What the steps of one pipeline run share: its config and root, where metrics and progress go, and the
+    seconds each stage took."""
+
+    cfg: Config
+    root: str
+    tracker: Tracker
+    dash: Dashboards
+    reporter: Reporter
+    stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, result: dict, step: int, prefix: str) -> dict:
+        """Count a stage result's seconds and log its metrics at `step` (not again for a stage a resumed
+        MLflow run already logged); returns `result`."""
+        self.stage_seconds[result["stage"]] += result["seconds"]
+        if not (result["skipped"] and self.tracker.resumed):
+            self.tracker.log_metrics(result["metrics"], step=step, prefix=prefix)
+            self.tracker.log_metrics({f"{result['stage']}_seconds": result["seconds"]}, step=step, prefix="time/")
+        return result
+
+
+def world_and_warm_start(ctx: RunContext) -> tuple[str, str]:
+    """(world, model) URIs: prepare and warm start, or another run's finished ones (`run.warmstart_from`)."""
+    cfg, root = ctx.cfg, ctx.root
+    if cfg.run.warmstart_from:
+        return reused_warmstart(cfg, cfg.run.warmstart_from)
+    world = ctx.record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
+    model = ctx.record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
+                       "warmstart/")["out"]
+    return world, model
+
+
+def evaluate(ctx: RunContext, iteration: int, model: str, world: str, out: str) -> dict:
+    """The evaluate stage on `model`, logged at step `iteration` and shown; returns its metrics."""
+    metrics = ctx.record(_stage("evaluate", ctx.cfg, {"model": model, "world": world}, out), iteration,
+                         "eval/")["metrics"]
+    ctx.reporter.evaluated(iteration, metrics)
+    ctx.dash.evaluated(iteration, metrics)
+    return metrics
+
+
+def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: str) -> tuple[str, dict, dict | None]:
+    """RL iteration `it`: sample → verify → label → train the policy `model` [→ evaluate].
+
+    Returns (the trained model, the iteration's history row, the evaluation metrics or None when this
+    iteration is not evaluated)."""
+    cfg, dash = ctx.cfg, ctx.dash
+    iter_dir = iteration_dir(ctx.root, it)
+    sampled = ctx.record(_sample(cfg, {"model": model, "world": world}, storage.join(iter_dir, "sample"), it), it,
+                         "sample/")
+    dash.progress(it, 0.5)
+    verified = ctx.record(_stage("verify", cfg, {"nodes": sampled["out"], "world": world},
+                                 storage.join(iter_dir, "verify")), it, "verify/")
+    labelled = ctx.record(_stage("label", cfg, {"nodes": sampled["out"], "rewards": verified["out"], "world": world},
+                                 storage.join(iter_dir, "label")), it, "label/")
+    dash.labelled(it, labelled)
+    train_inputs = {"model": model, "nodes": sampled["out"], "advantages": labelled["out"], "world": world}
+    if cfg.train.kl_coef > 0:
+        train_inputs["reference"] = warm_model
+    trained = ctx.record(_stage("train", cfg, train_inputs, storage.join(iter_dir, "train"), iteration=it), it,
+                         "train/")
+    model = trained["out"]
+    dash.progress(it, 1.0)
+    row = {"iteration": it, "reward_mean": verified["metrics"]["reward_mean"], "loss": trained["metrics"]["loss"],
+           "trajectories": sampled["metrics"]["trajectories"],
+           "generated_tokens": sampled["metrics"]["generated_tokens"]}
+    evaluation = None
+    if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
+        evaluation = evaluate(ctx, it, model, world, storage.join(iter_dir, "eval"))
+        row.update({k: evaluation[k] for k in ("test_em", "test_em_sampled")})
+    dash.iteration_finished(it, sampled, verified, trained)
+    if evaluation is not None:
+        dash.plot()
+    ctx.reporter.iteration_finished(it, row)
+    return model, row, evaluation
+
+
 @flow(name="arborl-tree-grpo")
 def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
@@ -90,68 +170,24 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config.
     """
     cfg = Config.model_validate(config)
-    reporter: Reporter = get_reporter()
     started = time.time()
     root = storage.join(cfg.run.output_root, cfg.run.name)
     storage.makedirs(root)
-    storage.write_json(storage.join(root, "config.json"), cfg.model_dump(mode="json"))
+    storage.write_json(storage.join(root, RUN_CONFIG_FILE), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
-    dash = Dashboards(tracker, cfg.run.name, cfg.run.iterations)
-    stage_seconds: dict[str, float] = defaultdict(float)
-    history: list[dict] = []
-
-    def record(res: dict, step: int, prefix: str) -> dict:
-        stage_seconds[res["stage"]] += res["seconds"]
-        if not (res["skipped"] and tracker.resumed):
-            tracker.log_metrics(res["metrics"], step=step, prefix=prefix)
-            tracker.log_metrics({f"{res['stage']}_seconds": res["seconds"]}, step=step, prefix="time/")
-        return res
-
+    ctx = RunContext(cfg, root, tracker, Dashboards(tracker, cfg.run.name, cfg.run.iterations), get_reporter())
     try:
-        reporter.run_started(cfg)
-        if cfg.run.warmstart_from:
-            world, model = reused_warmstart(cfg, cfg.run.warmstart_from)
-        else:
-            world = record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
-            model = record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
-                           "warmstart/")["out"]
+        ctx.reporter.run_started(cfg)
+        world, model = world_and_warm_start(ctx)
         warm_model = model
-        warm_eval = record(
-            _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(root, "warmstart_eval")), 0, "eval/"
-        )["metrics"]
-        reporter.evaluated(0, warm_eval)
-        dash.evaluated(0, warm_eval)
+        warm_eval = evaluate(ctx, 0, model, world, storage.join(root, "warmstart_eval"))
         last_eval, last_eval_iter = warm_eval, 0
+        history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
-            d = iteration_dir(root, it)
-            s = record(_sample(cfg, {"model": model, "world": world}, storage.join(d, "sample"), it), it, "sample/")
-            dash.progress(it, 0.5)
-            v = record(_stage("verify", cfg, {"nodes": s["out"], "world": world}, storage.join(d, "verify")),
-                       it, "verify/")
-            lab = record(_stage("label", cfg, {"nodes": s["out"], "rewards": v["out"], "world": world},
-                                storage.join(d, "label")), it, "label/")
-            dash.labelled(it, lab)
-            train_inputs = {"model": model, "nodes": s["out"], "advantages": lab["out"], "world": world}
-            if cfg.train.kl_coef > 0:
-                train_inputs["reference"] = warm_model
-            t = record(_stage("train", cfg, train_inputs, storage.join(d, "train"), iteration=it), it, "train/")
-            model = t["out"]
-            dash.progress(it, 1.0)
-            row = {"iteration": it, "reward_mean": v["metrics"]["reward_mean"], "loss": t["metrics"]["loss"],
-                   "trajectories": s["metrics"]["trajectories"], "generated_tokens": s["metrics"]["generated_tokens"]}
-            if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
-                last_eval = record(
-                    _stage("evaluate", cfg, {"model": model, "world": world}, storage.join(d, "eval")), it, "eval/"
-                )["metrics"]
-                last_eval_iter = it
-                row.update({k: last_eval[k] for k in ("test_em", "test_em_sampled")})
-                reporter.evaluated(it, last_eval)
-                dash.evaluated(it, last_eval)
+            model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
             history.append(row)
-            dash.iteration_finished(it, s, v, t)
-            if it == last_eval_iter:
-                dash.plot()
-            reporter.iteration_finished(it, row)
+            if evaluation is not None:
+                last_eval, last_eval_iter = evaluation, it
 
         summary = {
             "run_name": cfg.run.name,
@@ -162,7 +198,7 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             "final": {k: last_eval[k] for k in SUMMARY_KEYS},
             "final_by_hops": {k: v for k, v in last_eval.items() if k.startswith("test_") and "_hop" in k},
             "warmstart_by_hops": {k: v for k, v in warm_eval.items() if k.startswith("test_") and "_hop" in k},
-            "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
+            "stage_seconds": {k: round(v, 2) for k, v in ctx.stage_seconds.items()},
             "wall_seconds": round(time.time() - started, 2),
             "mlflow_run_id": tracker.run_id,
             "config_hash": cfg.section_hash(),
@@ -172,22 +208,29 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
             tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
                     "arborl.iteration": str(last_eval_iter)}
             summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags)
-        summary_uri = storage.join(root, "summary.json")
-        storage.write_json(summary_uri, summary)
-        tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
-        tracker.log_metrics({"wall_seconds": summary["wall_seconds"]}, step=cfg.run.iterations)
-        if storage.is_local(summary_uri):
-            tracker.log_artifact(storage.filesystem(summary_uri)[1])
-            tracker.log_artifact(storage.filesystem(storage.join(root, "config.json"))[1])
-        if config_file:
-            tracker.log_artifact(config_file, "config_file")
-        _publish_summary(summary)
+        _save_summary(ctx, summary, config_file)
         tracker.finish("FINISHED")
-        reporter.run_finished(summary)
+        ctx.reporter.run_finished(summary)
         return summary
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+def _save_summary(ctx: RunContext, summary: dict, config_file: str | None) -> None:
+    """summary.json at the run's root; the final metrics, the summary and both configs to MLflow; the
+    Prefect summary artifact."""
+    cfg, tracker = ctx.cfg, ctx.tracker
+    summary_uri = storage.join(ctx.root, SUMMARY_FILE)
+    storage.write_json(summary_uri, summary)
+    tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
+    tracker.log_metrics({"wall_seconds": summary["wall_seconds"]}, step=cfg.run.iterations)
+    if storage.is_local(summary_uri):
+        tracker.log_artifact(storage.filesystem(summary_uri)[1])
+        tracker.log_artifact(storage.filesystem(storage.join(ctx.root, RUN_CONFIG_FILE))[1])
+    if config_file:
+        tracker.log_artifact(config_file, "config_file")
+    _publish_summary(summary)
 
 
 @task(name="register")

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout_imports import use_checkout  # noqa: E402
+
+use_checkout()
 
 from gpu_check_training import tree_grpo_trees  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402

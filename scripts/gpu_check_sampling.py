@@ -3,7 +3,7 @@ own forward / `generate` in float32 and bfloat16, and decode tokens/s against `m
 8, 32 and 128. Prints one JSON line.
 
 Needs only torch and transformers (pydantic/pyyaml, when present, size the model from configs/tiny.yaml):
-    PYTHONPATH=. python scripts/gpu_check_sampling.py [--new-tokens 128] [--repeats 3]
+    python scripts/gpu_check_sampling.py [--new-tokens 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout_imports import use_checkout  # noqa: E402
 
-from arborl.components.sampling.backend import FORWARDS, HFBackend  # noqa: E402
+use_checkout()
+
+from arborl.components.sampling.engine import FORWARDS, HFBackend  # noqa: E402
 
 DEFAULT_VOCAB = 179  # the default world's word-level vocabulary, used where pydantic (the config) is missing
 
@@ -127,7 +130,7 @@ def trees_on_device(device: str) -> dict:
     from arborl.components.envs.world import build_world, make_questions, vocabulary
     from arborl.components.models import build_model, build_tokenizer, prompt_ids
     from arborl.components.sampling.agent import SearchEnv
-    from arborl.components.sampling.tree import sample_trees
+    from arborl.components.sampling.scheduler import sample_trees
 
     cfg = load_config()
     world = build_world(cfg.world, 0)

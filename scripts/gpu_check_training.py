@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout_imports import use_checkout  # noqa: E402
+
+use_checkout()
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -67,7 +70,7 @@ def loss_and_grads(model, units, form, cfg, pad):
     model = copy.deepcopy(model)
     scales, divisor = leaf_scales(units, cfg.loss_aggregation, cfg.seq_sum_horizon)
     rows = trainer.make_rows(units, form, scales)
-    trainer._fill_logprobs(model, rows, cfg, pad, "old_logprobs")
+    trainer.fill_logprobs(model, rows, cfg, pad, "old_logprobs")
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -84,7 +87,7 @@ def rel_diff(a, b):
 def timed(model, units, form, cfg, pad, repeats=5):
     scales, divisor = leaf_scales(units, cfg.loss_aggregation, cfg.seq_sum_horizon)
     rows = trainer.make_rows(units, form, scales)
-    trainer._fill_logprobs(model, rows, cfg, pad, "old_logprobs")
+    trainer.fill_logprobs(model, rows, cfg, pad, "old_logprobs")
     out = []
     for i in range(repeats + 1):
         model.zero_grad(set_to_none=True)

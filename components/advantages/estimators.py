@@ -1,20 +1,24 @@
-"""Outcome-reward advantage estimators (DESIGN §4.4) and their per-node token weights.
+"""Outcome-reward advantage math (docs/design.md, Advantages) and the per-node token weights.
 
 `norm(R, G) = (R − mean_G) / (std_G + eps)` with the unbiased std; a group of size 1 or with zero
-spread gives 0. Per-leaf estimators act on every trainable token of the leaf's path, so a node on the
+spread gives 0. Per-leaf advantages act on every trainable token of the leaf's path, so a node on the
 paths of k leaves carries A⁺ = Σ positive and A⁻ = Σ negative advantages of those leaves and
 multiplicity k — exactly what duplicating the k trajectories does.
+
+The named estimators built from these functions, and what each needs from training, are in
+`arborl.components.advantages.registry`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 
-ESTIMATORS = ("grpo", "dr_grpo", "tree", "tree_intra", "tree_inter")  # per leaf; `process` is per node
-
 LeafKey = tuple[str, int, int]  # (prompt_id, tree_id, leaf node_id)
+NodeKey = tuple[str, int, int]  # (prompt_id, tree_id, node_id)
 
 
 def group_norm(rewards: np.ndarray, eps: float = 1e-6, scale: bool = True) -> np.ndarray:
@@ -26,43 +30,32 @@ def group_norm(rewards: np.ndarray, eps: float = 1e-6, scale: bool = True) -> np
     return centred / (rewards.std(ddof=1) + eps) if scale else centred
 
 
-def leaf_advantages(rewards: dict[LeafKey, float], estimator: str, eps: float = 1e-6) -> dict[LeafKey, float]:
-    """Advantage per leaf. Groups: the prompt's leaves (inter / grpo) and the tree's leaves (intra)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ESTIMATORS}")
-    by_prompt: dict[str, list[LeafKey]] = defaultdict(list)
-    by_tree: dict[tuple[str, int], list[LeafKey]] = defaultdict(list)
+def grouped_advantages(
+    rewards: Mapping[LeafKey, float], by: Literal["prompt", "tree"], eps: float = 1e-6, scale: bool = True
+) -> dict[LeafKey, float]:
+    """`group_norm` of every leaf's reward within its group: all leaves of the prompt (`by="prompt"`: GRPO,
+    Tree-GRPO's A_inter) or the leaves of its tree (`by="tree"`: A_intra). `scale=False` only centres."""
+    if by not in ("prompt", "tree"):
+        raise ValueError(f"group leaves by 'prompt' or 'tree', not {by!r}")
+    width = 1 if by == "prompt" else 2
+    groups: dict[tuple, list[LeafKey]] = defaultdict(list)
     for key in rewards:
-        by_prompt[key[0]].append(key)
-        by_tree[key[:2]].append(key)
-
-    def over(groups: dict, scale: bool = True) -> dict[LeafKey, float]:
-        out = {}
-        for keys in groups.values():
-            for key, a in zip(keys, group_norm([rewards[k] for k in keys], eps, scale), strict=True):
-                out[key] = float(a)
-        return out
-
-    if estimator == "grpo":
-        return over(by_prompt)
-    if estimator == "dr_grpo":
-        return over(by_prompt, scale=False)
-    if estimator == "tree_inter":
-        return over(by_prompt)
-    if estimator == "tree_intra":
-        return over(by_tree)
-    inter, intra = over(by_prompt), over(by_tree)
-    return {k: intra[k] + inter[k] for k in rewards}
+        groups[key[:width]].append(key)
+    out = {}
+    for keys in groups.values():
+        for key, a in zip(keys, group_norm([rewards[k] for k in keys], eps, scale), strict=True):
+            out[key] = float(a)
+    return out
 
 
 def node_weights(
-    parents: dict[tuple[str, int, int], int | None], leaf_adv: dict[LeafKey, float]
-) -> dict[tuple[str, int, int], tuple[float, float, int]]:
+    parents: Mapping[NodeKey, int | None], leaf_adv: Mapping[LeafKey, float]
+) -> dict[NodeKey, tuple[float, float, int]]:
     """(A⁺, A⁻, multiplicity) per node, summing the advantages of the leaves below it.
 
     `parents` maps every node (prompt_id, tree_id, node_id) to its parent node_id (None for a first step).
     """
-    out: dict[tuple[str, int, int], list] = {k: [0.0, 0.0, 0] for k in parents}
+    out: dict[NodeKey, list] = {k: [0.0, 0.0, 0] for k in parents}
     for leaf, adv in leaf_adv.items():
         if leaf not in parents:
             raise KeyError(f"leaf {leaf} has a reward but no node")
@@ -80,17 +73,17 @@ def node_weights(
 
 
 def process_advantages(
-    parents: dict[tuple[str, int, int], int | None], rewards: dict[LeafKey, float]
-) -> dict[tuple[str, int, int], float]:
-    """TreeRL-style process advantage per node (DESIGN §4.4), not per trajectory:
+    parents: Mapping[NodeKey, int | None], rewards: Mapping[LeafKey, float]
+) -> dict[NodeKey, float]:
+    """TreeRL-style process advantage per node (docs/design.md, Advantages), not per trajectory:
 
         A(n) = ((V(n) − V(root)) + (V(n) − V(parent))) / sqrt(L(n))
 
     with V(n) the mean reward of the L(n) leaves under n, and root the tree's prompt (V = mean over the
     tree's leaves; the parent of a first step). Every node of a tree with a rewarded leaf gets a value.
     """
-    total: dict[tuple[str, int, int], float] = defaultdict(float)
-    count: dict[tuple[str, int, int], int] = defaultdict(int)
+    total: dict[NodeKey, float] = defaultdict(float)
+    count: dict[NodeKey, int] = defaultdict(int)
     tree_total: dict[tuple[str, int], float] = defaultdict(float)
     tree_count: dict[tuple[str, int], int] = defaultdict(int)
     for leaf, reward in rewards.items():

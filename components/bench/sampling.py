@@ -26,14 +26,14 @@ import time
 import torch
 
 from arborl.components.config import Config
-from arborl.components.envs.demos import demonstration
+from arborl.components.envs.demos import build_demonstrations
 from arborl.components.envs.retriever import FTSRetriever
-from arborl.components.envs.world import RELATIONS, build_world, make_questions, vocabulary
+from arborl.components.envs.world import build_world, make_questions, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, prompt_ids
 from arborl.components.sampling.agent import SearchEnv
-from arborl.components.sampling.backend import HFBackend
 from arborl.components.sampling.budget import budget, planned_chains, random_expansion_cost
-from arborl.components.sampling.tree import sample_trees
+from arborl.components.sampling.engine import HFBackend
+from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 TREE = {"trees_per_prompt": 2, "expansions_per_round": 2, "expansion_rounds": 1, "keep_leaves": None}
@@ -44,16 +44,8 @@ def _policy(cfg: Config, world, train: list[dict], retriever: FTSRetriever, mode
             warmstart_steps: int, device: str):
     if model_dir:
         return load_policy(model_dir, device)
-    facts = world.fact_rows()
-    fact_index = {f["text"]: (f["subject"], f["relation"], f["object"]) for f in facts}
-    by_type = {kind: world.entities(kind) for kind in {t for _, _, t in RELATIONS.values()}}
-    rng = random.Random(cfg.run.seed)
     ws = cfg.warmstart
-    episodes = [
-        demonstration(rng.choice(train), retriever, fact_index, by_type, rng, ws.early_answer_prob,
-                      ws.sloppy_query_prob)
-        for _ in range(min(ws.num_demos, 2000))
-    ]
+    episodes = build_demonstrations(world, retriever, train, ws, cfg.run.seed, count=min(ws.num_demos, 2000))
     tokenizer = build_tokenizer(vocabulary(world))
     model = build_model(cfg.model, tokenizer, cfg.run.seed).to(device)
     demos = [tokenize_demo(tokenizer, ep) for ep in episodes]

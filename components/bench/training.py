@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from arborl.components import schemas, storage
+from arborl.components import storage
 from arborl.components.config import Config
-from arborl.components.models import load_policy, prompt_ids
+from arborl.components.models import load_policy
 from arborl.components.stages import STAGES
-from arborl.components.stages.base import device, load_prompts
+from arborl.components.stages.base import device
+from arborl.components.stages.train import load_tree_units
 from arborl.components.training import trainer
 from arborl.components.training.packing import TreeUnit, leaf_scales
 
@@ -36,21 +37,14 @@ def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tu
     rewards = STAGES["verify"](cfg, {"nodes": nodes, "world": world}, storage.join(workdir, "verify")).out
     labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards, "world": world},
                              storage.join(workdir, "label")).out
-    node_rows = schemas.read(storage.join(nodes, "nodes.parquet"), schemas.NODES).to_pylist()
-    adv = schemas.read(storage.join(labels, "advantages.parquet"), schemas.ADVANTAGES).to_pylist()
-    leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
-                for a in adv if a["leaf_advantage"] is not None}
     _, tokenizer = load_policy(model, "cpu")
-    wanted = {n["prompt_id"] for n in node_rows}
-    prompts = {p["prompt_id"]: prompt_ids(tokenizer, p["prompt"])
-               for p in load_prompts(world) if p["prompt_id"] in wanted}
-    return model, trainer.build_units(prompts, node_rows, leaf_adv)
+    return model, load_tree_units({"nodes": nodes, "advantages": labels, "world": world}, tokenizer)
 
 
 def _prepared_rows(model, units: list[TreeUnit], form: str, cfg: Config, pad_id: int):
     scales, divisor = leaf_scales(units, cfg.train.loss_aggregation, cfg.train.seq_sum_horizon)
     rows = trainer.make_rows(units, form, scales)
-    trainer._fill_logprobs(model, rows, cfg.train, pad_id, "old_logprobs")
+    trainer.fill_logprobs(model, rows, cfg.train, pad_id, "old_logprobs")
     return rows, divisor
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import random
 
+from arborl.components.config import WarmstartConfig
 from arborl.components.envs.protocol import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, observation
 from arborl.components.envs.retriever import FTSRetriever
-from arborl.components.envs.world import RELATIONS
+from arborl.components.envs.world import RELATIONS, World
 
 Segment = tuple[str, bool]  # (text, written by the model → trained on)
 
@@ -60,3 +61,24 @@ def demonstration(
             entity = rng.choice(entities_by_type[RELATIONS[relation][2]])
     segments.append((f" {ANSWER_OPEN} {entity} {ANSWER_CLOSE}", True))
     return segments
+
+
+def build_demonstrations(
+    world: World,
+    retriever: FTSRetriever,
+    questions: list[dict],
+    warmstart: WarmstartConfig,
+    seed: int,
+    count: int | None = None,
+) -> list[list[Segment]]:
+    """The warm start's demonstrations: `count` (default `warmstart.num_demos`) episodes on questions drawn
+    with replacement from `questions`, one seeded stream for the draws and the episodes, so a seed always
+    gives the same list."""
+    fact_index = {f["text"]: (f["subject"], f["relation"], f["object"]) for f in world.fact_rows()}
+    entities_by_type = {kind: world.entities(kind) for kind in {t for _, _, t in RELATIONS.values()}}
+    rng = random.Random(seed)
+    return [
+        demonstration(rng.choice(questions), retriever, fact_index, entities_by_type, rng,
+                      warmstart.early_answer_prob, warmstart.sloppy_query_prob)
+        for _ in range(warmstart.num_demos if count is None else count)
+    ]

@@ -1,33 +1,48 @@
-"""Tree-GRPO vs GRPO at equal generation budget: the matched chain count, and the aggregation of several
-runs per method into final test EM with a confidence interval over seeds and EM-vs-generated-tokens curves.
+"""Tree-GRPO vs GRPO at equal generation budget: the GRPO chain count that matches Tree-GRPO's cost, and the
+aggregation of several runs per method into final test EM with a confidence interval over seeds and
+EM-vs-generated-tokens curves.
 
-Budget rule: a Tree-GRPO prompt costs its M initial chains plus M·L·N expansions, and an expansion from a
-uniformly drawn node regenerates about half a chain (DESIGN §4.2). So the GRPO baseline gets
-round(M · (1 + L·N / 2)) chains per prompt — 4 for M=2, N=2, L=1, against Tree-GRPO's 6 trajectories.
-The generated tokens each run actually spent are reported beside it, so the match can be checked.
+Budget rule: the project's one cost model (`sampling.budget`, docs/design.md, Budget). A Tree-GRPO
+prompt — its sampling after `budget.plan` — costs M · (1 + L·N·c) chains, c = `budget.expansion_cost` (the
+cost of one expansion relative to a full chain), and the GRPO baseline gets `budget.equal_budget_chains` of
+it: 4 chains for M=2, N=2, L=1 at the default c = ½, against Tree-GRPO's 6 trajectories. The generated tokens
+each run actually spent are reported beside it, so the match can be checked.
 """
 
 from __future__ import annotations
 
-from arborl.components.config import Config, SamplingConfig
+from arborl.components.config import Config
 from arborl.components.evaluation.metrics import t_interval
+from arborl.components.sampling.budget import equal_budget_chains, plan, planned_chains
 
 METHODS = ("tree_grpo", "grpo")
 
 
-def matched_chains(sampling: SamplingConfig) -> int:
-    """Chains per prompt for GRPO that cost about what one prompt's Tree-GRPO trees cost."""
-    m, n, rounds = sampling.trees_per_prompt, sampling.expansions_per_round, sampling.expansion_rounds
-    return max(1, round(m * (1 + rounds * n / 2)))
+def grpo_chains(cfg: Config) -> int:
+    """Chains per prompt for GRPO that cost what one prompt's Tree-GRPO trees cost under `cfg.budget`."""
+    return equal_budget_chains(plan(cfg.sampling, cfg.budget), cfg.budget.expansion_cost)
+
+
+def budget_rule(cfg: Config) -> str:
+    """One line that states how the GRPO chain count of `cfg`'s comparison was reached."""
+    tree, c = plan(cfg.sampling, cfg.budget), cfg.budget.expansion_cost
+    return (f"GRPO chains per prompt = round(M * (1 + L*N*c)) = round({tree.trees_per_prompt} * (1 + "
+            f"{tree.expansion_rounds}*{tree.expansions_per_round}*{c:g})) = round({planned_chains(tree, c):g}) = "
+            f"{grpo_chains(cfg)} (c = budget.expansion_cost, the cost of one expansion relative to a full chain)")
 
 
 def method_config(cfg: Config, method: str, seed: int) -> Config:
-    """The config of one comparison run: its own name and seed, no registry (compare runs are not candidates)."""
+    """The config of one comparison run: its own name and seed, no registry (compare runs are not candidates).
+    GRPO runs chain mode with `grpo_chains(cfg)` chains per prompt; a `budget.chains_per_prompt` is set to that
+    count so the sampler's `plan` keeps it."""
     data = cfg.model_dump(mode="json")
     data["run"].update({"name": f"{cfg.run.name}-{method}-s{seed}", "seed": seed})
     data["registry"]["enabled"] = False
     if method == "grpo":
-        data["sampling"].update({"expansion_rounds": 0, "trees_per_prompt": matched_chains(cfg.sampling)})
+        chains = grpo_chains(cfg)
+        data["sampling"].update({"expansion_rounds": 0, "trees_per_prompt": chains})
+        if cfg.budget.chains_per_prompt is not None:
+            data["budget"]["chains_per_prompt"] = float(chains)
         data["advantage"]["estimator"] = "grpo"
     elif method != "tree_grpo":
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

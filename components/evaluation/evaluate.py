@@ -18,7 +18,7 @@ from arborl.components.config import AgentConfig, VerifyConfig
 from arborl.components.evaluation.metrics import bootstrap_ci, pass_at_k
 from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.generation import GenerationBackend
 from arborl.components.verification.qa_em import score_response
 
 # Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
@@ -31,7 +31,7 @@ def response_text(steps: list[Step]) -> str:
 
 
 def evaluate_policy(
-    backend: HFBackend,
+    backend: GenerationBackend,
     env: SearchEnv,
     prompt_rows: list[dict],
     agent: AgentConfig,

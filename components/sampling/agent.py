@@ -22,7 +22,7 @@ import torch
 from arborl.components.config import AgentConfig
 from arborl.components.envs import protocol
 from arborl.components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.generation import GenerationBackend
 from arborl.components.sampling.rng import Generators, row_generators, stable_seed
 
 
@@ -122,7 +122,7 @@ def frozen_heap() -> Iterator[None]:
 
 
 def run_episodes(
-    backend: HFBackend,
+    backend: GenerationBackend,
     env: SearchEnv,
     episodes: list[Episode],
     agent: AgentConfig,
@@ -137,7 +137,7 @@ def run_episodes(
 
 
 def run_turn(
-    backend: HFBackend,
+    backend: GenerationBackend,
     env: SearchEnv,
     episodes: list[Episode],
     agent: AgentConfig,

@@ -1,21 +1,29 @@
-"""Generation budget of sampled trees: what each prompt and each expansion round cost.
+"""Generation budget of sampled trees: what each prompt and each expansion round cost, and the one cost model
+by which trees and chains are compared at equal cost.
 
 Counts per prompt and per round: generated tokens, prefilled tokens (context fed to the model before
 each turn), tool calls, trajectories (leaves), and the chain-equivalent budget — generated tokens
 divided by the mean generated tokens of one full chain in the same batch (the round-0 chains), the unit
 in which Tree-GRPO's paper compares trees with independent chains.
 
-`plan` turns a fixed budget (`budget.chains_per_prompt`) into M/N/L, so trees and chains can be
-compared at equal cost.
+Cost model (docs/design.md, Budget): M trees with L rounds of N expansions cost
+`planned_chains` = M · (1 + L·N·c) chains, c = `budget.expansion_cost`, the cost of one expansion relative
+to a full chain (½ is the long-chain limit; `random_expansion_cost` measures it for a policy's chains).
+Everything that trades trees against chains goes through it: `plan` turns a fixed budget
+(`budget.chains_per_prompt`) into M/N/L, and `equal_budget_chains` is the chain count a chain-mode run
+(GRPO in `arborl compare`) gets for what a tree plan costs.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from arborl.components.config import BudgetConfig, SamplingConfig
-from arborl.components.sampling.tree import Tree
+
+if TYPE_CHECKING:  # annotations only: the cost model needs no sampler
+    from arborl.components.sampling.tree import Tree
 
 COUNTS = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories")
 
@@ -44,8 +52,8 @@ def random_expansion_cost(trees: list[Tree]) -> float:
     chain (expected cost: the mean generated tokens of its prompt's chains), and the d − 1 non-leaf steps, where
     drawing the one after step k regenerates what this chain spent after it, g_{k+1} + … + g_d (the only sample
     of that continuation there is). Returns the sum of those expectations over the chains ÷ the sum of their
-    tokens: `plan`'s c for the policy that wrote them. DESIGN's ½ is the limit of long chains; d steps of equal
-    length give (d + 1) / 2d (⅔ for three).
+    tokens: the `budget.expansion_cost` c of `planned_chains` for the policy that wrote them. The default ½ is
+    the limit of long chains; d steps of equal length give (d + 1) / 2d (⅔ for three).
     """
     chains: dict[str, list[list[int]]] = defaultdict(list)
     for tree in trees:
@@ -125,27 +133,41 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def planned_chains(sampling: SamplingConfig, expansion_cost: float) -> float:
+    """Expected cost per prompt in chains of an M/N/L plan: M · (1 + L·N·c), c = `expansion_cost` (the cost of
+    one expansion relative to a full chain). Chain mode (L = 0) costs M."""
+    return sampling.trees_per_prompt * (
+        1 + sampling.expansion_rounds * sampling.expansions_per_round * expansion_cost
+    )
+
+
+def _chain_count(chains: float) -> int:
+    """Whole chains for a budget of `chains` chain equivalents: round half up, at least one."""
+    return max(1, _round_half_up(chains))
+
+
+def equal_budget_chains(sampling: SamplingConfig, expansion_cost: float) -> int:
+    """Chains per prompt that cost what the M/N/L plan `sampling` costs: `planned_chains` rounded half up, at
+    least one — the count `plan` gives a chain-mode run whose budget is that cost. 4 for Tree-GRPO's
+    M = 2, N = 2, L = 1 at c = ½."""
+    return _chain_count(planned_chains(sampling, expansion_cost))
+
+
 def plan(sampling: SamplingConfig, fixed: BudgetConfig) -> SamplingConfig:
     """The M/N/L that meet `budget.chains_per_prompt` = B (the sampling config as given when it is null).
 
-    Cost model (DESIGN §4.2): a tree costs 1 + L·N·c chains, c = `expansion_cost` (an expansion from a
-    random node costs about half a chain). Chain mode (L = 0 configured) or B < 1 + c: M = round(B)
-    chains. Tree mode: L = 1, M = round(B / (1 + N·c)) with the configured N, then N = round((B/M − 1) / c)
-    spends what is left. B = 4, N = 2 gives Tree-GRPO's official M = 2, N = 2, L = 1.
-    `budget.tokens_per_prompt` is met while sampling instead (see `tree.sample_trees`).
+    Cost model (`planned_chains`, docs/design.md, Budget): a tree costs 1 + L·N·c chains,
+    c = `budget.expansion_cost`. Chain mode (L = 0 configured) or B < 1 + c: M = round(B) chains. Tree mode:
+    L = 1, M = round(B / (1 + N·c)) with the configured N, then N = round((B/M − 1) / c) spends what is left.
+    B = 4, N = 2 gives Tree-GRPO's official M = 2, N = 2, L = 1. Rounding is half up.
+    `budget.tokens_per_prompt` is met while sampling instead (see `scheduler.sample_trees`).
     """
     b, c = fixed.chains_per_prompt, fixed.expansion_cost
     if b is None:
         return sampling
     if sampling.expansion_rounds == 0 or b < 1 + c:
-        return sampling.model_copy(update={"trees_per_prompt": max(1, _round_half_up(b)), "expansion_rounds": 0})
-    m = max(1, _round_half_up(b / (1 + sampling.expansions_per_round * c)))
+        return sampling.model_copy(update={"trees_per_prompt": _chain_count(b), "expansion_rounds": 0})
+    tree = planned_chains(sampling.model_copy(update={"trees_per_prompt": 1, "expansion_rounds": 1}), c)
+    m = max(1, _round_half_up(b / tree))
     n = max(1, _round_half_up((b / m - 1) / c))
     return sampling.model_copy(update={"trees_per_prompt": m, "expansions_per_round": n, "expansion_rounds": 1})
-
-
-def planned_chains(sampling: SamplingConfig, expansion_cost: float) -> float:
-    """Expected cost per prompt in chains of an M/N/L plan: M · (1 + L·N·c)."""
-    return sampling.trees_per_prompt * (
-        1 + sampling.expansion_rounds * sampling.expansions_per_round * expansion_cost
-    )

@@ -1,4 +1,4 @@
-"""vLLM generation backend: the same narrow contract as `HFBackend.generate`, on an offline `vllm.LLM`.
+"""vLLM generation backend: the `GenerationBackend` contract, on an offline `vllm.LLM`.
 
 Prompts go in as token ids (`TokensPrompt`), so the agent loop and the tree logic are unchanged; automatic
 prefix caching plays the part of the HF backend's prefix reuse (a tree's branches and an episode's next turn
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from arborl.components import storage
-from arborl.components.sampling.backend import TurnOutput
+from arborl.components.sampling.generation import TurnOutput
 
 
 def _vllm():
@@ -31,7 +31,7 @@ def _vllm():
 
 
 class VLLMBackend:
-    """Wraps a `vllm.LLM`; `generate` has `HFBackend.generate`'s signature and outputs."""
+    """Wraps a `vllm.LLM`; a `GenerationBackend`."""
 
     def __init__(self, llm, pad_id: int, eos_id: int):
         self.llm = llm
@@ -74,7 +74,7 @@ class VLLMBackend:
         greedy: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> list[TurnOutput]:
-        """As HFBackend.generate; `generator` (one shared, or one per row) draws each request's vLLM seed."""
+        """See `GenerationBackend.generate`; `generator` (one shared, or one per row) draws each request's vLLM seed."""
         vllm = _vllm()
         results: list[TurnOutput | None] = [None] * len(contexts)
         prompts, params, rows = [], [], []

@@ -1,4 +1,8 @@
-"""What every stage shares: the skip-if-done / write-manifest-last wrapper and small loaders."""
+"""What every stage shares: the skip-if-done / write-manifest-last wrapper and small loaders.
+
+A stage module keeps its work in a named module-level function (`prepare_world`, `train_policy`, ...)
+returning (output URIs, metrics); its `run` binds that function's arguments (`functools.partial`) and hands
+it to `run_stage`, so a traceback names the stage's work."""
 
 from __future__ import annotations
 
@@ -30,17 +34,18 @@ def run_stage(
     inputs: dict[str, str],
     out: str,
     sections: tuple[str, ...],
-    body: Callable[[], tuple[dict[str, str], dict[str, Any]]],
+    work: Callable[[], tuple[dict[str, str], dict[str, Any]]],
     *,
     keep: tuple[str, ...] = (),
     writer: bool = True,
     **params: Any,
 ) -> StageResult:
-    """Run `body` unless `out` already holds a manifest for the same inputs, config sections and params.
+    """Run `work` unless `out` already holds a manifest for the same inputs, config sections and params.
 
-    `body` writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
+    `work` is the stage's work with its arguments bound (e.g. `partial(verify_leaves, cfg, inputs, out)`): it
+    writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
     Entries of `out` named in `keep` survive the wipe of a half-written output (the stage's own resume state).
-    `writer=False` (the non-zero ranks of a distributed stage) runs `body` without touching `out` or the manifest.
+    `writer=False` (the non-zero ranks of a distributed stage) runs `work` without touching `out` or the manifest.
     """
     config_hash = cfg.section_hash(*sections, **params)
     done = storage.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
@@ -54,7 +59,7 @@ def run_stage(
     started = time.time()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    outputs, metrics = body()
+    outputs, metrics = work()
     if not writer:
         return StageResult(stage, out, outputs, metrics, round(time.time() - started, 3))
     manifest = storage.write_manifest(
@@ -70,10 +75,10 @@ def device(cfg: Config) -> str:
 
 
 def load_retriever(world_uri: str, cfg: Config) -> FTSRetriever:
-    return FTSRetriever.from_facts(schemas.read(storage.join(world_uri, "facts.parquet"), schemas.FACTS),
+    return FTSRetriever.from_facts(schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS),
                                    top_k=cfg.world.search_top_k)
 
 
 def load_prompts(world_uri: str, split: str | None = None) -> list[dict]:
-    rows = schemas.read(storage.join(world_uri, "prompts.parquet"), schemas.PROMPTS).to_pylist()
+    rows = schemas.read(storage.join(world_uri, schemas.PROMPTS_FILE), schemas.PROMPTS).to_pylist()
     return [r for r in rows if split is None or r["split"] == split]

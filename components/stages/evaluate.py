@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import evaluate_policy
-from arborl.components.models import load_policy
 from arborl.components.sampling.agent import SearchEnv
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.backends import load_backend
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
 
@@ -19,20 +20,22 @@ def evaluation_seed(cfg: Config) -> int:
 def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[str, ...] = ("val", "test")
                    ) -> tuple[list[dict], dict[str, float]]:
     """Evaluate the model directory at `model_uri` on the world's questions of `splits`: (rows, metrics)."""
-    model, tokenizer = load_policy(model_uri, device(cfg))
-    env = SearchEnv(load_retriever(world_uri, cfg), tokenizer)
-    backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.evaluate.batch_size)
+    loaded = load_backend(cfg, model_uri, device(cfg), cfg.evaluate.batch_size)
+    backend, env = loaded.backend, SearchEnv(load_retriever(world_uri, cfg), loaded.tokenizer)
     prompts = [p for split in splits for p in load_prompts(world_uri, split)]
     return evaluate_policy(backend, env, prompts, cfg.agent, cfg.verify, cfg.evaluate.temperature,
                            seed=evaluation_seed(cfg), pass_k=tuple(cfg.evaluate.pass_k),
                            bootstrap=cfg.evaluate.bootstrap)
 
 
-def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
-    def body():
-        rows, metrics = evaluate_model(cfg, inputs["model"], inputs["world"])
-        uri = storage.join(out, "eval.parquet")
-        schemas.write(rows, schemas.EVAL, uri)
-        return {"eval": uri}, metrics
+def evaluate_outputs(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, float]]:
+    """Evaluate the input model on the val and test questions → eval.parquet (per-question rows) and metrics."""
+    rows, metrics = evaluate_model(cfg, inputs["model"], inputs["world"])
+    uri = storage.join(out, schemas.EVAL_FILE)
+    schemas.write(rows, schemas.EVAL, uri)
+    return {"eval": uri}, metrics
 
-    return run_stage("evaluate", cfg, inputs, out, ("evaluate", "agent", "verify"), body)
+
+def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
+    return run_stage("evaluate", cfg, inputs, out, ("evaluate", "agent", "verify"),
+                     partial(evaluate_outputs, cfg, inputs, out))

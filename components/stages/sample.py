@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import random
 import threading
+from functools import partial
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.models import load_policy, prompt_ids
+from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import SearchEnv
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.budget import plan, prompt_counts, summarize
-from arborl.components.sampling.tree import Tree, node_rows, sample_trees
+from arborl.components.sampling.scheduler import sample_trees
+from arborl.components.sampling.tree import Tree, node_rows
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
 SECTIONS = ("sampling", "agent", "budget")
@@ -93,7 +95,7 @@ def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dic
     """Write nodes + prompt_stats (good prompts' rows, in iteration order) and return (outputs, metrics)."""
     position = {pid: s["position"] for pid, s in stats.items()}
     rows = sorted((r for r in rows if not stats[r["prompt_id"]].get("bad")), key=lambda r: position[r["prompt_id"]])
-    nodes_uri, stats_uri = storage.join(out, nodes_name), storage.join(out, "prompt_stats.json")
+    nodes_uri, stats_uri = storage.join(out, nodes_name), storage.join(out, schemas.PROMPT_STATS_FILE)
     schemas.write(rows, schemas.NODES, nodes_uri)
     stats, metrics = summarize(stats)
     storage.write_json(stats_uri, stats)
@@ -105,76 +107,75 @@ def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dic
     return {"nodes": nodes_uri, "prompt_stats": stats_uri}, metrics
 
 
+def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
+                 shard: tuple[int, int] | None = None) -> tuple[dict[str, str], dict]:
+    """Grow the trees of this iteration's prompts (with `shard=(i, n)`, every n-th from the i-th) with the input
+    model; write their nodes and the per-prompt stats under `out`."""
+    with _LOAD_LOCK:  # vllm runs where it is installed: the Dockerfile's `sampler` image
+        loaded = load_backend(cfg, inputs["model"], device(cfg))
+    backend, tokenizer, model_context = loaded.backend, loaded.tokenizer, loaded.context_window
+    env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
+    index, count = shard or (0, 1)
+    chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
+    context = min(cfg.agent.max_total_tokens, model_context or 1 << 62)
+
+    stats: dict[str, dict] = {}
+    prompts = []
+    for pos, row in chosen:
+        ids = prompt_ids(tokenizer, row["prompt"])
+        reason = screen(row, ids, context)
+        stats[row["prompt_id"]] = {"position": pos, **({"bad": reason} if reason else {})}
+        if reason is None:
+            prompts.append((row["prompt_id"], ids))
+
+    sampling = plan(cfg.sampling, cfg.budget)
+    trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration,
+                         tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds)
+    by_prompt: dict[str, list[Tree]] = {}
+    for tree in trees:
+        by_prompt.setdefault(tree.prompt_id, []).append(tree)
+    for pid, counts in prompt_counts(trees).items():
+        stats[pid].update(counts)
+        reason = tool_error(by_prompt[pid])
+        if reason:
+            stats[pid]["bad"] = reason
+
+    planned = {"plan_trees_per_prompt": sampling.trees_per_prompt,
+               "plan_expansions_per_round": sampling.expansions_per_round,
+               "plan_expansion_rounds": sampling.expansion_rounds}
+    name = schemas.NODES_FILE if shard is None else f"nodes-part-{index:05d}-of-{count:05d}.parquet"
+    outputs, metrics = _finish(cfg, out, name, node_rows(trees, policy_version=iteration - 1), stats, planned)
+    if shard is None:
+        check_bad_fraction(cfg, stats, f"sample iteration {iteration}")
+    return outputs, metrics
+
+
 def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
         shard: tuple[int, int] | None = None) -> StageResult:
     if shard is not None:
         _check_shard(shard)
-
-    def body():
-        if cfg.sampling.backend == "vllm":  # runs where vllm is installed: the Dockerfile's `sampler` image
-            from arborl.components.sampling.vllm_backend import VLLMBackend
-
-            backend, tokenizer = VLLMBackend.from_model_dir(inputs["model"], seed=cfg.run.seed)
-            model_context = None
-        else:
-            with _LOAD_LOCK:
-                model, tokenizer = load_policy(inputs["model"], device(cfg))
-            backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
-            model_context = getattr(model.config, "max_position_embeddings", None)
-        env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
-        index, count = shard or (0, 1)
-        chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
-        context = min(cfg.agent.max_total_tokens, model_context or 1 << 62)
-
-        stats: dict[str, dict] = {}
-        prompts = []
-        for pos, row in chosen:
-            ids = prompt_ids(tokenizer, row["prompt"])
-            reason = screen(row, ids, context)
-            stats[row["prompt_id"]] = {"position": pos, **({"bad": reason} if reason else {})}
-            if reason is None:
-                prompts.append((row["prompt_id"], ids))
-
-        sampling = plan(cfg.sampling, cfg.budget)
-        trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration,
-                             tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds)
-        by_prompt: dict[str, list[Tree]] = {}
-        for tree in trees:
-            by_prompt.setdefault(tree.prompt_id, []).append(tree)
-        for pid, counts in prompt_counts(trees).items():
-            stats[pid].update(counts)
-            reason = tool_error(by_prompt[pid])
-            if reason:
-                stats[pid]["bad"] = reason
-
-        planned = {"plan_trees_per_prompt": sampling.trees_per_prompt,
-                   "plan_expansions_per_round": sampling.expansions_per_round,
-                   "plan_expansion_rounds": sampling.expansion_rounds}
-        name = "nodes.parquet" if shard is None else f"nodes-part-{index:05d}-of-{count:05d}.parquet"
-        outputs, metrics = _finish(cfg, out, name, node_rows(trees, policy_version=iteration - 1), stats, planned)
-        if shard is None:
-            check_bad_fraction(cfg, stats, f"sample iteration {iteration}")
-        return outputs, metrics
-
     params = {"iteration": iteration} if shard is None else {"iteration": iteration, "shard": list(shard)}
-    return run_stage("sample", cfg, inputs, out, SECTIONS, body, **params)
+    return run_stage("sample", cfg, inputs, out, SECTIONS, partial(sample_nodes, cfg, inputs, out, iteration, shard),
+                     **params)
+
+
+def merge_shards(cfg: Config, shards: list[str], out: str, iteration: int) -> tuple[dict[str, str], dict]:
+    """Join the shards' nodes and prompt stats, in iteration order, into one nodes.parquet under `out`."""
+    rows: list[dict] = []
+    stats: dict[str, dict] = {}
+    planned: dict = {}
+    for uri in shards:
+        manifest = storage.read_manifest(uri)
+        rows += schemas.read(manifest["outputs"]["nodes"], schemas.NODES).to_pylist()
+        stats.update(storage.read_json(manifest["outputs"]["prompt_stats"]))
+        planned.update({k: v for k, v in manifest["metrics"].items() if k.startswith("plan_")})
+    outputs, metrics = _finish(cfg, out, schemas.NODES_FILE, rows, stats, {**planned, "shards": len(shards)})
+    check_bad_fraction(cfg, stats, f"sample iteration {iteration} ({len(shards)} shards)")
+    return outputs, metrics
 
 
 def merge(cfg: Config, shards: list[str], out: str, iteration: int) -> StageResult:
     """Join finished shard outputs (`run(..., shard=...)` directories) into one sample output at `out`."""
     inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}
-
-    def body():
-        rows: list[dict] = []
-        stats: dict[str, dict] = {}
-        planned: dict = {}
-        for uri in shards:
-            manifest = storage.read_manifest(uri)
-            rows += schemas.read(manifest["outputs"]["nodes"], schemas.NODES).to_pylist()
-            stats.update(storage.read_json(manifest["outputs"]["prompt_stats"]))
-            planned.update({k: v for k, v in manifest["metrics"].items() if k.startswith("plan_")})
-        outputs, metrics = _finish(cfg, out, "nodes.parquet", rows, stats, {**planned, "shards": len(shards)})
-        check_bad_fraction(cfg, stats, f"sample iteration {iteration} ({len(shards)} shards)")
-        return outputs, metrics
-
-    return run_stage("sample", cfg, inputs, out, SECTIONS, body, iteration=iteration, merged=len(shards))
+    return run_stage("sample", cfg, inputs, out, SECTIONS, partial(merge_shards, cfg, shards, out, iteration),
+                     iteration=iteration, merged=len(shards))

@@ -188,7 +188,8 @@ def leaf_scales(units: list[TreeUnit], aggregation: str, horizon: int) -> tuple[
         raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if any(u.node_weights is not None for u in units):
         if aggregation != "token-mean":
-            raise ValueError(f"per-node advantages (estimator 'process') train with token-mean, not {aggregation!r}")
+            raise ValueError(f"per-node advantages (a per-node estimator such as 'process') train with "
+                             f"train.loss_aggregation token-mean, not {aggregation!r}")
         # each trainable token once, weighted by its node's multiplicity m
         divisor = sum(float(u.node_weights[:, 2].sum()) for u in units)
         return [torch.ones(len(u.paths), dtype=torch.float64) for u in units], divisor

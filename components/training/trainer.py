@@ -39,7 +39,7 @@ from arborl.components.training.packing import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Row", "StepHooks", "build_units", "make_rows", "policy_update", "compute_loss",
+__all__ = ["Row", "StepHooks", "build_units", "make_rows", "fill_logprobs", "policy_update", "compute_loss",
            "packed_attention_supported"]
 
 
@@ -79,8 +79,8 @@ def make_rows(units: list[TreeUnit], form: str, scales: list[torch.Tensor]) -> l
             rows.append(Row(unit, None, a_pos, a_neg, mult, count, n_pos, -n_neg, unit.sampler_logprobs[idx]))
         elif form == "duplicated":
             if unit.node_weights is not None:
-                raise ValueError(f"tree {unit.key}: per-node advantages (estimator 'process') apply once per "
-                                 "token and have no duplicated form: use train.form=packed")
+                raise ValueError(f"tree {unit.key}: per-node advantages (a per-node estimator such as 'process') "
+                                 "apply once per token and have no duplicated form: use train.form=packed")
             for j, path in enumerate(unit.paths):
                 idx = path[unit.trainable[path]]
                 a, s = float(unit.leaf_advantages[j]), float(scale[j])
@@ -138,7 +138,9 @@ def _microbatches(rows: list[Row], cfg: TrainConfig) -> list[list[Row]]:
 
 
 @torch.no_grad()
-def _fill_logprobs(model: torch.nn.Module, rows: list[Row], cfg: TrainConfig, pad_id: int, attr: str) -> None:
+def fill_logprobs(model: torch.nn.Module, rows: list[Row], cfg: TrainConfig, pad_id: int, attr: str) -> None:
+    """Set `attr` ("old_logprobs", "ref_logprobs") of every row to `model`'s log-probabilities of the row's
+    trainable tokens: one no-grad eval-mode pass in the training micro-batches."""
     was_training = model.training
     model.eval()
     for mb in _microbatches(rows, cfg):
@@ -248,9 +250,9 @@ def policy_update(
         rows_of.setdefault(id(r.unit), []).append(r)
     owned = {id(u) for u in distributed.shard(units, dist)}
     mine = [r for r in rows if id(r.unit) in owned]
-    _fill_logprobs(model, [r for r in mine if _needs_forward(r, cfg)], cfg, pad_id, "old_logprobs")
+    fill_logprobs(model, [r for r in mine if _needs_forward(r, cfg)], cfg, pad_id, "old_logprobs")
     if cfg.kl_coef > 0:
-        _fill_logprobs(ref_model, mine, cfg, pad_id, "ref_logprobs")
+        fill_logprobs(ref_model, mine, cfg, pad_id, "ref_logprobs")
 
     rng = random.Random(seed)
     history: dict[str, list[float]] = {k: [] for k in ("loss", "grad_norm", "clip_frac", "ratio_mean", "kl",

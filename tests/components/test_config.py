@@ -229,3 +229,64 @@ def test_budget_section_rejects_two_budgets_and_unknown_policies(tmp_path):
     with pytest.raises(ConfigError, match="sampling.expansion_policy"):
         load_config(_write(tmp_path, data))
     assert load_config(None, ["budget.chains_per_prompt=8", "agent.node_mode=segment"]).budget.chains_per_prompt == 8
+
+
+# --- advantage.estimator: names from the estimator registry, checked against the train section -----------------
+
+
+def test_every_registered_estimator_is_accepted():
+    from arborl.components.advantages.registry import estimator_names
+
+    names = estimator_names()
+    assert {"tree", "tree_intra", "tree_inter", "grpo", "dr_grpo", "process"} <= set(names)
+    for name in names:
+        assert config_from_dict({"advantage": {"estimator": name}}).advantage.estimator == name
+        assert name in Config.model_fields["advantage"].default_factory.model_fields["estimator"].description
+
+
+def test_unknown_estimator_names_the_key_and_the_choices(tmp_path):
+    from arborl.components.advantages.registry import estimator_names
+
+    data = _tiny()
+    data["advantage"]["estimator"] = "ppo"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    msg = str(err.value)
+    assert "'advantage.estimator'" in msg and "'ppo'" in msg and str(tmp_path) in msg
+    assert ", ".join(estimator_names()) in msg
+    with pytest.raises(ConfigError, match="advantage.estimator.*choose one of"):
+        load_config(None, ["advantage.estimator=Tree"])
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("train.form=duplicated", "train.form 'packed', got 'duplicated'"),
+    ("train.loss_aggregation=seq-mean-token-mean", "train.loss_aggregation 'token-mean', got 'seq-mean-token-mean'"),
+    ("train.loss_aggregation=seq-mean-token-sum-norm", "train.loss_aggregation 'token-mean', got 'seq-mean-token-sum"),
+])
+def test_process_estimator_with_training_it_cannot_use_fails_at_validation(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["advantage.estimator=process", override])
+    msg = str(err.value)
+    assert "advantage.estimator 'process' needs " + named in msg
+    key, value = override.removeprefix("train.").split("=")
+    with pytest.raises(ConfigError, match="advantage.estimator 'process' needs train"):
+        config_from_dict({"advantage": {"estimator": "process"}, "train": {key: value}})
+    # the same training settings are fine with a per-leaf estimator, and process trains packed with token-mean
+    assert load_config(None, ["advantage.estimator=grpo", override]).advantage.estimator == "grpo"
+    cfg = load_config(None, ["advantage.estimator=process", "train.form=packed", "train.loss_aggregation=token-mean"])
+    assert cfg.advantage.estimator == "process"
+
+
+def test_an_estimator_registered_later_is_accepted_and_checked():
+    from arborl.components.advantages.registry import register_estimator, unregister_estimator
+
+    register_estimator("config_probe", kind="leaf", help="probe", form="duplicated")(lambda rewards, parents, eps: {})
+    try:
+        cfg = config_from_dict({"advantage": {"estimator": "config_probe"}, "train": {"form": "duplicated"}})
+        assert cfg.advantage.estimator == "config_probe"
+        with pytest.raises(ConfigError, match="advantage.estimator 'config_probe' needs train.form 'duplicated'"):
+            config_from_dict({"advantage": {"estimator": "config_probe"}})
+    finally:
+        unregister_estimator("config_probe")
+    with pytest.raises(ConfigError, match="advantage.estimator"):
+        config_from_dict({"advantage": {"estimator": "config_probe"}, "train": {"form": "duplicated"}})

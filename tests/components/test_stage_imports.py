@@ -1,5 +1,5 @@
 """The stages import without Prefect, MLflow, peft or matplotlib: the vLLM sampling image has none of them
-(DESIGN §1: components are importable without Prefect)."""
+(docs/design.md, Stage contract: components are importable without Prefect)."""
 
 from __future__ import annotations
 

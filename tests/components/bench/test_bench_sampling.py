@@ -11,7 +11,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from arborl.components.sampling import cpu_kernels
+from arborl.components.sampling.engine import cpu_kernels
 from arborl.flows.cli import app
 
 SMALL = ["world.num_people=60", "world.num_train=50", "world.num_val=10", "world.num_test=20", "run.threads=1",

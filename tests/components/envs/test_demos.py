@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from arborl.components.envs.demos import demonstration
+from arborl.components.config import WarmstartConfig
+from arborl.components.envs.demos import build_demonstrations, demonstration
 from arborl.components.envs.protocol import ANSWER_OPEN, INFO_OPEN, SEARCH_OPEN, extract_answer, is_valid_sequence
 from arborl.components.envs.world import RELATIONS
 
@@ -120,3 +121,25 @@ def test_observations_are_the_retrieved_documents(questions, retriever, fact_ind
     segments = _demo(q, retriever, fact_index, entities_by_type, 0, 0.0, 0.0)
     for (turn, _), (obs, _) in zip(segments[1::2], segments[2::2], strict=False):
         assert obs == observation(retriever.search(search_query(turn)))
+
+
+def test_build_demonstrations_is_seeded_and_honours_the_count(world, questions, retriever):
+    ws = WarmstartConfig(num_demos=7, early_answer_prob=0.5, sloppy_query_prob=0.5)
+    train = questions["train"]
+    first = build_demonstrations(world, retriever, train, ws, seed=3)
+    assert len(first) == 7
+    assert build_demonstrations(world, retriever, train, ws, seed=3) == first
+    assert len(build_demonstrations(world, retriever, train, ws, seed=3, count=12)) == 12
+    assert build_demonstrations(world, retriever, train, ws, seed=3, count=4) == first[:4]  # one stream, in order
+    assert build_demonstrations(world, retriever, train, ws, seed=4) != first
+
+
+def test_build_demonstrations_draws_questions_and_episodes_from_one_stream(
+    world, questions, retriever, fact_index, entities_by_type
+):
+    ws = WarmstartConfig(num_demos=9, early_answer_prob=0.3, sloppy_query_prob=0.4)
+    train = questions["train"]
+    rng = random.Random(11)
+    expected = [demonstration(rng.choice(train), retriever, fact_index, entities_by_type, rng, 0.3, 0.4)
+                for _ in range(9)]
+    assert build_demonstrations(world, retriever, train, ws, seed=11) == expected

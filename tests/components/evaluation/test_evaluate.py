@@ -10,7 +10,7 @@ import pytest
 from arborl.components.config import AgentConfig, VerifyConfig
 from arborl.components.evaluation.evaluate import evaluate_policy, question_scores, summarize
 from arborl.components.sampling.agent import SearchEnv
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.engine import HFBackend
 
 
 @pytest.fixture(scope="module")

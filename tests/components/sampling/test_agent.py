@@ -9,8 +9,8 @@ from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.envs.protocol import ANSWER_CLOSE, SEARCH_CLOSE
 from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
-from arborl.components.sampling.backend import HFBackend
-from arborl.components.sampling.tree import sample_trees
+from arborl.components.sampling.engine import HFBackend
+from arborl.components.sampling.scheduler import sample_trees
 
 
 @pytest.fixture(scope="module")

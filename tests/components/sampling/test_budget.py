@@ -108,6 +108,28 @@ def test_chains_budget_chooses_m_n_l_by_the_documented_rule():
     assert plan(given, BudgetConfig()) is given  # no budget: M/N/L as given
 
 
+def test_one_cost_model_for_plans_and_equal_budget_chains():
+    """`planned_chains` is M · (1 + L·N·c); `equal_budget_chains` rounds it half up (at least one chain), which is
+    what `plan` gives chain mode for that budget; `plan`'s tree mode spends B under the same c."""
+    from arborl.components.config import BudgetConfig, SamplingConfig
+    from arborl.components.sampling.budget import equal_budget_chains, plan, planned_chains
+
+    official = SamplingConfig(trees_per_prompt=2, expansions_per_round=2, expansion_rounds=1)
+    assert planned_chains(official, 0.5) == 4.0 and equal_budget_chains(official, 0.5) == 4
+    assert planned_chains(official, 0.59) == pytest.approx(4.36) and equal_budget_chains(official, 0.59) == 4
+    assert equal_budget_chains(official.model_copy(update={"trees_per_prompt": 1, "expansions_per_round": 3}),
+                               0.5) == 3  # 2.5, half up
+    assert equal_budget_chains(official.model_copy(update={"expansion_rounds": 0}), 0.9) == 2  # chains cost M
+    for c in (0.25, 0.5, 0.59, 0.75, 1.0):
+        for b in (2.0, 4.0, 5.0, 8.0, 13.0):
+            tree = plan(SamplingConfig(), BudgetConfig(chains_per_prompt=b, expansion_cost=c))
+            cost = planned_chains(tree, c)
+            chains = plan(SamplingConfig(expansion_rounds=0), BudgetConfig(chains_per_prompt=cost, expansion_cost=c))
+            assert chains.trees_per_prompt == equal_budget_chains(tree, c)
+    # a dearer expansion buys fewer trees for the same budget
+    assert plan(SamplingConfig(), BudgetConfig(chains_per_prompt=8, expansion_cost=1.0)).trees_per_prompt == 3
+
+
 def test_at_most_one_budget_key():
     from pydantic import ValidationError
 
@@ -135,8 +157,8 @@ def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer,
     from arborl.components.config import AgentConfig, SamplingConfig
     from arborl.components.models import prompt_ids
     from arborl.components.sampling.agent import SearchEnv
-    from arborl.components.sampling.backend import HFBackend
-    from arborl.components.sampling.tree import sample_trees
+    from arborl.components.sampling.engine import HFBackend
+    from arborl.components.sampling.scheduler import sample_trees
 
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:5]]

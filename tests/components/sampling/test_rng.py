@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.rng import inverse_cdf, row_generators, stable_seed, uniforms
 
 

@@ -14,12 +14,13 @@ import random
 import pytest
 import torch
 
-from arborl.components.advantages.estimators import leaf_advantages
+from arborl.components.advantages.registry import leaf_advantages
 from arborl.components.config import AgentConfig, SamplingConfig, TrainConfig
 from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import SearchEnv
-from arborl.components.sampling.backend import HFBackend
-from arborl.components.sampling.tree import node_rows, sample_trees
+from arborl.components.sampling.engine import HFBackend
+from arborl.components.sampling.scheduler import sample_trees
+from arborl.components.sampling.tree import node_rows
 from arborl.components.training import trainer
 from arborl.components.training.packing import leaf_scales
 from arborl.components.training.trainer import (
@@ -83,8 +84,8 @@ def _loss_and_grads(model, ref_model, units, form, cfg, pad_id, perturb_seed):
     model = copy.deepcopy(model)
     scales, divisor = leaf_scales(units, cfg.loss_aggregation, cfg.seq_sum_horizon)
     rows = make_rows(units, form, scales)
-    trainer._fill_logprobs(model, rows, cfg, pad_id, "old_logprobs")
-    trainer._fill_logprobs(ref_model, rows, cfg, pad_id, "ref_logprobs")
+    trainer.fill_logprobs(model, rows, cfg, pad_id, "old_logprobs")
+    trainer.fill_logprobs(ref_model, rows, cfg, pad_id, "ref_logprobs")
     _perturb(model, 0.15, perturb_seed)
     model.zero_grad(set_to_none=True)
     stats = compute_loss(model, rows, divisor, cfg, pad_id)

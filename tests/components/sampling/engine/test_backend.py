@@ -1,4 +1,4 @@
-"""components.sampling.backend.HFBackend: batched, KV-cached generation vs a naive reference, for each of its
+"""components.sampling.engine.HFBackend: batched, KV-cached generation vs a naive reference, for each of its
 three forwards (fused, lean, the model's own)."""
 
 from __future__ import annotations
@@ -9,25 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from arborl.components.sampling import cpu_kernels
-from arborl.components.sampling.backend import FORWARDS, MIN_PREFIX, HFBackend, PrefixCache
-from arborl.components.sampling.llama_forward import FusedLlama
+from arborl.components.sampling.engine import FORWARDS, HFBackend, cpu_kernels
+from arborl.components.sampling.engine.fused_forward import FusedLlama
+from arborl.components.sampling.engine.prefix_cache import MIN_PREFIX, PrefixCache
 from arborl.components.sampling.rng import row_generators
-
-
-@pytest.fixture
-def peaked_model(tiny_model):
-    """The tiny random Llama re-initialised with large weights, so next-token distributions are far from
-    uniform (greedy choices are not decided by float noise) yet greedy decoding does not just repeat."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in tiny_model.named_parameters():
-            if "embed" in name:
-                p.normal_(0.0, 1.0)
-            elif p.dim() == 2:
-                p.normal_(0.0, (32 / p.shape[1]) ** 0.5)
-    tiny_model.eval()
-    return tiny_model
 
 
 def _contexts(tokenizer) -> list[list[int]]:
@@ -379,7 +364,7 @@ def test_finished_rows_leave_the_buffer_without_changing_any_output(peaked_model
     """With many rows stopping early, finished rows are dropped mid-turn (their KV handed to the prefix cache):
     outputs, log-probs and prefilled counts equal a backend that never drops rows, also on a next turn that
     resumes every row from the prefix cache."""
-    import arborl.components.sampling.backend as backend_module
+    import arborl.components.sampling.engine.backend as backend_module
 
     g = torch.Generator().manual_seed(9)
     contexts = [[tokenizer.bos_token_id] + torch.randint(4, len(tokenizer), (int(n),), generator=g).tolist()
@@ -414,4 +399,4 @@ def test_finished_rows_leave_the_buffer_without_changing_any_output(peaked_model
     # the next turn found every row's KV cached (sequences shorter than MIN_PREFIX are not kept)
     for c, o, again in zip(contexts, dropped[:40], dropped[40:], strict=True):
         fed = len(c) + len(o.tokens) - 1
-        assert again.prefilled == (2 if fed >= backend_module.MIN_PREFIX else fed + 2)
+        assert again.prefilled == (2 if fed >= MIN_PREFIX else fed + 2)

@@ -1,4 +1,4 @@
-"""components.sampling.cpu_kernels: the compiled CPU attention kernels (decode, packed prefill) against torch's
+"""components.sampling.engine.cpu_kernels: the compiled CPU attention kernels (decode, packed prefill) against torch's
 attention, their use by the fused forward, and the fallback when they cannot be built."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from arborl.components.sampling import cpu_kernels
-from arborl.components.sampling.backend import HFBackend
+from arborl.components.sampling.engine import HFBackend, cpu_kernels
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler on this machine: the kernel cannot be built")

@@ -1,0 +1,44 @@
+"""Build the generation backend a config asks for (`sampling.backend`), for sampling and evaluation alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from arborl.components.config import Config
+from arborl.components.models import load_policy
+from arborl.components.sampling.generation import GenerationBackend
+
+BACKENDS = ("hf", "generate", "vllm")
+
+
+@dataclass
+class LoadedBackend:
+    backend: GenerationBackend
+    tokenizer: PreTrainedTokenizerBase
+    context_window: int | None  # the model's max_position_embeddings, where known
+
+
+def load_backend(cfg: Config, model_uri: str, device: str, batch_size: int = 256) -> LoadedBackend:
+    """The model directory at `model_uri` behind the backend named by `sampling.backend`: `hf` (the in-process
+    engine), `generate` (Hugging Face `model.generate`, the reference) or `vllm` (needs the `vllm` package: the
+    Dockerfile's `sampler` image)."""
+    name = cfg.sampling.backend
+    if name == "vllm":
+        from arborl.components.sampling.vllm_backend import VLLMBackend
+
+        backend, tokenizer = VLLMBackend.from_model_dir(model_uri, seed=cfg.run.seed)
+        return LoadedBackend(backend, tokenizer, None)
+    model, tokenizer = load_policy(model_uri, device)
+    if name == "hf":
+        from arborl.components.sampling.engine import HFBackend
+
+        backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
+    elif name == "generate":
+        from arborl.components.sampling.reference_backend import GenerateBackend
+
+        backend = GenerateBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
+    else:
+        raise ValueError(f"sampling.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return LoadedBackend(backend, tokenizer, getattr(model.config, "max_position_embeddings", None))

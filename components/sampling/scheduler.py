@@ -1,0 +1,101 @@
+"""Tree-GRPO random expansion over a batch of prompts (docs/design.md, Random expansion), and its chain case.
+
+Per prompt: M trees, each started from one full chain. Then L rounds: for every tree draw N nodes from
+{root} ∪ {non-leaf nodes} (uniformly with replacement under the default `random` policy; see `expansion` for the
+others), and grow one new continuation to a new leaf from each (drawing the root starts a fresh chain). Every
+live episode, of any prompt and round, advances in one batched turn. A tree ends with 1 + L·N leaves; with L = 0
+the M trees are M independent chains (the GRPO baseline).
+"""
+
+from __future__ import annotations
+
+import random
+
+from arborl.components.config import AgentConfig, SamplingConfig
+from arborl.components.sampling.agent import Episode, SearchEnv, frozen_heap, run_turn
+from arborl.components.sampling.expansion import make_policy
+from arborl.components.sampling.generation import GenerationBackend
+from arborl.components.sampling.rng import stable_seed
+from arborl.components.sampling.tree import ROOT, Tree
+
+
+def sample_trees(
+    backend: GenerationBackend,
+    env: SearchEnv,
+    prompts: list[tuple[str, list[int]]],
+    sampling: SamplingConfig,
+    agent: AgentConfig,
+    seed: int,
+    tokens_per_prompt: int | None = None,
+    max_rounds: int = 16,
+) -> list[Tree]:
+    """Grow M trees per prompt; `prompts` holds (prompt_id, prompt token ids).
+
+    Nodes to branch from are chosen by `sampling.expansion_policy`. With `tokens_per_prompt` the rounds
+    go on per prompt until its generated tokens reach it (at most `max_rounds`); in chain mode (L = 0)
+    each such round adds one more chain (a new tree) instead. Every random choice belongs to one tree
+    and every episode samples from its own seed, so a prompt's trees are the same whichever other
+    prompts are sampled with it (sharding relies on this).
+
+    Prompts move through their rounds independently: as soon as every episode of a prompt's round has
+    ended, its trees grow the round's nodes and the next round's expansions join the very next batched
+    turn, beside other prompts' unfinished episodes. The trees are exactly those of running the rounds one
+    after the other (tested); the batches are just fuller and fewer.
+    """
+    policy = make_policy(sampling.expansion_policy, sampling.entropy_statistic)
+    backend.clear_cache()  # reuse prefixes within this call only: a seed gives the same trees whatever ran before
+    by_prompt = {pid: [Tree(pid, m, ids) for m in range(sampling.trees_per_prompt)] for pid, ids in prompts}
+    rngs: dict[tuple[str, int], random.Random] = {}
+    chain_mode = sampling.expansion_rounds == 0
+    rounds = sampling.expansion_rounds if tokens_per_prompt is None else max_rounds
+
+    def tree_rng(tree: Tree) -> random.Random:
+        key = (tree.prompt_id, tree.tree_id)
+        return rngs.setdefault(key, random.Random(f"{seed}/{tree.prompt_id}/{tree.tree_id}"))
+
+    def episodes_for(picks: list[tuple[Tree, int, int]], expansion_round: int) -> list[Episode]:
+        """picks: (tree, node to branch from, index of the pick within its tree and round)."""
+        return [
+            Episode(tree.prefix(node), agent.max_turns - (0 if node == ROOT else tree.nodes[node].depth),
+                    seed=stable_seed(seed, tree.prompt_id, tree.tree_id, expansion_round, k))
+            for tree, node, k in picks
+        ]
+
+    def generated(trees: list[Tree]) -> int:
+        return sum(len(n.step.action_ids) for t in trees for n in t.nodes)
+
+    def next_picks(pid: str, r: int) -> list[tuple[Tree, int, int]]:
+        """Round r's branch points for prompt pid (none when its rounds or its token budget are done)."""
+        trees = by_prompt[pid]
+        if r > rounds or (tokens_per_prompt is not None and generated(trees) >= tokens_per_prompt):
+            return []
+        if chain_mode:  # under a token budget: one more chain, a new tree whose chain is its round 0
+            trees.append(Tree(pid, len(trees), trees[0].prompt_ids))
+            return [(trees[-1], ROOT, 0)]
+        picks = []
+        for tree in trees:
+            chosen = policy.choose(tree, sampling.expansions_per_round, tree_rng(tree))
+            picks += [(tree, node, k) for k, node in enumerate(chosen)]
+        return picks
+
+    # per prompt: (its current round, that round's picks, their episodes)
+    running: dict[str, tuple[int, list, list[Episode]]] = {}
+    for pid, trees in by_prompt.items():
+        picks = [(t, ROOT, 0) for t in trees]
+        running[pid] = (0, picks, episodes_for(picks, 0))
+    with frozen_heap():
+        while running:
+            live = [e for _, _, eps in running.values() for e in eps]
+            run_turn(backend, env, live, agent, sampling.temperature, greedy=False)
+            for pid in [p for p, (_, _, eps) in running.items() if all(e.done for e in eps)]:
+                r, picks, eps = running.pop(pid)
+                for (tree, node, _), ep in zip(picks, eps, strict=True):
+                    tree.attach(node, ep.steps, 0 if chain_mode else r)
+                picks = next_picks(pid, r + 1)
+                if picks:
+                    running[pid] = (r + 1, picks, episodes_for(picks, 0 if chain_mode else r + 1))
+    all_trees = [t for trees in by_prompt.values() for t in trees]
+    if sampling.keep_leaves is not None:
+        for tree in all_trees:
+            tree.keep_leaves(sampling.keep_leaves, tree_rng(tree))
+    return all_trees
