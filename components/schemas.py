@@ -1,4 +1,4 @@
-"""Explicit, versioned Arrow schemas of every Parquet artifact (DESIGN §3).
+"""Explicit, versioned Arrow schemas of every Parquet artifact (docs/design.md, Data contracts).
 
 The version is stored in each file's schema metadata and checked on read, so a file written by an
 incompatible version fails with a clear message instead of a KeyError deep in a stage.

@@ -1,4 +1,4 @@
-"""Step-level preference pairs and the granularity report, from sibling subtrees (DESIGN §4.4).
+"""Step-level preference pairs and the granularity report, from sibling subtrees (docs/design.md, Step preferences).
 
 All trees of one prompt hang under one common root, the prompt itself: the first steps of every tree
 (each tree's initial chain and every fresh chain drawn from the root) are siblings of each other.

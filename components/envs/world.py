@@ -145,7 +145,7 @@ def build_world(cfg: WorldConfig, seed: int) -> World:
 
 
 def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int) -> list[dict]:
-    """`n` prompt rows (DESIGN §3 prompts schema) whose subjects are people of `split`."""
+    """`n` prompt rows (the prompts schema of docs/design.md, Data contracts) whose subjects are people of `split`."""
     rng = random.Random(f"{seed}-{split}")
     subjects = sorted(p for p, s in world.split_of.items() if s == split)
     if not subjects:

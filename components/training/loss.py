@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss (DESIGN §4.5) on per-token advantage weights.
+"""Clipped policy-gradient loss (docs/design.md, Policy update) on per-token advantage weights.
 
 Each trainable token carries A⁺ (sum of the positive advantages of the trajectories through it), A⁻
 (sum of the negative ones) and a multiplicity. A duplicated trajectory with advantage A is the special

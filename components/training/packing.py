@@ -1,5 +1,5 @@
 """Trees as training units: every token stored once (packed form) or every root→leaf path as its own
-sequence (duplicated form), with the per-token advantage weights of DESIGN §4.5.
+sequence (duplicated form), with the per-token advantage weights of docs/design.md (Tree packing).
 
 A `TreeUnit` holds the unique tokens of one sampled tree in depth-first order: the prompt first, then each
 node's tokens right after its parent's subtree position. A token may attend to the earlier tokens of its
@@ -62,8 +62,8 @@ def build_units(
     leaf_advantage: dict[tuple[str, int, int], float],
     node_weights: dict[tuple[str, int, int], tuple[float, float, float]] | None = None,
 ) -> list[TreeUnit]:
-    """Group `nodes` rows (DESIGN §3) by tree and serialise each depth-first. Trees without a labelled
-    leaf are dropped; a leaf advantage whose node is missing raises KeyError naming it.
+    """Group `nodes` rows (docs/design.md, Data contracts) by tree and serialise each depth-first. Trees without a
+    labelled leaf are dropped; a leaf advantage whose node is missing raises KeyError naming it.
 
     `node_weights` (per-node estimators such as `process`): (A⁺, A⁻, m) for every node, applied to its
     trainable tokens as they are; `leaf_advantage` is then ignored and every tree is kept."""

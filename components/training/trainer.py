@@ -1,4 +1,4 @@
-"""Policy update on labelled trees (DESIGN §4.5), packed by default, duplicated as the reference form.
+"""Policy update on labelled trees (docs/design.md, Policy update), packed by default, duplicated as the reference form.
 
 * **packed**: each tree is one sequence with every token once and a 4D tree attention mask; per-token
   weights (A⁺, A⁻, m) carry what the trajectories through a token would have contributed.

@@ -2,7 +2,7 @@
 
 The exactness tests compare the packed form (each tree once, tree attention mask) with the duplicated form
 (each root→leaf path its own sequence) on random trees, and both with an independent float64 reference
-written here from the formulas of DESIGN §4.5.
+written here from the formulas of docs/design.md (Policy update).
 """
 
 from __future__ import annotations
