@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +18,15 @@ from arborl.components.advantages.registry import check_training, describe_estim
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and values are not coerced: `true` is no integer, `1` no boolean, `"3"` no number
+    (an integer is a valid float); numbers are finite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class RunConfig(Strict):
-    name: str = Field("tiny", description="Run name; outputs go to <output_root>/<name>/.")
+    name: str = Field("tiny", description="Run name (letters, digits, '.', '_', '-'); outputs go to "
+                      "<output_root>/<name>/.")
     output_root: str = Field("runs", description="Root URI (local path or s3://...) for all run outputs.")
     seed: int = Field(0, description="Global seed: world, sampling, training and evaluation derive from it.")
     iterations: int = Field(40, ge=0, description="RL iterations (sample → verify → label → train → evaluate).")
@@ -33,6 +38,18 @@ class RunConfig(Strict):
         description="Root URI of an earlier run with the same world/model/warmstart settings and seed: reuse its "
         "prepare and warm-start outputs (checked by their manifests) instead of running them; null runs them.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        """A directory name under `output_root`, never a path: no separators, `..` or surrounding spaces."""
+        if not value or value in (".", "..") or not set(value) <= _NAME_CHARS:
+            raise ValueError(f"must be a plain name of letters, digits, '.', '_' and '-' (no '/', '\\', spaces, "
+                             f"'.' or '..'), got {value!r}")
+        return value
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 class WorldConfig(Strict):
@@ -51,11 +68,19 @@ class WorldConfig(Strict):
     num_test: int = Field(300, ge=1, description="Fixed test questions (held-out people only).")
     search_top_k: int = Field(3, ge=1, description="Documents returned by the search tool.")
 
+    @field_validator("hop_mix", mode="before")
+    @classmethod
+    def _hop_keys(cls, value: Any) -> Any:
+        """JSON turns the hop counts into strings ("1"); read them back as integers."""
+        if isinstance(value, dict):
+            return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        return value
+
     @model_validator(mode="after")
     def _hops(self) -> WorldConfig:
         bad = [h for h in self.hop_mix if h not in (1, 2, 3)]
         if bad or not self.hop_mix or min(self.hop_mix.values()) < 0 or sum(self.hop_mix.values()) <= 0:
-            raise ValueError(f"hop_mix keys must be 1, 2 or 3 with non-negative shares, got {self.hop_mix}")
+            raise ValueError(f"world.hop_mix keys must be 1, 2 or 3 with non-negative shares, got {self.hop_mix}")
         return self
 
 
@@ -67,12 +92,19 @@ class ModelConfig(Strict):
     intermediate_size: int = Field(512, ge=8, description="MLP width.")
     max_position_embeddings: int = Field(512, ge=32, description="Context window in tokens.")
 
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size {self.hidden_size} must be a multiple of model.num_heads "
+                             f"{self.num_heads}")
+        return self
+
 
 class WarmstartConfig(Strict):
     num_demos: int = Field(6000, ge=1, description="Demonstration episodes generated from train questions.")
     steps: int = Field(3000, ge=0, description="Optimizer steps of supervised warm start.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per step.")
-    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    lr: float = Field(2e-3, gt=0, lt=1, description="Peak AdamW learning rate (cosine decay).")
     early_answer_prob: float = Field(
         0.5, ge=0, le=1,
         description="Per remaining hop, chance a demonstration stops searching and guesses an answer.",
@@ -106,7 +138,7 @@ class SamplingConfig(Strict):
         1, ge=0, description="L: expansion rounds; 0 is chain mode (M independent chains, the GRPO baseline)."
     )
     keep_leaves: int | None = Field(None, ge=1, description="K: keep at most K random leaves per tree (null: all).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     expansion_policy: Literal["random", "entropy", "depth"] = Field(
         "random",
         description="Which nodes a round branches from: random (Tree-GRPO: uniform with replacement over root + "
@@ -172,7 +204,7 @@ class AdvantageConfig(Strict):
         "tree", description="Advantage estimator, by its registered name (components/advantages/registry.py): "
         + describe_estimators(),
     )
-    eps: float = Field(1e-6, gt=0, description="Added to the std in the normaliser.")
+    eps: float = Field(1e-6, gt=0, le=1, description="Added to the std in the normaliser.")
     export_preferences: bool = Field(
         True, description="Write sibling-subtree preference pairs (TRL DPO format) to preferences.parquet."
     )
@@ -218,9 +250,11 @@ class TrainConfig(Strict):
         "train stage (0: never); a rerun of a killed stage resumes from the last one."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept per train stage (oldest removed).")
-    lr: float = Field(5e-4, gt=0, description="Adam learning rate.")
-    clip_low: float = Field(0.2, ge=0, description="PPO ε_low.")
-    clip_high: float = Field(0.2, ge=0, description="PPO ε_high.")
+    lr: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ε_low: the ratio is clipped below at 1 − ε_low.")
+    clip_high: float = Field(
+        0.2, gt=0, le=1, description="PPO ε_high: the ratio is clipped above at 1 + ε_high (clip-higher uses ~0.28)."
+    )
     dual_clip: float = Field(3.0, gt=1, description="Dual-clip constant c for negative advantages.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over the batch per iteration.")
@@ -249,7 +283,7 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Temperature of the sampled evaluation.")
     batch_size: int = Field(256, ge=1, description="Questions generated together.")
     pass_k: list[int] = Field(
         default_factory=lambda: [1, 4],
@@ -260,7 +294,7 @@ class EvaluateConfig(Strict):
     @model_validator(mode="after")
     def _pass_k(self) -> EvaluateConfig:
         if not self.pass_k or min(self.pass_k) < 1:
-            raise ValueError(f"pass_k must be a non-empty list of k >= 1, got {self.pass_k}")
+            raise ValueError(f"evaluate.pass_k must be a non-empty list of k >= 1, got {self.pass_k}")
         return self
 
 
@@ -270,6 +304,14 @@ class TrackingConfig(Strict):
     )
     experiment: str = Field("arborl", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log to MLflow at all.")
+
+
+class StorageConfig(Strict):
+    cache_max_gb: float = Field(
+        20.0, ge=0, description="Most GB of local copies of remote (s3://) model directories kept in the cache "
+        "($TMPDIR/arborl-cache); beyond it the least recently used copies are deleted. Optimizer state is never "
+        "copied. 0 keeps only the copies in use.",
+    )
 
 
 class ViewerConfig(Strict):
@@ -302,6 +344,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     viewer: ViewerConfig = Field(default_factory=ViewerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
@@ -340,6 +383,20 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str) -> N
     node[keys[-1]] = value
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` (no dot) as a number as YAML 1.2 does, not as a string."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a safe loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` → ("a.b", value) with the value parsed as YAML (so 3, 0.1, true, null, [1,2] work)."""
     if "=" not in text:
@@ -348,7 +405,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    return key, _yaml(raw) if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -360,9 +417,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a config states at least one section (see configs/tiny.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:
@@ -380,8 +439,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key {key!r}")
-            elif key:
-                problems.append(f"key {key!r}: {err['msg']}")
-            else:  # a check across sections: its message names the keys
+            elif len(err["loc"]) > 1 or err["type"] != "value_error":
+                problems.append(f"key {key!r}: {err['msg'].removeprefix('Value error, ')}")
+            else:  # a check across the keys of a section or of sections: its message names them
                 problems.append(err["msg"].removeprefix("Value error, "))
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -27,8 +27,9 @@ from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.evaluation.metrics import paired_bootstrap
+from arborl.components.failpoints import failpoint
 from arborl.components.stages.base import load_prompts
-from arborl.components.tracking import tracking_uri
+from arborl.components.tracking import check_tracking_uri, tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 DECISION_FILE = "decision.json"  # the gate's decision, under the run's promote_v<version>/
@@ -119,7 +120,14 @@ def _client(cfg: Config):
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
+    check_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_versions(client, name: str, run_id: str) -> list:
+    """The versions of registered model `name` made from MLflow run `run_id`, oldest first."""
+    found = client.search_model_versions(f"run_id='{run_id}'")
+    return sorted((v for v in found if v.name == name and v.run_id == run_id), key=lambda v: int(v.version))
 
 
 @contextlib.contextmanager
@@ -157,7 +165,10 @@ def register_final_model(
     """Log the model directory at `model_uri` to run `run_id` with the transformers flavor, register it
     under `registry.model_name`, point `challenger` at it and tag it. Returns the version.
 
-    Idempotent per run: a run that already registered a version (a resumed run) gets that version back.
+    Idempotent per run: a run that already registered a version (a resumed run, a rerun after a crash between
+    registering and setting the alias) gets that version back. The model is logged in the run's own experiment,
+    under its artifact location (a LoggedModel made here, so MLflow's process-wide default experiment and the
+    working directory are never used).
     """
     import mlflow
     import torch
@@ -167,18 +178,21 @@ def register_final_model(
 
     client = _client(cfg)
     name = cfg.registry.model_name
-    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    existing = run_versions(client, name, run_id)
     if existing:
-        version = str(max(int(v.version) for v in existing))
+        version = str(existing[-1].version)
     else:
         # MLflow 3.17's local-checkpoint path (transformers_model=<dir>) fails on transformers 5 (its
         # pipeline registry stores class paths as strings), so the model is loaded once and logged as
         # components; the flavor then writes it with save_pretrained.
-        model, tokenizer = load_policy(model_uri, "cpu")
+        model, tokenizer = load_policy(model_uri, "cpu", cfg.storage.cache_max_gb)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
         with _fluent_uri(cfg):
             info = mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
                 name="model",
+                model_id=logged.model_id,
                 task="text-generation",
                 run_id=run_id,
                 registered_model_name=name,
@@ -186,6 +200,7 @@ def register_final_model(
                                   f"transformers=={transformers.__version__}"],
             )
         version = str(info.registered_model_version)
+        failpoint("registry.after_register")  # crash-safety tests: a kill between registering and the alias
     tags = {"arborl.run_id": run_id, "arborl.config_hash": cfg.section_hash(), "arborl.model_uri": model_uri,
             **(extra_tags or {})}
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))})
@@ -310,7 +325,7 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
 
     out = None
     if run_root:
-        out = storage.join(run_root, f"promote_v{challenger_version}")
+        out = storage.child(run_root, f"promote_v{challenger_version}")
         for role, (rows, _) in results.items():
             if rows is not None:
                 schemas.write(rows, schemas.EVAL, storage.join(out, f"{role}_{schemas.EVAL_FILE}"))

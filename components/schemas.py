@@ -149,7 +149,7 @@ ALL = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(storage.ArtifactError):
     """A Parquet artifact that does not match the schema this code expects; the message names the file."""
 
 
@@ -167,7 +167,10 @@ def write(rows_or_table: list[dict] | pa.Table, schema: pa.Schema, uri: str) -> 
 
 
 def read(uri: str, schema: pa.Schema) -> pa.Table:
-    """Read a Parquet artifact and check its name, version and columns against `schema`."""
+    """Read a Parquet artifact and check its name, version and columns against `schema`.
+
+    A missing file raises FileNotFoundError; an unreadable one (truncated, not Parquet) `storage.ArtifactError`;
+    one of another schema, version or columns `SchemaError` (an ArtifactError). Every message names `uri`."""
     table = storage.read_parquet(uri)
     name = schema.metadata[b"arborl.schema"].decode()
     meta = table.schema.metadata or {}

@@ -2,19 +2,87 @@
 
 The active MLflow run is thread-local, so everything here takes the run id explicitly and goes
 through `MlflowClient`, which is safe from Prefect task threads.
+
+Before the first MLflow call the store is checked (`check_tracking_uri`): an http(s) server must answer
+`GET <uri>/health` within `HEALTH_TIMEOUT_S` seconds, in one try, and a SQLite or file store needs a writable
+directory. Without it an unreachable server shows only after MLflow's own retries (with its defaults,
+`MLFLOW_HTTP_REQUEST_MAX_RETRIES=7` and `MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2`, about four and a half minutes).
+Those retries still apply to a server lost in the middle of a run, so that a short restart does not fail it;
+lower those variables to fail sooner.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from arborl.components import storage
 from arborl.components.config import Config
 
 RUN_ID_FILE = "_mlflow_run.json"
+HEALTH_TIMEOUT_S = 5.0  # connect and read timeout of the tracking server's health check (one try)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be used: a server that does not answer, a directory that is not writable."""
+
+
+def _writable_dir(directory: Path, uri: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingUnavailable(f"MLflow tracking store {uri}: cannot create directory {directory} ({exc})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TrackingUnavailable(f"MLflow tracking store {uri}: directory {directory} is not writable")
+
+
+def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """Fail fast (`TrackingUnavailable`, naming the URL) when the tracking store at `uri` cannot be used.
+
+    http(s): one `GET <uri>/health` with `timeout` seconds to connect and to read, no retries; an HTTP error
+    status below 500 still proves a server is there. sqlite:/// and file: stores: the database's or store's
+    directory is created if missing and must be writable, and an existing database file too. Other stores
+    (databricks, SQL servers) are not checked."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        import requests
+
+        url = uri.rstrip("/") + "/health"
+        verify: bool | str = True
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            verify = False
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+        try:
+            response = requests.get(url, timeout=(timeout, timeout), verify=verify, allow_redirects=True)
+        except requests.RequestException as exc:
+            if isinstance(exc, requests.ConnectTimeout):
+                reason = f"no connection within {timeout:g} s"
+            elif isinstance(exc, requests.ReadTimeout):
+                reason = f"no answer within {timeout:g} s"
+            else:  # the socket error (e.g. "[Errno 111] Connection refused") without urllib3's wrapping
+                found = re.search(r"\[Errno -?\d+\] [^'\")]*", str(exc))
+                reason = found.group(0).strip() if found else type(exc).__name__
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable: GET {url} failed ({reason}); start the server or "
+                f"point tracking.mlflow_uri / $MLFLOW_TRACKING_URI at a running one"
+            ) from None
+        if response.status_code >= 500:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is not healthy: GET {url} answered HTTP "
+                                      f"{response.status_code}")
+    elif scheme == "sqlite":
+        if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
+            db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+            _writable_dir(db.parent, uri)
+            if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+                raise TrackingUnavailable(f"MLflow tracking store {uri}: database {db} is not writable")
+    elif scheme in ("", "file") and uri and not uri.startswith("databricks"):
+        _writable_dir(Path(parts.path if scheme == "file" else uri), uri)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -54,6 +122,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         uri = tracking_uri(cfg)
+        check_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tree-GRPO training pipeline for LLM agents.")
 console = Console(log_path=False)
@@ -42,11 +44,69 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]):
         raise typer.Exit(2) from None
 
 
+LOCKED_EXIT = 3  # another live writer holds the lock of the directory the command would write
+
+
+@contextlib.contextmanager
+def _locked(root: str, command: str):
+    """Hold the writer's lock of `root` (`<root>/_lock.json`, components/run_lock.py) while the command runs;
+    when another live writer holds it, exit at once (code 3) with a one-line message naming the holder. A local
+    `root` that exists but is no directory is not locked: nothing can be written there, and the command says so."""
+    from arborl.components import storage
+    from arborl.components.run_lock import LockHeld, RunLock
+
+    local = Path(storage.filesystem(root)[1]) if storage.is_local(root) else None
+    if local is not None and local.exists() and not local.is_dir():
+        yield None
+        return
+    try:
+        lock = RunLock(root, command).acquire()
+    except LockHeld as exc:
+        console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
+    except OSError as exc:
+        console.print(f"[red]cannot lock {escape(root)}:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _run_root(cfg) -> str:
+    """`<run.output_root>/<run.name>`: what `arborl run` writes and `arborl run` / `promote` lock."""
+    from arborl.components import storage
+
+    try:
+        return storage.child(cfg.run.output_root, cfg.run.name)
+    except ValueError as exc:
+        console.print(f"[red]config error:[/red] run.name: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _check_tracking(cfg) -> None:
+    """With tracking on, fail at once (code 1, one line naming the URL) when its store cannot be used."""
+    if not cfg.tracking.enabled:
+        return
+    from arborl.components.tracking import TrackingUnavailable, check_tracking_uri, tracking_uri
+
+    try:
+        check_tracking_uri(tracking_uri(cfg))
+    except (TrackingUnavailable, ValueError) as exc:
+        console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Run the whole pipeline (prepare → warm start → RL iterations → evaluation) as a Prefect flow."""
+def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Run the whole pipeline (prepare → warm start → RL iterations → evaluation) as a Prefect flow.
+
+    Holds the run root's lock throughout: a second `arborl run` of the same root exits at once (code 3)."""
     cfg = _load(config, overrides)
+    ctx.with_resource(_locked(_run_root(cfg), f"arborl run {config or 'configs/tiny.yaml'}"))
+    _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
+    from arborl.components.storage import ArtifactError
     from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
     from arborl.flows.progress import RichReporter, set_reporter
 
@@ -56,6 +116,9 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
         from arborl.components.config import DEFAULT_CONFIG
 
         summary = train_pipeline(cfg.model_dump(mode="json"), str(config or DEFAULT_CONFIG))
+    except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
+        console.print(f"[red]run failed: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     finally:
         reporter.close()
     root = f"{cfg.run.output_root.rstrip('/')}/{cfg.run.name}"
@@ -64,6 +127,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Ove
 
 @app.command()
 def stage(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="prepare | warmstart | sample | verify | label | train | evaluate"),
     config: Optional[Path] = ConfigOpt,
     inputs: Optional[list[str]] = typer.Option(None, "--in", help="Input as key=uri (a stage output directory)."),
@@ -74,7 +138,9 @@ def stage(
     ),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
-    """Run one stage alone on given input URIs (e.g. as its own container)."""
+    """Run one stage alone on given input URIs (e.g. as its own container). Holds the lock of its --out directory
+    (`<out>/_lock.json`; under torchrun, rank 0 does): a second command writing the same --out exits at once
+    (code 3)."""
     from arborl.components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
 
     if name not in STAGES:
@@ -105,8 +171,23 @@ def stage(
         except ValueError as exc:
             console.print(f"[red]--shard: {exc}[/red]")
             raise typer.Exit(2) from None
+    from arborl.components.storage import ArtifactError, OutputNotOwned, check_output
+
+    try:  # before the lock, which lives inside --out: a location this stage may not write is left untouched
+        check_output(out, stage=name, inputs=given)
+    except OutputNotOwned as exc:
+        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes --out: it holds the lock
+        ctx.with_resource(_locked(out, f"arborl stage {name}"))
     try:
         result = STAGES[name](cfg, given, out, **params)
+    except OutputNotOwned as exc:  # a usage error, like a bad config: nothing was written or deleted
+        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
+        console.print(f"[red]stage {name}: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except (FileNotFoundError, KeyError, ValueError) as exc:
         console.print(f"[red]stage {name} failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -116,6 +197,7 @@ def stage(
 
 @app.command("merge-shards")
 def merge_shards(
+    ctx: typer.Context,
     shards: list[str] = typer.Argument(..., help="Output URIs of `stage sample --shard i/n`, in shard order."),
     config: Optional[Path] = ConfigOpt,
     out: str = typer.Option(..., "--out", help="Output URI of the merged sample stage."),
@@ -123,10 +205,24 @@ def merge_shards(
 ) -> None:
     """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
     from arborl.components.stages.sample import merge
+    from arborl.components.storage import ArtifactError, OutputNotOwned, check_output
 
     cfg = _load(config, [])
+    inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}
+    try:  # before the lock, which lives inside --out
+        check_output(out, stage="sample", inputs=inputs)
+    except OutputNotOwned as exc:
+        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    ctx.with_resource(_locked(out, "arborl merge-shards"))
     try:
         result = merge(cfg, shards, out, iteration)
+    except OutputNotOwned as exc:
+        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ArtifactError as exc:
+        console.print(f"[red]merge-shards: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except (FileNotFoundError, KeyError, ValueError) as exc:
         console.print(f"[red]merge-shards failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -209,16 +305,20 @@ def bench_training_cmd(
 
 @app.command()
 def promote(
+    ctx: typer.Context,
     config: Optional[Path] = ConfigOpt,
     questions: Optional[str] = typer.Option(None, "--questions", help="val | test (default: registry.split)."),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
     """Gated promotion: evaluate `challenger` and `champion` (or the warm start) on the same questions and
-    move `champion` only when the paired improvement's bootstrap lower bound beats registry.margin."""
+    move `champion` only when the paired improvement's bootstrap lower bound beats registry.margin. Holds the
+    lock of the config's run root, like `arborl run`."""
     cfg = _load(config, overrides)
     if questions not in (None, "val", "test"):
         console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
         raise typer.Exit(2)
+    ctx.with_resource(_locked(_run_root(cfg), "arborl promote"))
+    _check_tracking(cfg)
     from arborl.components.registry import promote as run_promotion
 
     try:

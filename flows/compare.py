@@ -26,14 +26,14 @@ def compare_pipeline(config: dict, seeds: int = 3) -> dict:
         for method in METHODS:
             run_cfg = method_config(cfg, method, cfg.run.seed + seed)
             if first_root is None:
-                first_root = storage.join(run_cfg.run.output_root, run_cfg.run.name)
+                first_root = storage.child(run_cfg.run.output_root, run_cfg.run.name)
             else:
                 run_cfg.run.warmstart_from = first_root
             runs[method].append((run_cfg.run.seed, train_pipeline(run_cfg.model_dump(mode="json")), run_cfg))
     result = aggregate(runs)
     result["budget_rule"] = budget_rule(cfg)
-    out = storage.join(cfg.run.output_root, f"{cfg.run.name}-compare")
-    result["out"] = storage.join(out, "compare.json")
+    out = storage.child(cfg.run.output_root, f"{cfg.run.name}-compare")
+    result["out"] = storage.child(out, "compare.json")
     storage.write_json(result["out"], result)
     result["mlflow_run_id"] = _log_to_mlflow(cfg, result) if cfg.tracking.enabled else None
     storage.write_json(result["out"], result)  # again, now with the comparison's MLflow run id

@@ -14,6 +14,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from arborl.components import storage
 from arborl.components.config import Config
+from arborl.components.run_lock import RunLock
 from arborl.components.stages import STAGES
 from arborl.components.stages import sample as sample_stage
 from arborl.components.tracking import Tracker
@@ -70,13 +71,13 @@ def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> di
 
 
 def iteration_dir(root: str, iteration: int) -> str:
-    return storage.join(root, f"iter_{iteration:03d}")
+    return storage.child(root, f"iter_{iteration:03d}")
 
 
 def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
     """(world, model) URIs of another run's finished prepare and warm-start outputs, checked against this
     config's world/model/warmstart settings and seed through their manifests (never re-run there)."""
-    world, model = storage.join(source_root, "prepare"), storage.join(source_root, "warmstart")
+    world, model = storage.child(source_root, "prepare"), storage.child(source_root, "warmstart")
     for stage, uri, inputs, sections in (("prepare", world, {}, ("world",)),
                                          ("warmstart", model, {"world": world}, ("world", "model", "warmstart"))):
         if storage.completed(uri, stage=stage, inputs=inputs, config_hash=cfg.section_hash(*sections)) is None:
@@ -112,8 +113,8 @@ def world_and_warm_start(ctx: RunContext) -> tuple[str, str]:
     cfg, root = ctx.cfg, ctx.root
     if cfg.run.warmstart_from:
         return reused_warmstart(cfg, cfg.run.warmstart_from)
-    world = ctx.record(_stage("prepare", cfg, {}, storage.join(root, "prepare")), 0, "prepare/")["out"]
-    model = ctx.record(_stage("warmstart", cfg, {"world": world}, storage.join(root, "warmstart")), 0,
+    world = ctx.record(_stage("prepare", cfg, {}, storage.child(root, "prepare")), 0, "prepare/")["out"]
+    model = ctx.record(_stage("warmstart", cfg, {"world": world}, storage.child(root, "warmstart")), 0,
                        "warmstart/")["out"]
     return world, model
 
@@ -134,18 +135,18 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
     iteration is not evaluated)."""
     cfg, dash = ctx.cfg, ctx.dash
     iter_dir = iteration_dir(ctx.root, it)
-    sampled = ctx.record(_sample(cfg, {"model": model, "world": world}, storage.join(iter_dir, "sample"), it), it,
+    sampled = ctx.record(_sample(cfg, {"model": model, "world": world}, storage.child(iter_dir, "sample"), it), it,
                          "sample/")
     dash.progress(it, 0.5)
     verified = ctx.record(_stage("verify", cfg, {"nodes": sampled["out"], "world": world},
-                                 storage.join(iter_dir, "verify")), it, "verify/")
+                                 storage.child(iter_dir, "verify")), it, "verify/")
     labelled = ctx.record(_stage("label", cfg, {"nodes": sampled["out"], "rewards": verified["out"], "world": world},
-                                 storage.join(iter_dir, "label")), it, "label/")
+                                 storage.child(iter_dir, "label")), it, "label/")
     dash.labelled(it, labelled)
     train_inputs = {"model": model, "nodes": sampled["out"], "advantages": labelled["out"], "world": world}
     if cfg.train.kl_coef > 0:
         train_inputs["reference"] = warm_model
-    trained = ctx.record(_stage("train", cfg, train_inputs, storage.join(iter_dir, "train"), iteration=it), it,
+    trained = ctx.record(_stage("train", cfg, train_inputs, storage.child(iter_dir, "train"), iteration=it), it,
                          "train/")
     model = trained["out"]
     dash.progress(it, 1.0)
@@ -154,7 +155,7 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
            "generated_tokens": sampled["metrics"]["generated_tokens"]}
     evaluation = None
     if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
-        evaluation = evaluate(ctx, it, model, world, storage.join(iter_dir, "eval"))
+        evaluation = evaluate(ctx, it, model, world, storage.child(iter_dir, "eval"))
         row.update({k: evaluation[k] for k in ("test_em", "test_em_sampled")})
     dash.iteration_finished(it, sampled, verified, trained)
     if evaluation is not None:
@@ -167,20 +168,27 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
 def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
 
-    `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config.
+    `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config. The run root's
+    lock (`<output_root>/<run.name>/_lock.json`, components/run_lock.py) is held throughout: a second writer
+    of the same root fails at once with `LockHeld`.
     """
     cfg = Config.model_validate(config)
+    root = storage.child(cfg.run.output_root, cfg.run.name)
+    with RunLock(root, "arborl run"):  # one writer per run root (held already when `arborl run` started this)
+        return _train(cfg, root, config_file)
+
+
+def _train(cfg: Config, root: str, config_file: str | None) -> dict:
     started = time.time()
-    root = storage.join(cfg.run.output_root, cfg.run.name)
     storage.makedirs(root)
-    storage.write_json(storage.join(root, RUN_CONFIG_FILE), cfg.model_dump(mode="json"))
+    storage.write_json(storage.child(root, RUN_CONFIG_FILE), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
     ctx = RunContext(cfg, root, tracker, Dashboards(tracker, cfg.run.name, cfg.run.iterations), get_reporter())
     try:
         ctx.reporter.run_started(cfg)
         world, model = world_and_warm_start(ctx)
         warm_model = model
-        warm_eval = evaluate(ctx, 0, model, world, storage.join(root, "warmstart_eval"))
+        warm_eval = evaluate(ctx, 0, model, world, storage.child(root, "warmstart_eval"))
         last_eval, last_eval_iter = warm_eval, 0
         history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
@@ -221,13 +229,13 @@ def _save_summary(ctx: RunContext, summary: dict, config_file: str | None) -> No
     """summary.json at the run's root; the final metrics, the summary and both configs to MLflow; the
     Prefect summary artifact."""
     cfg, tracker = ctx.cfg, ctx.tracker
-    summary_uri = storage.join(ctx.root, SUMMARY_FILE)
+    summary_uri = storage.child(ctx.root, SUMMARY_FILE)
     storage.write_json(summary_uri, summary)
     tracker.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=cfg.run.iterations)
     tracker.log_metrics({"wall_seconds": summary["wall_seconds"]}, step=cfg.run.iterations)
     if storage.is_local(summary_uri):
         tracker.log_artifact(storage.filesystem(summary_uri)[1])
-        tracker.log_artifact(storage.filesystem(storage.join(ctx.root, RUN_CONFIG_FILE))[1])
+        tracker.log_artifact(storage.filesystem(storage.child(ctx.root, RUN_CONFIG_FILE))[1])
     if config_file:
         tracker.log_artifact(config_file, "config_file")
     _publish_summary(summary)

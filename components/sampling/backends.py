@@ -30,7 +30,7 @@ def load_backend(cfg: Config, model_uri: str, device: str, batch_size: int = 256
 
         backend, tokenizer = VLLMBackend.from_model_dir(model_uri, seed=cfg.run.seed)
         return LoadedBackend(backend, tokenizer, None)
-    model, tokenizer = load_policy(model_uri, device)
+    model, tokenizer = load_policy(model_uri, device, cfg.storage.cache_max_gb)
     if name == "hf":
         from arborl.components.sampling.engine import HFBackend
 

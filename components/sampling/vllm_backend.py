@@ -44,7 +44,7 @@ class VLLMBackend:
         from transformers import PreTrainedTokenizerFast
 
         vllm = _vllm()
-        path = str(storage.local_dir(uri))
+        path = str(storage.local_dir(uri, skip=storage.TRAINING_STATE))  # no optimizer state
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         llm = vllm.LLM(
             model=path,

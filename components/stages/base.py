@@ -46,7 +46,12 @@ def run_stage(
     writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
     Entries of `out` named in `keep` survive the wipe of a half-written output (the stage's own resume state).
     `writer=False` (the non-zero ranks of a distributed stage) runs `work` without touching `out` or the manifest.
+
+    A stage owns only what it created: before anything is written, `out` is refused (`storage.OutputNotOwned`,
+    nothing deleted) when it is, lies inside or contains an input, is an existing file, or is a non-empty
+    directory without this stage's manifest or marker (see `storage.check_output`).
     """
+    storage.check_output(out, stage=stage, inputs=inputs, contents=False)
     config_hash = cfg.section_hash(*sections, **params)
     done = storage.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
     if done is not None:
@@ -55,7 +60,7 @@ def run_stage(
         if storage.read_manifest(uri) is None:
             raise FileNotFoundError(f"stage {stage!r}: input {name!r} at {uri} is missing or incomplete (no manifest)")
     if writer:
-        storage.prepare_output(out, keep=keep)
+        storage.prepare_output(out, stage=stage, inputs=inputs, keep=keep)
     started = time.time()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

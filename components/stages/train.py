@@ -36,7 +36,17 @@ def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, lr:
     state_uri = storage.join(model_uri, OPTIMIZER_FILE)
     if not storage.exists(state_uri):
         return
-    state = torch.load(io.BytesIO(storage.read_bytes(state_uri)), map_location=map_location)
+    data = storage.read_bytes(state_uri)
+    try:  # weights_only: tensors and plain containers only, so a planted pickle cannot run code
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc)
+        refused = [line.strip() for line in text.splitlines() if "unsupported" in line.lower()]
+        reason = refused[0] if refused else f"{type(exc).__name__}: {text.splitlines()[0] if text else 'empty'}"
+        raise storage.ArtifactError(f"{state_uri}: not an optimizer state of tensors and plain values ({reason})"
+                                    ) from exc
+    if not isinstance(state, dict):
+        raise storage.ArtifactError(f"{state_uri}: not an optimizer state (a {type(state).__name__}, not a dict)")
     try:
         optimizer.load_state_dict(state)
     except ValueError as exc:  # e.g. LoRA switched on or off between iterations
@@ -75,7 +85,8 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
     the updated model, with its optimizer state, to `out`."""
     here = distributed.device_of(dist, device(cfg))
     fsdp = dist.mode == "fsdp"
-    model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here)
+    model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here,
+                                                                cfg.storage.cache_max_gb)
     if cfg.train.gradient_checkpointing:
         distributed.enable_gradient_checkpointing(model)
     saved_attention = model.config._attn_implementation
@@ -89,7 +100,7 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
     if cfg.train.kl_coef > 0:
         if "reference" not in inputs:
             raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
-        ref_model, _ = load_policy(inputs["reference"], here)
+        ref_model, _ = load_policy(inputs["reference"], here, cfg.storage.cache_max_gb)
         ref_model.requires_grad_(False)
     units = load_tree_units(inputs, tokenizer)
 

@@ -25,7 +25,7 @@ def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable 
     episodes = build_demonstrations(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "train"),
                                     cfg.warmstart, cfg.run.seed)
     if cfg.model.path:
-        model, tokenizer = load_policy(cfg.model.path, device(cfg))
+        model, tokenizer = load_policy(cfg.model.path, device(cfg), cfg.storage.cache_max_gb)
     else:
         tokenizer = build_tokenizer(vocabulary(world))
         model = build_model(cfg.model, tokenizer, cfg.run.seed).to(device(cfg))

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from arborl.components import storage
 from arborl.components.config import LoraSettings
-from arborl.components.models import load_policy, save_policy
+from arborl.components.models import check_safetensors, describe_error, load_policy, save_policy
+from arborl.components.storage import ArtifactError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 # peft is imported where adapters are made or loaded: the sampler image (vLLM, no peft) imports this module.
 
 ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # a pickled adapter_model.bin is never loaded
 BASE_FILE = "lora_base.json"
 
 
@@ -47,31 +50,48 @@ def has_adapter(model_uri: str) -> bool:
 
 
 def load_for_training(
-    model_uri: str, settings: LoraSettings, device: str = "cpu"
+    model_uri: str, settings: LoraSettings, device: str = "cpu", cache_max_gb: float | None = storage.CACHE_MAX_GB
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, str | None]:
     """The model to train from the model directory `model_uri`, its tokenizer, and the LoRA base URI.
 
     LoRA off: the model itself, base None. LoRA on: when `model_uri` was written by a LoRA train stage, its
-    adapter reattached (trainable) to the base it points to; otherwise fresh adapters on `model_uri`.
+    adapter reattached (trainable) to the base it points to; otherwise fresh adapters on `model_uri`. Remote
+    directories go through the local cache, bounded by `cache_max_gb` (`storage.cache_max_gb`).
     """
     if not settings.enabled:
-        model, tokenizer = load_policy(model_uri, device)
+        model, tokenizer = load_policy(model_uri, device, cache_max_gb)
         return model, tokenizer, None
     if not has_adapter(model_uri):
-        model, tokenizer = load_policy(model_uri, device)
+        model, tokenizer = load_policy(model_uri, device, cache_max_gb)
         return wrap(model, settings), tokenizer, model_uri
-    base_uri = storage.read_json(storage.join(model_uri, BASE_FILE))["base"]
+    pointer_uri = storage.join(model_uri, BASE_FILE)
+    pointer = storage.read_json(pointer_uri)
+    base_uri = pointer.get("base") if isinstance(pointer, dict) else None
+    if not isinstance(base_uri, str) or not base_uri:
+        raise ArtifactError(f"{pointer_uri}: no 'base' model URI in it")
     if not storage.exists(storage.join(base_uri, "config.json")):
         raise FileNotFoundError(f"{model_uri}/{BASE_FILE}: LoRA base model {base_uri} is missing")
-    base, tokenizer = load_policy(base_uri, device)
+    base, tokenizer = load_policy(base_uri, device, cache_max_gb)
     from peft import LoraConfig, PeftModel
 
-    adapter_dir = storage.local_dir(storage.join(model_uri, ADAPTER_DIR))
-    saved = LoraConfig.from_pretrained(str(adapter_dir))
+    adapter_uri = storage.join(model_uri, ADAPTER_DIR)
+    adapter_dir = storage.local_dir(adapter_uri, max_gb=cache_max_gb)
+    config_uri = storage.join(adapter_uri, ADAPTER_CONFIG_FILE)
+    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
+        raise ArtifactError(f"{config_uri}: missing (the LoRA adapter of {model_uri} is incomplete)")
+    check_safetensors(adapter_dir / ADAPTER_WEIGHTS_FILE, storage.join(adapter_uri, ADAPTER_WEIGHTS_FILE))
+    try:
+        saved = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # peft raises many types; the cause stays chained
+        raise ArtifactError(f"{config_uri}: not a LoRA adapter configuration ({describe_error(exc)})") from exc
     if saved.r != settings.rank or set(saved.target_modules) != set(settings.target_modules):
         raise ValueError(f"{model_uri}: its adapter has rank {saved.r} on {sorted(saved.target_modules)}, "
                          f"the config asks for rank {settings.rank} on {sorted(settings.target_modules)}")
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except Exception as exc:  # peft raises many types; the cause stays chained
+        raise ArtifactError(f"{adapter_uri}: cannot load the LoRA adapter onto {base_uri} ({describe_error(exc)})"
+                            ) from exc
     return model.to(device), tokenizer, base_uri
 
 

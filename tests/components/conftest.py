@@ -100,3 +100,31 @@ def policy(tokenizer, questions, retriever, fact_index, entities_by_type):
     supervised_train(model, demos, WarmstartConfig(steps=120, batch_size=16, lr=1e-2), tokenizer.pad_token_id, SEED)
     model.eval()
     return model
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch, tmp_path):
+    """A bucket on a moto S3 server on 127.0.0.1 (a fresh server per test); yields (root URI, boto3 client)."""
+    boto3 = pytest.importorskip("boto3")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="arborl-test")
+    yield "s3://arborl-test", client
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,56 @@ def test_missing_file_and_invalid_yaml_name_the_file(tmp_path):
         load_config(listing)
 
 
-def test_empty_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_file_is_an_error_not_a_default_run(tmp_path, text):
     path = tmp_path / "empty.yaml"
-    path.write_text("")
-    assert load_config(path) == Config()
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
+        load_config(path)
+
+
+def test_a_file_with_one_section_fills_the_rest_with_defaults(tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("run:\n  iterations: 3\n")
+    assert load_config(path) == Config(run={"iterations": 3})
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "message"),
+    [
+        ("train.clip_low=5", "train.clip_low", "less than 1"),
+        ("train.clip_low=0", "train.clip_low", "greater than 0"),
+        ("train.clip_high=50", "train.clip_high", "less than or equal to 1"),
+        ("run.iterations=true", "run.iterations", "valid integer"),
+        ("run.seed=1.5", "run.seed", "valid integer"),
+        ("run.iterations='3'", "run.iterations", "valid integer"),
+        ("advantage.export_preferences=1", "advantage.export_preferences", "valid boolean"),
+        ("registry.enabled=yes_please", "registry.enabled", "valid boolean"),
+        ("train.lr=.inf", "train.lr", "finite number"),
+        ("train.lr=2", "train.lr", "less than 1"),
+        ("sampling.temperature=0", "sampling.temperature", "greater than 0"),
+    ],
+)
+def test_values_are_not_coerced_and_ranges_hold(override, key, message):
+    with pytest.raises(ConfigError, match=rf"key '{re.escape(key)}': .*{message}"):
+        load_config(None, [override])
+
+
+def test_a_number_in_exponent_form_is_a_number():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; the config reads it as the number it means."""
+    cfg = load_config(None, ["train.lr=1e-3", "warmstart.lr=2E-4"])
+    assert cfg.train.lr == 0.001 and cfg.warmstart.lr == 0.0002
+
+
+def test_an_integer_is_a_valid_float_and_json_round_trips():
+    cfg = load_config(None, ["train.dual_clip=3", "world.hop_mix={1: 1, 2: 1}"])
+    assert cfg.train.dual_clip == 3.0
+    assert Config.model_validate(cfg.model_dump(mode="json")) == cfg  # hop counts come back from JSON strings
+
+
+def test_cross_key_checks_name_their_keys():
+    with pytest.raises(ConfigError, match=r"model.hidden_size 128 must be a multiple of model.num_heads 3"):
+        load_config(None, ["model.num_heads=3"])
 
 
 @pytest.mark.parametrize(
@@ -290,3 +337,19 @@ def test_an_estimator_registered_later_is_accepted_and_checked():
         unregister_estimator("config_probe")
     with pytest.raises(ConfigError, match="advantage.estimator"):
         config_from_dict({"advantage": {"estimator": "config_probe"}, "train": {"form": "duplicated"}})
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../escaped", "a/b", "/abs", "a\\b", " tiny", "tiny ", "my run",
+                                  "tab\tname", "naïve", "x:y", "*"])
+def test_run_name_must_be_a_plain_name(name):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"run": {"name": name}})
+    msg = str(err.value)
+    assert "run.name" in msg and "plain name" in msg and repr(name) in msg
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, [f"run.name='{name}'"])  # quoted: YAML keeps the spaces
+
+
+@pytest.mark.parametrize("name", ["tiny", "micro-2", "exp_3.seed0", "A.b-C_9", "...x"])
+def test_run_name_plain_names_pass(name):
+    assert config_from_dict({"run": {"name": name}}).run.name == name

@@ -119,3 +119,21 @@ def test_missing_required_field_on_write_names_the_column(tmp_path):
 def test_read_of_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.parquet"):
         schemas.read(str(tmp_path / "absent.parquet"), schemas.FACTS)
+
+
+def test_truncated_file_names_it_and_the_reason(tmp_path):
+    uri = str(tmp_path / schemas.NODES_FILE)
+    schemas.write(NODE_ROWS * 50, schemas.NODES, uri)
+    data = storage.read_bytes(uri)
+    storage.write_bytes(uri, data[: len(data) - 100])
+    with pytest.raises(storage.ArtifactError) as err:
+        schemas.read(uri, schemas.NODES)
+    assert str(err.value).startswith(f"{uri}: not a Parquet file or truncated (")
+    assert "<Buffer>" not in str(err.value)
+    storage.write_bytes(uri, b'{"not": "parquet"}')
+    with pytest.raises(storage.ArtifactError, match="nodes.parquet: not a Parquet file or truncated"):
+        schemas.read(uri, schemas.NODES)
+
+
+def test_schema_errors_are_artifact_errors():
+    assert issubclass(schemas.SchemaError, storage.ArtifactError) and issubclass(schemas.SchemaError, ValueError)

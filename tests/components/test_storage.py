@@ -159,22 +159,25 @@ def test_run_stage_reruns_when_config_section_params_or_inputs_change(tmp_path):
     # inputs changed
     run_stage("train", changed, {"world": other_world}, out, ("train",), body, iteration=2)
     assert body.calls == 4
-    # another stage name at the same place
-    run_stage("label", changed, {"world": other_world}, out, ("train",), body, iteration=2)
-    assert body.calls == 5
-    assert storage.read_json(storage.join(out, "data.json")) == {"call": 5}
+    # another stage's output at the same place is not this stage's to replace
+    with pytest.raises(storage.OutputNotOwned, match="stage 'train'"):
+        run_stage("label", changed, {"world": other_world}, out, ("train",), body, iteration=2)
+    assert body.calls == 4
+    assert storage.read_json(storage.join(out, "data.json")) == {"call": 4}
 
 
 def test_half_written_output_is_wiped_and_rerun(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / storage.MARKER).write_text(json.dumps({"stage": "prepare"}))  # the stage had started here
     (out / "stale.parquet").write_bytes(b"half")
     (out / "sub").mkdir()
     (out / "sub" / "junk").write_text("x")
     body = Body(str(out))
     result = run_stage("prepare", Config(), {}, str(out), ("world",), body)
     assert body.calls == 1 and not result.skipped
-    assert sorted(p.name for p in out.iterdir()) == [storage.MANIFEST, "data.json"]
+    assert sorted(p.name for p in out.iterdir()) == [storage.MANIFEST, storage.MARKER, "data.json"]
+    assert storage.read_json(str(out / storage.MARKER)) == {"stage": "prepare"}
 
 
 def test_stale_manifest_output_is_wiped_before_rerun(tmp_path):
@@ -237,33 +240,6 @@ def test_completed_checks_every_field(tmp_path):
 # --- S3 through a local moto server ------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3_bucket(monkeypatch, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    s3fs = pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="arborl-test")
-    yield "s3://arborl-test", client
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
 def test_s3_round_trip(s3_bucket, tmp_path):
     root, client = s3_bucket
     base = storage.join(root, "run")
@@ -320,8 +296,9 @@ def test_local_dir_sees_a_rewritten_remote_directory(s3_bucket, tmp_path):
     storage.upload_dir(src, uri)
     cache = tmp_path / "cache"
     assert (storage.local_dir(uri, cache_root=cache) / "weights.bin").read_bytes() == b"version 1"
+    storage.write_json(storage.join(uri, storage.MARKER), {"stage": "train"})
     # the stage that made it runs again (e.g. after a config change): its output is wiped and rewritten
-    storage.prepare_output(uri)
+    storage.prepare_output(uri, stage="train")
     (src / "weights.bin").write_bytes(b"version 2")
     storage.upload_dir(src, uri)
     assert storage.read_bytes(storage.join(uri, "weights.bin")) == b"version 2"
@@ -356,10 +333,163 @@ def test_run_stage_on_s3_skips_when_done(s3_bucket):
 def test_prepare_output_keeps_the_named_entries(where, tmp_path, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")[0]
     out = storage.join(root, "train-out")
+    storage.prepare_output(out, stage="train")
     storage.write_bytes(storage.join(out, "model.safetensors"), b"half")
     storage.write_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt"), b"resume me")
-    storage.prepare_output(out, keep=("_checkpoints",))
+    storage.prepare_output(out, stage="train", keep=("_checkpoints",))
     assert not storage.exists(storage.join(out, "model.safetensors"))
     assert storage.read_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt")) == b"resume me"
-    storage.prepare_output(out)
+    assert storage.read_json(storage.join(out, storage.MARKER)) == {"stage": "train"}
+    storage.prepare_output(out, stage="train")
     assert not storage.exists(storage.join(out, "_checkpoints"))
+    assert storage.exists(storage.join(out, storage.MARKER))
+
+
+# --- where outputs may go ------------------------------------------------------------------------------
+
+
+def test_contains_normalises_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = str(tmp_path / "a")
+    assert storage.contains(a, a + "/")
+    assert storage.contains(a + "/", str(tmp_path / "a" / "b" / ".." / "c"))
+    assert storage.contains("a", a + "/x")  # relative against absolute
+    assert storage.contains(f"file://{a}", "a/x/y")
+    assert storage.contains(str(tmp_path / "z" / ".." / "a"), a)
+    assert not storage.contains(a, str(tmp_path / "ab"))  # component boundary, not string prefix
+    assert not storage.contains(a, str(tmp_path / "a" / ".." / "b"))
+    assert not storage.contains(a + "/x", a)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert storage.contains(str(tmp_path / "real"), str(tmp_path / "link" / "f"))
+
+
+def test_contains_on_object_store_uris():
+    assert storage.contains("s3://b/run", "s3://b/run/x")
+    assert storage.contains("s3://b/run/", "s3://b/run")
+    assert storage.contains("s3://b/run", "s3://b/other/../run/y")
+    assert not storage.contains("s3://b/run", "s3://b/run2")
+    assert not storage.contains("s3://b/run", "s3://c/run/x")
+    assert not storage.contains("s3://b/run", "/b/run/x")  # another filesystem
+
+
+def test_child_refuses_a_path_leaving_its_root(tmp_path):
+    root = str(tmp_path / "a" / "b")
+    assert storage.child(root, "run", "iter_001", "sample") == f"{root}/run/iter_001/sample"
+    assert storage.child("s3://bucket/runs/", "x") == "s3://bucket/runs/x"
+    # what run.output_root=<tmp>/a/b run.name=../../escaped derived before: <tmp>/escaped
+    assert os.path.normpath(storage.join(root, "../../escaped")) == str(tmp_path / "escaped")
+    for parts in (("../../escaped",), ("..",), (".",), ("",), ("x", "../../y"), ("x/../..",)):
+        with pytest.raises(storage.OutsideRoot) as err:
+            storage.child(root, *parts)
+        assert root in str(err.value) and storage.join(root, *parts) in str(err.value)
+    with pytest.raises(storage.OutsideRoot, match="s3://bucket/runs"):
+        storage.child("s3://bucket/runs", "../other")
+    with pytest.raises(storage.OutsideRoot):
+        storage.ensure_inside("s3://bucket/run", "s3://bucket/run2/x")
+    assert storage.ensure_inside("s3://bucket/run", "s3://bucket/run/x") == "s3://bucket/run/x"
+
+
+def test_refusals_pickle_across_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(storage.OutputNotOwned("verify", "/x/out", "it is an existing file")))
+    assert isinstance(err, ValueError) and err.uri == "/x/out" and "/x/out" in str(err)
+    err = pickle.loads(pickle.dumps(storage.OutsideRoot("/r", "/escaped")))
+    assert err.root == "/r" and "/escaped" in str(err)
+
+
+def test_prepare_output_writes_the_marker_before_the_stage_writes(tmp_path):
+    out = str(tmp_path / "new" / "out")
+    storage.prepare_output(out, stage="verify")
+    assert os.listdir(out) == [storage.MARKER]
+    assert storage.read_json(storage.join(out, storage.MARKER)) == {"stage": "verify"}
+    storage.check_output(out, stage="verify")
+    with pytest.raises(storage.OutputNotOwned, match="stage 'verify'.*its _stage.json"):
+        storage.check_output(out, stage="label")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    storage.prepare_output(str(empty), stage="label")  # an empty directory is fine
+    assert os.listdir(empty) == [storage.MARKER]
+
+
+def test_check_output_refusals_delete_nothing(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(storage.OutputNotOwned, match="existing file"):
+        storage.prepare_output(str(file), stage="verify")
+    assert file.read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(storage.OutputNotOwned, match="no stage's output.*notes.txt"):
+        storage.prepare_output(str(mine), stage="verify")
+    assert os.listdir(mine) == ["notes.txt"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / storage.MARKER).write_text("not json")
+    with pytest.raises(storage.OutputNotOwned, match="names no stage"):
+        storage.prepare_output(str(broken), stage="verify")
+    assert (broken / storage.MARKER).read_text() == "not json"
+
+
+def test_s3_check_output_on_objects_and_prefixes(s3_bucket):
+    root, client = s3_bucket
+    base = f"{root}/ownership"  # the moto backend outlives one test: keep to a prefix of our own
+    client.put_object(Bucket="arborl-test", Key="ownership/run/notes.txt", Body=b"mine")
+    client.put_object(Bucket="arborl-test", Key="ownership/dir/notes.txt", Body=b"mine")
+    with pytest.raises(storage.OutputNotOwned, match=f"{base}/run/notes.txt: it is an existing file"):
+        storage.prepare_output(f"{base}/run/notes.txt", stage="verify")
+    with pytest.raises(storage.OutputNotOwned, match=f"{base}/dir/: it is a non-empty directory"):
+        storage.prepare_output(f"{base}/dir/", stage="verify")
+    storage.prepare_output(f"{base}/run2", stage="verify")  # `run` is no prefix of `run2`
+    storage.prepare_output(f"{base}/ru", stage="verify")
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="arborl-test", Prefix="ownership/")["Contents"])
+    assert keys == ["ownership/dir/notes.txt", f"ownership/ru/{storage.MARKER}", "ownership/run/notes.txt",
+                    f"ownership/run2/{storage.MARKER}"]
+
+
+# --- unreadable artifacts: the error names the URI and what is wrong ----------------------------------
+
+
+def _truncated_parquet(uri: str) -> None:
+    storage.write_parquet(pa.table({"x": pa.array(range(200), pa.int64()), "s": ["row"] * 200}), uri)
+    data = storage.read_bytes(uri)
+    storage.write_bytes(uri, data[: len(data) // 2])
+
+
+def test_truncated_parquet_names_the_file_and_the_reason(tmp_path):
+    uri = str(tmp_path / "nodes.parquet")
+    _truncated_parquet(uri)
+    with pytest.raises(storage.ArtifactError) as err:
+        storage.read_parquet(uri)
+    message = str(err.value)
+    assert message.startswith(f"{uri}: not a Parquet file or truncated (")
+    assert "magic bytes" in message and "<Buffer>" not in message
+    storage.write_bytes(uri, b"PAR1")
+    with pytest.raises(storage.ArtifactError, match="nodes.parquet: not a Parquet file or truncated"):
+        storage.read_parquet(uri)
+
+
+def test_non_json_file_and_manifest_name_the_file(tmp_path):
+    uri = str(tmp_path / "stats.json")
+    storage.write_json(uri, {"a": [1, 2, 3]})
+    storage.write_bytes(uri, storage.read_bytes(uri)[:-4])  # truncated
+    with pytest.raises(storage.ArtifactError) as err:
+        storage.read_json(uri)
+    assert str(err.value).startswith(f"{uri}: not a JSON file or truncated (")
+    out = tmp_path / "stage"
+    out.mkdir()
+    (out / storage.MANIFEST).write_bytes(b"\x80\x04not json")
+    with pytest.raises(storage.ArtifactError) as err:
+        storage.completed(str(out), stage="s", inputs={}, config_hash="h")
+    assert str(out / storage.MANIFEST) in str(err.value) and "not a JSON file" in str(err.value)
+    assert isinstance(err.value, ValueError)  # callers that catch ValueError still do
+
+
+def test_s3_truncated_parquet_names_the_s3_uri(s3_bucket):
+    root, _ = s3_bucket
+    uri = f"{root}/artifact-errors/nodes.parquet"
+    _truncated_parquet(uri)
+    with pytest.raises(storage.ArtifactError, match=f"^{uri}: not a Parquet file or truncated"):
+        storage.read_parquet(uri)

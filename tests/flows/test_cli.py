@@ -93,6 +93,14 @@ def test_sample_shards_from_the_command_line_merge_to_the_unsharded_output(tmp_p
          for r in storage_rows(tmp_path / "merged" / "nodes.parquet")]
     assert a == b
 
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    refused = runner.invoke(app, ["merge-shards", *parts, *cfg, "--out", str(notes)])
+    assert refused.exit_code == 2 and "existing file" in refused.output and notes.read_text() == "mine"
+    refused = runner.invoke(app, ["merge-shards", *parts, *cfg, "--out", parts[0]])  # a shard is an input
+    assert refused.exit_code == 2 and "input" in refused.output
+    assert (tmp_path / "part0" / "_manifest.json").exists()
+
     bad = runner.invoke(app, ["stage", "sample", *cfg, *ins, "--out", str(tmp_path / "x"), "--shard", "2/2"])
     assert bad.exit_code == 2 and "0 <= i < n" in " ".join(bad.output.split())
     bad = runner.invoke(app, ["stage", "prepare", *cfg, "--out", str(tmp_path / "y"), "--shard", "0/2"])
@@ -103,3 +111,51 @@ def storage_rows(path):
     from arborl.components import storage
 
     return storage.read_parquet(str(path)).to_pylist()
+
+
+def _finished(path: Path, stage: str) -> str:
+    """A finished stage output at `path`: one data file and its manifest."""
+    from arborl.components import storage
+
+    (path).mkdir(parents=True)
+    (path / "data.parquet").write_bytes(b"precious")
+    storage.write_manifest(str(path), stage=stage, inputs={}, config_hash="h", outputs={}, metrics={}, started=0.0)
+    return str(path)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_stage_refuses_an_existing_file_as_its_output_and_keeps_it(tmp_path):
+    nodes, world = _finished(tmp_path / "sample", "sample"), _finished(tmp_path / "prepare", "prepare")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    before = _files(tmp_path)
+    res = runner.invoke(app, ["stage", "verify", "--config", MICRO, "--in", f"nodes={nodes}", "--in",
+                              f"world={world}", "--out", str(notes)])
+    assert res.exit_code == 2, res.output
+    assert f"output refused: stage 'verify' will not write its output to {notes}: it is an existing file" in res.output
+    assert "Nothing was deleted" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert _files(tmp_path) == before
+
+
+def test_stage_refuses_its_input_as_its_output_and_keeps_it(tmp_path):
+    nodes, world = _finished(tmp_path / "sample", "sample"), _finished(tmp_path / "prepare", "prepare")
+    before = _files(tmp_path)
+    res = runner.invoke(app, ["stage", "verify", "--config", MICRO, "--in", f"nodes={nodes}", "--in",
+                              f"world={world}", "--out", nodes + "/"])
+    assert res.exit_code == 2, res.output
+    assert f"to {nodes}/: it is the stage's input 'nodes' ({nodes})" in res.output
+    assert _files(tmp_path) == before
+
+
+def test_run_name_cannot_lead_out_of_the_output_root(tmp_path):
+    root = tmp_path / "a" / "b"
+    res = runner.invoke(app, ["run", "--config", MICRO, f"run.output_root={root}", "run.name=../../escaped",
+                              "run.iterations=0", "tracking.enabled=false"])
+    assert res.exit_code == 2, res.output
+    flat = " ".join(res.output.split())
+    assert "run.name" in flat and "'../../escaped'" in flat
+    assert not (tmp_path / "escaped").exists() and not root.exists()

@@ -1,17 +1,29 @@
-"""components.training.checkpoint: atomic round trips, RNG streams, half and corrupt checkpoints ignored."""
+"""components.training.checkpoint: atomic round trips, RNG streams, half and corrupt checkpoints ignored, and no
+checkpoint or optimizer file can run code when loaded."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import json
 import logging
+import pickle
 import random
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 
+from arborl.components import storage
+from arborl.components.stages.train import OPTIMIZER_FILE, _carry_optimizer_state
+from arborl.components.storage import ArtifactError
 from arborl.components.training.checkpoint import (
+    LEGACY_FILE,
     META_FILE,
     STATE_FILE,
+    TENSORS_FILE,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -101,3 +113,123 @@ def test_keeps_the_newest_complete_checkpoints(tmp_path):
         save_checkpoint(root, step, model=model, optimizer=opt, keep=2)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000003", "step-00000004"]
     assert not list((tmp_path / "ckpt").rglob(".tmp-*"))  # atomic writes leave no temporaries
+
+
+# --- nothing in a checkpoint or optimizer file runs code ------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs `exec`, which writes the marker file: proof that a loader executed the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _pickle_bytes(marker) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"step": 5, "model": _Payload(marker)}, buffer)  # the older layout: torch.save of everything
+    return buffer.getvalue()
+
+
+def _digest(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _refused(root: str, uri: str, fingerprint: str, caplog) -> tuple[str, str]:
+    """The warning of `latest_checkpoint` and the error of `load_checkpoint` for the planted `uri`."""
+    model, opt, sched = _model_and_opt()
+    with caplog.at_level(logging.WARNING, logger="arborl.components.training.checkpoint"):
+        assert latest_checkpoint(root, fingerprint) is None
+    warning = caplog.text
+    with pytest.raises(ArtifactError) as err:
+        load_checkpoint(uri, model=model, optimizer=opt, scheduler=sched, fingerprint=fingerprint)
+    return warning, str(err.value)
+
+
+def test_planted_pickle_in_the_old_layout_is_never_loaded(tmp_path, caplog):
+    root, marker = str(tmp_path / "ckpt"), tmp_path / "marker"
+    uri = step_dir(root, 5)
+    data = _pickle_bytes(marker)
+    storage.write_bytes(storage.join(uri, LEGACY_FILE), data)
+    storage.write_json(storage.join(uri, META_FILE), {"step": 5, "fingerprint": "f", **_digest(data)})
+    warning, error = _refused(root, uri, "f", caplog)
+    assert storage.join(uri, LEGACY_FILE) in warning and "pickled" in warning
+    assert uri in error
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("planted", [TENSORS_FILE, STATE_FILE])
+def test_planted_pickle_under_the_checkpoint_file_names_is_never_loaded(tmp_path, caplog, planted):
+    root, marker = str(tmp_path / "ckpt"), tmp_path / "marker"
+    model, opt, _ = _model_and_opt()
+    uri = save_checkpoint(root, 5, model=model, optimizer=opt, fingerprint="f")
+    data = _pickle_bytes(marker) if planted == TENSORS_FILE else pickle.dumps({"step": _Payload(marker)})
+    storage.write_bytes(storage.join(uri, planted), data)
+    meta = storage.read_json(storage.join(uri, META_FILE))
+    meta["files"][planted] = _digest(data)  # digests an attacker can compute: they match
+    storage.write_json(storage.join(uri, META_FILE), meta)
+    warning, error = _refused(root, uri, "f", caplog)
+    assert storage.join(uri, planted) in warning
+    assert "not a safetensors file" in warning if planted == TENSORS_FILE else "not JSON" in warning
+    assert uri in error
+    assert not marker.exists()
+
+
+def test_state_is_stored_as_safetensors_and_json_only(tmp_path):
+    root = str(tmp_path / "ckpt")
+    model, opt, sched = _model_and_opt()
+    _step(model, opt, sched)
+    uri = save_checkpoint(root, 1, model=model, optimizer=opt, scheduler=sched, extra={"history": {"loss": [0.5]}})
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step-00000001").iterdir()) == [
+        META_FILE, STATE_FILE, TENSORS_FILE]
+    tensors = load_file(str(tmp_path / "ckpt" / "step-00000001" / TENSORS_FILE))
+    assert torch.equal(tensors["model/0.weight"], model[0].weight)
+    assert torch.equal(tensors["optimizer/state/0/exp_avg"], opt.state[model[0].weight]["exp_avg"])
+    assert tensors["rng/torch"].dtype == torch.uint8
+    state = json.loads((tmp_path / "ckpt" / "step-00000001" / STATE_FILE).read_text())
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-2
+    assert state["rng"]["python"]["__tuple__"][0] == 3
+    assert state["extra"] == {"history": {"loss": [0.5]}}
+    meta = storage.read_json(storage.join(uri, META_FILE))
+    assert set(meta["files"]) == {TENSORS_FILE, STATE_FILE} and meta["step"] == 1
+
+
+def test_tied_weights_are_stored_once_and_restored_to_both_names(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    uri = save_checkpoint(str(tmp_path / "ckpt"), 1, model=model, optimizer=opt)
+    assert set(load_file(str(tmp_path / "ckpt" / "step-00000001" / TENSORS_FILE))) == {"model/0.weight", "rng/torch"}
+    fresh = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    fresh[1].weight = fresh[0].weight
+    load_checkpoint(uri, model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_unstorable_extra_is_refused_when_saving(tmp_path):
+    model, opt, _ = _model_and_opt()
+    with pytest.raises(TypeError, match="extra/hook"):
+        save_checkpoint(str(tmp_path / "ckpt"), 1, model=model, optimizer=opt, extra={"hook": print})
+
+
+def test_planted_pickle_as_optimizer_state_is_refused(tmp_path):
+    marker, model_dir = tmp_path / "marker", tmp_path / "model"
+    model, opt, sched = _model_and_opt()
+    _step(model, opt, sched)
+    storage.write_bytes(str(model_dir / OPTIMIZER_FILE), _pickle_bytes(marker))
+    with pytest.raises(ArtifactError) as err:
+        _carry_optimizer_state(opt, str(model_dir), 0.5, "cpu")
+    assert str(model_dir / OPTIMIZER_FILE) in str(err.value) and "exec" in str(err.value)
+    assert not marker.exists()
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # what a train stage writes: loads with weights_only
+    storage.write_bytes(str(model_dir / OPTIMIZER_FILE), buffer.getvalue())
+    fresh, fresh_opt, _ = _model_and_opt(seed=3)
+    _carry_optimizer_state(fresh_opt, str(model_dir), 0.5, "cpu")
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
+    assert fresh_opt.param_groups[0]["lr"] == 0.5

@@ -1,0 +1,64 @@
+"""components.registry against a real SQLite MLflow store: one version per run, the model kept in the run's
+own experiment and artifact location, nothing written to the working directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from arborl.components import storage
+from arborl.components.config import Config
+from arborl.components.models import save_policy
+from arborl.components.registry import CHALLENGER, register_final_model, run_versions
+from arborl.components.tracking import Tracker
+
+
+@pytest.fixture
+def tracked_run(tmp_path, tokenizer, tiny_model, monkeypatch):
+    """A run of a fresh store under tmp_path/runs, a saved tiny model, and an empty working directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = Config(run={"output_root": str(tmp_path / "runs"), "name": "reg"}, registry={"model_name": "reg-model"},
+                 tracking={"experiment": "reg-experiment"})
+    root = storage.join(cfg.run.output_root, cfg.run.name)
+    tracker = Tracker(cfg, root)
+    model_dir = str(tmp_path / "model")
+    save_policy(tiny_model, tokenizer, model_dir)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    return cfg, tracker.run_id, model_dir, client, cwd
+
+
+def test_registering_twice_for_one_run_gives_one_version(tracked_run):
+    cfg, run_id, model_dir, client, _ = tracked_run
+    first = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5})
+    # a rerun (resumed run, or a crash after registering): the same version comes back, no new one is made
+    client.delete_registered_model_alias(cfg.registry.model_name, CHALLENGER)
+    again = register_final_model(cfg, run_id, model_dir, {"test_em": 0.75})
+    assert first == again == "1"
+    versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert [str(v.version) for v in run_versions(client, cfg.registry.model_name, run_id)] == ["1"]
+    assert str(client.get_model_version_by_alias(cfg.registry.model_name, CHALLENGER).version) == "1"
+    assert client.get_model_version(cfg.registry.model_name, "1").tags["eval.test_em"] == "0.75"
+    # a second run of the same model name gets its own version
+    other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    assert register_final_model(cfg, other, model_dir, {"test_em": 0.5}) == "2"
+
+
+def test_the_model_stays_in_the_runs_experiment_and_nothing_lands_in_the_working_directory(tracked_run, tmp_path):
+    cfg, run_id, model_dir, client, cwd = tracked_run
+    version = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5})
+    mv = client.get_model_version(cfg.registry.model_name, version)
+    logged = client.get_logged_model(mv.model_id or mv.source.split("/")[-1])
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert logged.experiment_id == experiment.experiment_id == client.get_run(run_id).info.experiment_id
+    assert logged.source_run_id == run_id
+    location = Path(storage.filesystem(logged.artifact_location)[1])
+    assert location.is_relative_to((tmp_path / "runs").resolve()), location
+    assert (location / "model" / "model.safetensors").exists()
+    assert not (cwd / "mlruns").exists() and not (cwd / "mlflow.db").exists()
+    assert list(cwd.iterdir()) == []
