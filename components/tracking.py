@@ -24,6 +24,7 @@ from arborl.components import storage
 from arborl.components.config import Config
 
 RUN_ID_FILE = "_mlflow_run.json"
+RUN_ROOT_TAG = "arborl.run_root"  # on every MLflow run: the output directory it tracks
 HEALTH_TIMEOUT_S = 5.0  # connect and read timeout of the tracking server's health check (one try)
 
 
@@ -142,10 +143,21 @@ class Tracker:
                     self.client.update_run(previous, status="RUNNING")
             except Exception:  # the tracking store was reset: start a fresh run
                 self.run_id = None
+        if self.run_id is None and "'" not in run_root:
+            # a run created just before a crash, whose id never reached the marker (a finished run is never adopted)
+            found = self.client.search_runs(
+                [exp_id], filter_string=f"tags.`{RUN_ROOT_TAG}` = '{run_root}' and attributes.status != 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                self.run_id, self.resumed = found[0].info.run_id, True
+                self.client.update_run(self.run_id, status="RUNNING")
+                storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
         if self.run_id is None:
-            run = self.client.create_run(exp_id, run_name=cfg.run.name, tags={"arborl.config_hash": cfg.section_hash()})
+            run = self.client.create_run(exp_id, run_name=cfg.run.name,
+                                         tags={"arborl.config_hash": cfg.section_hash(), RUN_ROOT_TAG: run_root})
             self.run_id = run.info.run_id
             storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
+        if not self.client.get_run(self.run_id).data.params:  # new, or created but killed before its params
             params = flatten(cfg.model_dump(mode="json"))
             from mlflow.entities import Param
 
