@@ -343,9 +343,18 @@ def compare(
 
     cfg = _load(config, overrides)
     _prefect_env()
+    from arborl.components.run_lock import LockHeld
+    from arborl.components.tracking import TrackingUnavailable
     from arborl.flows.compare import compare_pipeline, rows
 
-    result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
+    try:
+        result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
+    except LockHeld as exc:  # one of the method runs is being written by another command
+        console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
+    except TrackingUnavailable as exc:
+        console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     table = Table(title="final test EM (greedy), mean and 95% t-interval over seeds")
     for col in ("method", "test EM [95% CI]", "per seed", "generated tokens / prompt"):
         table.add_column(col)
