@@ -13,6 +13,7 @@ from arborl.components.config import Config, config_from_dict
 from arborl.components.stages import verify
 from arborl.components.stages.base import run_stage
 from arborl.components.stages.sample import shard_out
+from tests.components.test_storage import Body  # a stage body that counts its calls
 
 WHERE = ["local", "s3"]
 
@@ -135,19 +136,6 @@ def test_output_of_another_stage_is_refused_and_kept(root, file):
 
 
 # --- its own earlier output: rerun over it ------------------------------------------------------------
-
-
-class Body:
-    """A stage body that counts its calls and writes one file under `out`."""
-
-    def __init__(self, out: str):
-        self.out = out
-        self.calls = 0
-
-    def __call__(self):
-        self.calls += 1
-        storage.write_json(storage.join(self.out, "data.json"), {"call": self.calls})
-        return {"data": storage.join(self.out, "data.json")}, {}
 
 
 def names(uri: str) -> list[str]:
