@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arborl.components.advantages.registry import check_training, describe_estimators, get_estimator
+from arborl.components.envs.protocol import SEARCH_R1_TEMPLATE
+from arborl.components.verification.rewards import describe_rewards, resolve_reward
 
 
 class Strict(BaseModel):
@@ -37,6 +39,16 @@ class RunConfig(Strict):
         None,
         description="Root URI of an earlier run with the same world/model/warmstart settings and seed: reuse its "
         "prepare and warm-start outputs (checked by their manifests) instead of running them; null runs them.",
+    )
+    keep_iterations: int | None = Field(
+        None, ge=1,
+        description="Keep the model directories of the last K RL iterations (plus the warm-start model, every "
+        "registered model and the LoRA base of a kept one); after each iteration the weights of older iterations "
+        "are deleted, their manifests stay marked `pruned` (a rerun skips them, a reader gets an error naming "
+        "them). With K set, the training state (optimizer.pt: Adam moments and full-precision master weights) "
+        "is kept for the newest iteration only, which is all a resumed run needs; a rerun that retrains an older "
+        "iteration (other train settings) then starts it with fresh moments from its saved weights. null keeps "
+        "everything.",
     )
 
     @field_validator("name")
@@ -66,7 +78,6 @@ class WorldConfig(Strict):
     num_train: int = Field(4000, ge=1, description="Training questions (demonstrations and RL prompts).")
     num_val: int = Field(100, ge=1, description="Fixed validation questions.")
     num_test: int = Field(300, ge=1, description="Fixed test questions (held-out people only).")
-    search_top_k: int = Field(3, ge=1, description="Documents returned by the search tool.")
 
     @field_validator("hop_mix", mode="before")
     @classmethod
@@ -84,8 +95,72 @@ class WorldConfig(Strict):
         return self
 
 
+class DataConfig(Strict):
+    source: Literal["synthetic", "parquet"] = Field(
+        "synthetic", description="Where the prompts come from: synthetic (questions of the world built from "
+        "`world`) or parquet (verl / Search-R1 Parquet files, read unchanged).",
+    )
+    train_files: list[str] = Field(
+        default_factory=list, description="parquet: training files (local paths or s3:// URIs), verl naming."
+    )
+    val_files: list[str] = Field(default_factory=list, description="parquet: validation files; may be empty.")
+    test_files: list[str] = Field(default_factory=list, description="parquet: test files.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="parquet: unusable rows (no user message, no ground truth, wrong types, duplicate ids) are "
+        "skipped and listed; the prepare stage fails, naming them, when more than this share of all rows is bad.",
+    )
+    batch_rows: int = Field(4096, ge=1, description="parquet: rows per record batch when streaming a file.")
+
+    @model_validator(mode="after")
+    def _files(self) -> DataConfig:
+        if self.source == "parquet" and not (self.train_files and self.test_files):
+            raise ValueError("data.source=parquet needs non-empty data.train_files and data.test_files")
+        return self
+
+
+class SearchConfig(Strict):
+    backend: Literal["fts", "http"] = Field(
+        "fts", description="Where the search tool looks: fts (an in-process SQLite FTS5 index of the world's facts) "
+        "or http (a retrieval server with Search-R1's API at `url`, e.g. `arborl serve-retriever`).",
+    )
+    url: str | None = Field(
+        None, description="http: base URL of the retrieval server (POST <url>/retrieve), e.g. http://127.0.0.1:8000.",
+    )
+    topk: int = Field(3, ge=1, description="Documents the search tool returns per query.")
+    timeout_s: float = Field(10.0, gt=0, description="http: seconds one request may take.")
+    retries: int = Field(3, ge=0, description="http: further tries of a failed request (connection error, "
+                         "timeout, HTTP 5xx, malformed answer) before its queries get a tool error.")
+    backoff_s: float = Field(0.5, ge=0, description="http: wait before retry i is backoff_s · 2^i seconds.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value is not None else None
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> SearchConfig:
+        if self.backend == "http" and not self.url:
+            raise ValueError("search.backend=http needs search.url (the retrieval server's base URL)")
+        return self
+
+
 class ModelConfig(Strict):
-    path: str | None = Field(None, description="Existing Hugging Face model directory; null builds a tiny Llama.")
+    path: str | None = Field(
+        None, description="A Hugging Face causal-LM directory (local or s3://) with its tokenizer files, e.g. a "
+        "Qwen2.5 or Llama-3.2 checkpoint; null builds a tiny Llama with the synthetic world's word-level tokenizer.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the policy is loaded in for sampling and evaluation (bfloat16 for "
+        "billion-parameter models); training keeps float32 master weights (`train.bf16` autocasts its forward).",
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: prompts go through the tokenizer's own chat template with a generation prompt, "
+        "when it has one; none: the messages' contents are fed as plain text (after BOS, where the tokenizer "
+        "defines one).",
+    )
     hidden_size: int = Field(128, ge=8, description="Hidden size of the tiny Llama.")
     num_layers: int = Field(4, ge=1, description="Transformer layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
@@ -101,6 +176,10 @@ class ModelConfig(Strict):
 
 
 class WarmstartConfig(Strict):
+    enabled: bool = Field(
+        True, description="Supervised warm start on demonstrations of the synthetic world; false starts RL from "
+        "`model.path` as it is (the stage then only saves it as the run's iteration-0 model).",
+    )
     num_demos: int = Field(6000, ge=1, description="Demonstration episodes generated from train questions.")
     steps: int = Field(3000, ge=0, description="Optimizer steps of supervised warm start.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per step.")
@@ -122,12 +201,35 @@ class AgentConfig(Strict):
         "of one tool-free generation, cut at `segment_delimiter` or every `segment_tokens` tokens (math-style data).",
     )
     segment_tokens: int = Field(32, ge=1, description="Segment mode: most generated tokens in one node.")
+    prompt_template: str = Field(
+        SEARCH_R1_TEMPLATE,
+        description="User message built around each synthetic question (`{question}` is replaced by it); the "
+        "default is Search-R1's instruction. Parquet prompts are chat messages already and are used unchanged.",
+    )
+    on_invalid: Literal["continue", "stop"] = Field(
+        "stop",
+        description="A turn that neither searches nor answers: continue answers it with Search-R1's corrective "
+        "observation and goes on (up to max_turns); stop ends the episode there.",
+    )
     segment_delimiter: str | None = Field(
         None,
         description="Segment mode: text of ONE token that also ends a node (kept in it), e.g. '\n\n' (a blank "
         "line) for a BPE tokenizer that has it as one token; null cuts by length only. In segment mode "
         "`max_turns` caps the segments of an episode.",
     )
+
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            value.format(question="q")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"must be a format string whose only field is {{question}} ({exc!r}); write a "
+                             "literal brace as {{ or }}") from None
+        if "{question}" not in value:
+            raise ValueError("must contain {question}")
+        return value
 
 
 class SamplingConfig(Strict):
@@ -183,6 +285,14 @@ class BudgetConfig(Strict):
         "and the sampling bench measure it for a policy (about 0.59 for the trained default policy).",
     )
     max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
+    token_stop: Literal["reach", "nearest"] = Field(
+        "reach",
+        description="tokens_per_prompt: `reach` runs whole rounds until the prompt's generated tokens reach the "
+        "budget (it ends at or over it, by up to one round); `nearest` sizes each round to the budget: it takes the "
+        "round's branch points (chain mode: new chains) in order only while their predicted tokens bring the prompt "
+        "nearer the budget, so a prompt ends within about half an expansion of it, over or under (`arborl compare` "
+        "uses it).",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetConfig:
@@ -197,6 +307,38 @@ class VerifyConfig(Strict):
     wrong_format: float = Field(0.2, description="Reward: wrong answer, valid format.")
     wrong_bad_format: float = Field(0.1, description="Reward: answer present but wrong, invalid format.")
     no_answer: float = Field(0.0, description="Reward: no answer.")
+    reward: dict[str, str] = Field(
+        default_factory=lambda: {"default": "qa_em_format"},
+        description="Outcome reward per data_source; `default` (required) scores every other source. A built-in ("
+        + describe_rewards() + ") or a callable by import path 'package.module:function': TRL's "
+        "fn(prompts, completions, **kwargs) -> list[float] (batched) or verl's compute_score(data_source, "
+        "solution_str, ground_truth, extra_info=None) -> float | dict with 'score' (and 'acc').",
+    )
+    require_think: bool = Field(
+        False, description="Format check (qa_em_format's format scores, evaluation's valid_format): every model "
+        "turn must open with <think>...</think> (Search-R1's variant); a response without it has an invalid format.",
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, description="Seconds one reward call may take (verl and math: per response; TRL: per batch); "
+        "past it the responses get reward 0 with the error.",
+    )
+    correct_threshold: float = Field(
+        1.0, description="A user callable's response counts as correct when its reward >= this (a verl dict's "
+        "'acc' decides instead, when present).",
+    )
+
+    @model_validator(mode="after")
+    def _rewards_resolve(self) -> VerifyConfig:
+        # a model-level error has no key of its own: the message names verify.reward.<source> and the spec
+        if "default" not in self.reward:
+            raise ValueError("verify.reward has no 'default' key: add `default: qa_em_format` (or another reward) "
+                             "for the data sources not listed")
+        for source, spec in self.reward.items():
+            try:
+                resolve_reward(spec)
+            except ValueError as exc:
+                raise ValueError(f"verify.reward.{source}: {exc}") from None
+        return self
 
 
 class AdvantageConfig(Strict):
@@ -250,6 +392,13 @@ class TrainConfig(Strict):
         "train stage (0: never); a rerun of a killed stage resumes from the last one."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept per train stage (oldest removed).")
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the model weights the warm start and each iteration save for sampling, "
+        "evaluation and the registry. When it is narrower than the weights trained, the full-precision master "
+        "weights go into the training state (optimizer.pt) and the next iteration continues from them, so "
+        "training loses no precision across iterations. That state is kept for every iteration unless "
+        "run.keep_iterations is set: bfloat16 saves disk only together with it.",
+    )
     lr: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ε_low: the ratio is clipped below at 1 − ε_low.")
     clip_high: float = Field(
@@ -304,6 +453,10 @@ class TrackingConfig(Strict):
     )
     experiment: str = Field("arborl", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log to MLflow at all.")
+    system_metrics: bool = Field(
+        True, description="Log MLflow system metrics (system/*: CPU, memory, disk, network, GPU) for the run, "
+        "sampled every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).",
+    )
 
 
 class StorageConfig(Strict):
@@ -335,6 +488,8 @@ class RegistryConfig(Strict):
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     world: WorldConfig = Field(default_factory=WorldConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmstart: WarmstartConfig = Field(default_factory=WarmstartConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
@@ -353,6 +508,26 @@ class Config(Strict):
     def _estimator_fits_training(self) -> Config:
         # a model-level error has no key of its own: the message names advantage.estimator and the train key
         check_training(self.advantage.estimator, self.train.form, self.train.loss_aggregation)
+        return self
+
+    @model_validator(mode="after")
+    def _start_model(self) -> Config:
+        if not self.warmstart.enabled and self.model.path is None:
+            raise ValueError("warmstart.enabled is false but model.path is null: without a warm start RL starts "
+                             "from model.path, so set it (or set warmstart.enabled: true)")
+        return self
+
+    @model_validator(mode="after")
+    def _parquet_needs_its_own_model_and_retriever(self) -> Config:
+        # Parquet prompts come without the synthetic world: no facts to search in-process, no demonstrations
+        if self.data.source == "parquet":
+            if self.search.backend != "http":
+                raise ValueError("data.source is 'parquet' but search.backend is 'fts': Parquet data has no "
+                                 "in-process corpus; set search.backend: http and search.url (e.g. a server "
+                                 "started with `arborl serve-retriever`)")
+            if self.warmstart.enabled:
+                raise ValueError("data.source is 'parquet' but warmstart.enabled is true: the warm start "
+                                 "demonstrates the synthetic world only; set warmstart.enabled: false and model.path")
         return self
 
     def section_hash(self, *sections: str, **params: Any) -> str:

@@ -6,8 +6,8 @@
 * `gate`: the promotion decision as a pure function of two per-question score arrays.
 * `promote`: evaluates `challenger` and the current `champion` (or, for the first model, the run's
   warm-start model) on the same questions with the same seed, runs the gate, writes the decision to the
-  challenger version's tags and moves `champion` only on success. A failed or incomplete evaluation
-  never promotes.
+  challenger version's tags (`gate.*`, also who was champion before and after) and its description (one
+  sentence), and moves `champion` only on success. A failed or incomplete evaluation never promotes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,18 +132,21 @@ def run_versions(client, name: str, run_id: str) -> list:
 
 
 @contextlib.contextmanager
-def _fluent_uri(cfg: Config):
-    """Point MLflow's process-global (fluent) API at this run's store for the block, then restore it:
-    the transformers flavor's log_model and artifact downloads go through it, and mlflow.set_tracking_uri
-    also writes $MLFLOW_TRACKING_URI, which would leak into later runs of the same process."""
+def _fluent_uri(cfg: Config, experiment_id: str | None = None):
+    """Point MLflow's process-global (fluent) API at this run's store (and, given, its experiment, through
+    $MLFLOW_EXPERIMENT_ID) for the block, then restore it: the transformers flavor's log_model and artifact
+    downloads go through it, and mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI, which would leak into
+    later runs of the same process."""
     import mlflow
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
     saved_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
         yield
     finally:
@@ -185,10 +189,10 @@ def register_final_model(
         # MLflow 3.17's local-checkpoint path (transformers_model=<dir>) fails on transformers 5 (its
         # pipeline registry stores class paths as strings), so the model is loaded once and logged as
         # components; the flavor then writes it with save_pretrained.
-        model, tokenizer = load_policy(model_uri, "cpu", cfg.storage.cache_max_gb)
+        model, tokenizer = load_policy(model_uri, "cpu", cfg.storage.cache_max_gb, cfg.model.dtype)
         experiment_id = client.get_run(run_id).info.experiment_id
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
-        with _fluent_uri(cfg):
+        with _fluent_uri(cfg, experiment_id):
             info = mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
                 name="model",
@@ -246,6 +250,20 @@ class Promotion:
     champion_before: str | None
     champion_after: str | None
     out: str | None
+
+    def description(self, split: str = "") -> str:
+        """The decision in one sentence with its numbers (the registered version's description)."""
+        d = self.decision
+        if d.decision == INCOMPLETE:
+            return f"Not promoted: the gate against the {self.baseline} was incomplete ({d.reason})."
+        questions = f"{d.n} {split} questions".replace("  ", " ")
+        numbers = (f"{d.metric} {d.challenger:.3f} vs {d.baseline:.3f} for the {self.baseline} on {questions}, "
+                   f"paired improvement {d.delta:+.3f} with 95% interval [{d.ci_low:+.3f}, {d.ci_high:+.3f}]")
+        if d.promoted:
+            return f"Promoted to {CHAMPION}: {numbers}, lower bound above the margin {d.margin:g}."
+        why = "no improvement" if d.delta <= 0 else f"lower bound not above the margin {d.margin:g}"
+        stays = f"{CHAMPION} stays v{self.champion_after}" if self.champion_after else f"no {CHAMPION} yet"
+        return f"Not promoted ({stays}): {numbers}, {why}."
 
     def markdown(self) -> str:
         d = self.decision
@@ -331,13 +349,17 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
                 schemas.write(rows, schemas.EVAL, storage.join(out, f"{role}_{schemas.EVAL_FILE}"))
         storage.write_json(storage.join(out, DECISION_FILE),
                            {**asdict(decision), "baseline": baseline_label, "split": split})
-    for k, v in {**decision.tags(), "gate.baseline_model": baseline_label, "gate.split": split}.items():
+    champion_after = challenger_version if decision.promoted else champion_version
+    result = Promotion(decision, name, challenger_version, baseline_label, champion_version, champion_after, out)
+    # who was champion when: before and after this gate, and when it decided (for `arborl report`)
+    history = {"gate.champion_before": champion_version or "-", "gate.champion_after": champion_after or "-",
+               "gate.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for k, v in {**decision.tags(), "gate.baseline_model": baseline_label, "gate.split": split, **history}.items():
         client.set_model_version_tag(name, challenger_version, k, v)
-    champion_after = champion_version
+    client.update_model_version(name, challenger_version, description=result.description(split))
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, challenger_version)
-        champion_after = challenger_version
-    return Promotion(decision, name, challenger_version, baseline_label, champion_version, champion_after, out)
+    return result
 
 
 def version_tags(cfg: Config, version: str) -> dict[str, Any]:

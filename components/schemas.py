@@ -41,11 +41,15 @@ PROMPTS = _schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("data_source", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("ground_truth", pa.list_(pa.string()), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the text of the last user message
+        pa.field("messages", pa.string(), nullable=False),  # JSON [{"role", "content"}]: the chat fed to the model
+        pa.field("ability", pa.string(), nullable=False),
+        pa.field("reward_model", pa.string(), nullable=False),  # JSON {"style", "ground_truth"} as in the source
+        pa.field("ground_truth", pa.list_(pa.string()), nullable=False),  # the targets
         pa.field("split", pa.string(), nullable=False),
-        pa.field("extra_info", pa.string(), nullable=False),  # JSON: hops, subject, relation path, gold chain
+        pa.field("extra_info", pa.string(), nullable=False),  # JSON; synthetic: hops, subject, relation path, chain
     ],
+    version="2",  # 2: chat messages, ability and reward_model of verl / Search-R1 Parquet rows
 )
 
 NODES_FILE = "nodes.parquet"

@@ -9,13 +9,19 @@ directory. Without it an unreachable server shows only after MLflow's own retrie
 `MLFLOW_HTTP_REQUEST_MAX_RETRIES=7` and `MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2`, about four and a half minutes).
 Those retries still apply to a server lost in the middle of a run, so that a short restart does not fail it;
 lower those variables to fail sooner.
+
+Links: `run_url` / `model_version_url` give MLflow UI addresses when tracking is an http(s) server (else the
+`runs:/` or `models:/` URI); `git_commit` names the code a run was made with. `Tracker.log_datasets` records
+the prompts as MLflow dataset inputs, `Tracker.start_system_metrics` MLflow's `system/*` metrics.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,6 +106,46 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def _is_http(uri: str | None) -> bool:
+    return bool(uri) and urlsplit(uri).scheme.lower() in ("http", "https")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI of the http(s) tracking server `uri`, else `runs:/<run_id>`."""
+    if _is_http(uri):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def model_version_url(uri: str, name: str, version: str) -> str:
+    """A registered version's page in the MLflow UI of the http(s) server `uri`, else `models:/<name>/<version>`."""
+    if _is_http(uri):
+        return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}"
+    return f"models:/{name}/{version}"
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """`git rev-parse HEAD` of the working directory, or None (not a git repository, no git, any error)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def _dataset_source(uri: str):
+    """MLflow's dataset source for a file URI (a local path, made absolute; s3://, ...)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if storage.is_local(uri):
+        uri = str(Path(storage.filesystem(uri)[1]).resolve())
+    with warnings.catch_warnings():  # a URI several registered sources accept: MLflow picks one and warns
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(uri)
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -118,12 +164,17 @@ class Tracker:
         self.enabled = cfg.tracking.enabled
         self.run_id: str | None = None
         self.resumed = False
+        self.uri: str | None = None
+        self.experiment_id: str | None = None
+        self._system_metrics: bool = cfg.tracking.system_metrics
+        self._monitor: Any = None
         if not self.enabled:
             return
         from mlflow import MlflowClient
 
         uri = tracking_uri(cfg)
         check_tracking_uri(uri)
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
@@ -157,6 +208,7 @@ class Tracker:
                                          tags={"arborl.config_hash": cfg.section_hash(), RUN_ROOT_TAG: run_root})
             self.run_id = run.info.run_id
             storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
+        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         if not self.client.get_run(self.run_id).data.params:  # new, or created but killed before its params
             params = flatten(cfg.model_dump(mode="json"))
             from mlflow.entities import Param
@@ -202,6 +254,52 @@ class Tracker:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, str(v))
 
+    @property
+    def url(self) -> str | None:
+        """The run's MLflow UI address (http tracking) or `runs:/<id>`; None with tracking off."""
+        return run_url(self.uri, self.experiment_id, self.run_id) if self.enabled else None
+
+    def log_datasets(self, source_uri: str, frames: dict[str, Any], name: str = "prompts") -> list[str]:
+        """Record pandas frames read from the file `source_uri` as the run's dataset inputs, one per context
+        (`{"train": df, ...}` → dataset `<name>-train` with context `train`), with their digests. A dataset
+        already recorded with the same name, digest and context (a resumed run) is not added again. Returns
+        the contexts logged."""
+        if not self.enabled:
+            return []
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        source = _dataset_source(source_uri)
+        have = {(d.dataset.name, d.dataset.digest, tuple(sorted((t.key, t.value) for t in d.tags)))
+                for d in self.client.get_run(self.run_id).inputs.dataset_inputs}
+        inputs, logged = [], []
+        for context, frame in frames.items():
+            with warnings.catch_warnings():  # pandas deprecation notices from MLflow's digest code
+                warnings.simplefilter("ignore")
+                dataset = mlflow.data.from_pandas(frame, source=source, name=f"{name}-{context}")._to_mlflow_entity()
+            if (dataset.name, dataset.digest, ((MLFLOW_DATASET_CONTEXT, context),)) in have:
+                continue
+            inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+            logged.append(context)
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        return logged
+
+    def start_system_metrics(self) -> None:
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network, GPU) sampled by a
+        background thread until `finish` (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).
+        Does nothing with `tracking.system_metrics: false` or tracking off; a resumed run continues the steps."""
+        if not (self.enabled and self._system_metrics) or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=self.uri)
+        self._monitor.start()
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)

@@ -107,11 +107,13 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
     from arborl.components.storage import ArtifactError
+    from arborl.flows.logs import console_logging
     from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
     from arborl.flows.progress import RichReporter, set_reporter
 
     reporter = RichReporter(console)
     set_reporter(reporter)
+    ctx.with_resource(console_logging(console))  # stage lines above the progress bars
     try:
         from arborl.components.config import DEFAULT_CONFIG
 
@@ -239,6 +241,54 @@ def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str
     sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command("serve-retriever")
+def serve_retriever(
+    corpus: str = typer.Option(..., "--corpus", help='JSONL corpus: one {"id": ..., "contents": ...} object a line.'),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port; 0 picks a free one (printed)."),
+    topk: int = typer.Option(3, "--topk", min=1, help="Documents per query when a request names no topk."),
+) -> None:
+    """Serve a corpus with Search-R1's retrieval-server API (POST /retrieve, GET /health), ranked like the
+    in-process search tool (search.backend=http, search.url=http://HOST:PORT)."""
+    from arborl.components.envs.retrieval_server import CorpusError, bind, build_app, load_corpus, serve
+
+    try:
+        docs = load_corpus(corpus)
+    except (CorpusError, FileNotFoundError) as exc:
+        console.print(f"[red]serve-retriever:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        console.print(f"[red]serve-retriever: cannot listen on {escape(host)}:{port}:[/red] {escape(str(exc))}",
+                      soft_wrap=True)
+        raise typer.Exit(1) from None
+    shown = f"[{host}]" if ":" in host else host
+    sys.stdout.write(f"serving {len(docs.contents)} documents on http://{shown}:{sock.getsockname()[1]}\n")
+    sys.stdout.flush()
+    serve(build_app(docs, topk), sock)
+
+
+@app.command("export-corpus")
+def export_corpus(
+    world: str = typer.Option(..., "--world", help="Output directory of a prepare stage (holds facts.parquet)."),
+    out: str = typer.Option(..., "--out", help="Corpus file to write (JSONL, local path or URI)."),
+) -> None:
+    """Write the synthetic world's facts as a Search-R1 corpus for `arborl serve-retriever`."""
+    from arborl.components.envs.corpus import export_corpus as write
+    from arborl.components.storage import ArtifactError
+
+    try:
+        count = write(world, out)
+    except ArtifactError as exc:
+        console.print(f"[red]export-corpus: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as exc:
+        console.print(f"[red]export-corpus failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"wrote {count} documents to {escape(out)}", soft_wrap=True)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
 
@@ -332,42 +382,78 @@ def promote(
 
 
 @app.command()
+def report(
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """The registered versions of `registry.model_name`: when each was made and by which run, its gate decision
+    and numbers, and who was champion before and after it (read from the tags the promotion sets)."""
+    cfg = _load(config, overrides)
+    _check_tracking(cfg)
+    from arborl.flows.report import registry_rows, rich_table
+
+    rows = registry_rows(cfg)
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    name = cfg.registry.model_name
+    if not rows:
+        console.print(f"registered model {escape(name)!r} has no versions yet")
+        return
+    console.print(rich_table(name, rows))
+    for row in rows:
+        if row["description"]:
+            console.print(f"v{row['version']}: {escape(row['description'])}", soft_wrap=True)
+
+
+@app.command()
 def compare(
     config: Optional[Path] = ConfigOpt,
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (run.seed, run.seed+1, ...)."),
+    budgets: Optional[str] = typer.Option(
+        None, "--budgets", help="Sweep: budgets in chain equivalents per prompt, e.g. 2,4,8; each becomes the same "
+        "generated-token budget per prompt for both methods (default: the config's one budget)."),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
-    """Tree-GRPO vs GRPO at equal generation budget over several seeds: final test EM with confidence
-    intervals and EM-vs-generated-tokens curves (terminal table, compare.json, MLflow plot)."""
+    """Tree-GRPO vs GRPO at an equal generated-token budget per prompt over several seeds (and budgets): final test
+    EM with paired intervals, what each method spent, and its signal (terminal tables, compare.json, MLflow plots)."""
     from rich.table import Table
 
+    from arborl.components.evaluation.compare import parse_budgets
+
+    try:
+        sweep = parse_budgets(budgets) if budgets is not None else None
+    except ValueError as exc:
+        console.print(f"[red]--budgets: {exc}[/red]")
+        raise typer.Exit(2) from None
     cfg = _load(config, overrides)
     _prefect_env()
     from arborl.components.run_lock import LockHeld
     from arborl.components.tracking import TrackingUnavailable
-    from arborl.flows.compare import compare_pipeline, rows
+    from arborl.flows.compare import METHOD_COLUMNS, SWEEP_COLUMNS, compare_pipeline, rows, sweep_rows
 
     try:
-        result = compare_pipeline(cfg.model_dump(mode="json"), seeds)
+        result = compare_pipeline(cfg.model_dump(mode="json"), seeds, sweep)
     except LockHeld as exc:  # one of the method runs is being written by another command
         console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(LOCKED_EXIT) from None
     except TrackingUnavailable as exc:
         console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
-    table = Table(title="final test EM (greedy), mean and 95% t-interval over seeds")
-    for col in ("method", "test EM [95% CI]", "per seed", "generated tokens / prompt"):
-        table.add_column(col)
-    for row in rows(result):
-        table.add_row(*row)
-    console.print(table)
-    curve = Table(title="test EM vs cumulative generated tokens (seed mean)")
-    for col in ("method", "iteration", "generated tokens", "test EM"):
-        curve.add_column(col)
-    for method, data in result["methods"].items():
-        for p in data["curve"]:
-            curve.add_row(method, str(p["iteration"]), f"{p['generated_tokens']:.0f}", f"{p['test_em']:.3f}")
-    console.print(curve)
+    for entry, row in zip(result["budgets"], sweep_rows(result), strict=True):
+        table = Table(title=f"{row[0]}: final test EM (greedy), mean and 95% t-interval over seeds")
+        for col in METHOD_COLUMNS:
+            table.add_column(col)
+        for method_row in rows(entry):
+            table.add_row(*method_row)
+        console.print(table)
+    sweep_table = Table(title="Tree-GRPO vs GRPO at equal generated tokens per prompt (seed means)")
+    for col in SWEEP_COLUMNS:
+        sweep_table.add_column(col)
+    for row in sweep_rows(result):
+        sweep_table.add_row(*row)
+    console.print(sweep_table)
     console.print(result["budget_rule"])
     console.print(f"compare.json: {result['out']}   MLflow run: {result['mlflow_run_id']}")
 

@@ -1,6 +1,7 @@
-"""`arborl compare`: the default task with Tree-GRPO and with GRPO at equal generation budget, over several
-seeds — one `train_pipeline` subflow per method and seed, each with its own run name — then compare.json,
-an MLflow run with the EM-vs-generated-tokens plot, and a Prefect markdown table."""
+"""`arborl compare`: Tree-GRPO and GRPO at an equal generated-token budget per prompt, over seeds and a sweep of
+budgets — per seed one `train_pipeline` subflow that makes the world and warm start (`<name>-base-s<seed>`), then
+one per budget and method — then compare.json, an MLflow run with the sweep's plots, and a Prefect markdown table.
+The budget rule and the statistics are in components/evaluation/compare.py."""
 
 from __future__ import annotations
 
@@ -9,29 +10,79 @@ from pathlib import Path
 
 from prefect import flow
 
-from arborl.components import storage
+from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.evaluation.compare import METHODS, aggregate, budget_rule, method_config, plot_curves
+from arborl.components.evaluation.compare import (
+    METHODS,
+    RunRecord,
+    base_config,
+    budget_rule,
+    chain_tokens,
+    compare_budget,
+    method_config,
+    plot_budgets,
+    plot_curves,
+    run_name,
+    sweep,
+    sweep_table,
+    token_budget,
+)
+from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.tracking import tracking_uri
-from arborl.flows.pipeline import train_pipeline
+from arborl.flows.pipeline import iteration_dir, train_pipeline
+
+
+def _root(cfg: Config) -> str:
+    return storage.child(cfg.run.output_root, cfg.run.name)
+
+
+def _manifest(out: str) -> dict:
+    manifest = storage.read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"{out}: no finished stage output (no manifest)")
+    return manifest
+
+
+def _record(cfg: Config, summary: dict) -> RunRecord:
+    """Read back what one finished run left: its sample and label manifests and prompt stats per iteration, and
+    its final evaluation's greedy test EM per question."""
+    root = _root(cfg)
+    rec = RunRecord(cfg.run.seed, summary, cfg)
+    for it in range(1, summary["iterations"] + 1):
+        sample = _manifest(storage.child(iteration_dir(root, it), "sample"))
+        rec.sample.append(sample["metrics"])
+        rec.prompt_stats.append(storage.read_json(sample["outputs"]["prompt_stats"]))
+        rec.label.append(_manifest(storage.child(iteration_dir(root, it), "label"))["metrics"])
+    last = summary["final_iteration_evaluated"]
+    out = storage.child(root, "warmstart_eval") if last == 0 else storage.child(iteration_dir(root, last), "eval")
+    rows = schemas.read(_manifest(out)["outputs"]["eval"], schemas.EVAL).to_pylist()
+    rec.test_em = question_scores(rows, "em", split="test")
+    return rec
 
 
 @flow(name="arborl-compare")
-def compare_pipeline(config: dict, seeds: int = 3) -> dict:
-    """Run every method × seed and return the comparison (also written to <output_root>/<name>-compare/)."""
+def compare_pipeline(config: dict, seeds: int = 3, budgets: list[float] | None = None) -> dict:
+    """Run every seed × budget × method and return the comparison (also written to <output_root>/<name>-compare/).
+
+    `budgets`: chain equivalents per prompt (None: the config's one budget, see `compare.sweep`)."""
     cfg = Config.model_validate(config)
-    runs: dict[str, list] = {m: [] for m in METHODS}
-    for seed in range(seeds):
-        first_root = None  # the methods of one seed share its world and warm start
-        for method in METHODS:
-            run_cfg = method_config(cfg, method, cfg.run.seed + seed)
-            if first_root is None:
-                first_root = storage.child(run_cfg.run.output_root, run_cfg.run.name)
-            else:
-                run_cfg.run.warmstart_from = first_root
-            runs[method].append((run_cfg.run.seed, train_pipeline(run_cfg.model_dump(mode="json")), run_cfg))
-    result = aggregate(runs)
-    result["budget_rule"] = budget_rule(cfg)
+    points = sweep(cfg, budgets)
+    runs: list[dict[str, list[RunRecord]]] = [{m: [] for m in METHODS} for _ in points]
+    units: dict[int, float] = {}
+    for offset in range(seeds):
+        base = base_config(cfg, cfg.run.seed + offset)  # the world and warm start every run of this seed reuses
+        train_pipeline(base.model_dump(mode="json"))
+        seed = base.run.seed
+        units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
+        for i, chains in enumerate(points):
+            tokens = token_budget(cfg, chains, units[seed])
+            for method in METHODS:
+                name = run_name(cfg, method, seed, chains if budgets else None)
+                run_cfg = method_config(cfg, method, seed, tokens, chains, name=name, warmstart_from=_root(base))
+                runs[i][method].append(_record(run_cfg, train_pipeline(run_cfg.model_dump(mode="json"))))
+    entries = [compare_budget(chains, by_method) for chains, by_method in zip(points, runs, strict=True)]
+    result = {"budget_rule": budget_rule(cfg, points, units), "chain_tokens": {str(s): u for s, u in units.items()},
+              "budgets": entries, "table": sweep_table(entries)}
     out = storage.child(cfg.run.output_root, f"{cfg.run.name}-compare")
     result["out"] = storage.child(out, "compare.json")
     storage.write_json(result["out"], result)
@@ -47,16 +98,29 @@ def _log_to_mlflow(cfg: Config, result: dict) -> str:
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment)  # created by the runs above
     run_id = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-compare").info.run_id
-    for method, data in result["methods"].items():
-        em = data["final_test_em"]
-        for key in ("mean", "ci_low", "ci_high"):
-            client.log_metric(run_id, f"{method}/final_test_em_{key}", em[key])
-        client.log_metric(run_id, f"{method}/generated_tokens_per_prompt", data["generated_tokens_per_prompt"])
-        for point in data["curve"]:
-            client.log_metric(run_id, f"{method}/test_em_vs_tokens", point["test_em"],
-                              step=int(point["generated_tokens"]))
-    fig = plot_curves(result)
-    client.log_figure(run_id, fig, "em_vs_generated_tokens.png")
+    for entry, row in zip(result["budgets"], result["table"], strict=True):
+        step = int(round(row["tokens_per_prompt"]))  # the sweep's x axis: token budget per prompt
+        prefix = "" if entry["chains"] is None else f"b{entry['chains']:g}/"
+        for method, data in entry["methods"].items():
+            em = data["final_test_em"]
+            for key in ("mean", "ci_low", "ci_high"):
+                client.log_metric(run_id, f"{prefix}{method}/final_test_em_{key}", em[key])
+            for key, value in data["spend"].items():
+                client.log_metric(run_id, f"{prefix}{method}/{key}", value)
+            for key in ("zero_spread_prompt_frac", "zero_spread_tree_frac", "informative_set_frac",
+                        "nonzero_adv_token_frac"):
+                client.log_metric(run_id, f"{prefix}{method}/{key}", data["signal"]["overall"][key])
+                for point in data["signal"]["per_iteration"]:
+                    client.log_metric(run_id, f"{prefix}{method}/{key}_by_iteration", point[key],
+                                      step=point["iteration"])
+            for point in data["curve"]:
+                client.log_metric(run_id, f"{prefix}{method}/test_em_vs_tokens", point["test_em"],
+                                  step=int(point["generated_tokens"]))
+            client.log_metric(run_id, f"{method}/test_em_vs_budget", em["mean"], step=step)
+        client.log_metric(run_id, "difference_vs_budget", row["difference"], step=step)
+        client.log_metric(run_id, f"{prefix}token_mismatch", row["token_mismatch"])
+    client.log_figure(run_id, plot_curves(result["budgets"]), "em_vs_generated_tokens.png")
+    client.log_figure(run_id, plot_budgets(result["table"]), "em_vs_budget.png")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "compare.json"
         path.write_bytes(storage.read_bytes(result["out"]))
@@ -65,21 +129,54 @@ def _log_to_mlflow(cfg: Config, result: dict) -> str:
     return run_id
 
 
-def rows(result: dict) -> list[list[str]]:
-    """Table rows: method, final test EM mean [95% CI], per-seed values, generated tokens per prompt."""
+def _budget(row: dict) -> str:
+    tokens = f"{row['tokens_per_prompt']:.0f} tokens"
+    return tokens if row["chains"] is None else f"{row['chains']:g} chains ({tokens})"
+
+
+def sweep_rows(result: dict) -> list[list[str]]:
+    """Sweep table rows: budget, GRPO EM, Tree-GRPO EM, difference [paired 95% CI], generated tokens per prompt of
+    each (and their mismatch), prefilled tokens and tool calls per prompt of each."""
+    return [[_budget(r), f"{r['grpo_em']:.3f}", f"{r['tree_grpo_em']:.3f}",
+             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+             f"{r['grpo_generated_tokens']:.1f} / {r['tree_grpo_generated_tokens']:.1f} ({r['token_mismatch']:+.1%})",
+             f"{r['grpo_prefilled_tokens']:.0f} / {r['tree_grpo_prefilled_tokens']:.0f}",
+             f"{r['grpo_tool_calls']:.2f} / {r['tree_grpo_tool_calls']:.2f}"]
+            for r in result["table"]]
+
+
+SWEEP_COLUMNS = ("budget / prompt", "GRPO EM", "Tree-GRPO EM", "Tree − GRPO [paired 95% CI]",
+                 "generated tokens / prompt, GRPO / Tree", "prefilled tokens / prompt", "tool calls / prompt")
+
+
+def rows(entry: dict) -> list[list[str]]:
+    """Per-method rows of one budget: final test EM mean [95% CI over seeds], per-seed values, generated tokens per
+    prompt, and the signal: zero-spread prompt / tree groups, informative sibling sets, non-zero-advantage tokens."""
     out = []
-    for method, data in result["methods"].items():
-        em = data["final_test_em"]
+    for method, data in entry["methods"].items():
+        em, sig = data["final_test_em"], data["signal"]["overall"]
         seeds = ", ".join(f"{p['final_test_em']:.3f}" for p in data["per_seed"])
         out.append([method, f"{em['mean']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}]", seeds,
-                    f"{data['generated_tokens_per_prompt']:.1f}"])
+                    f"{data['spend']['generated_tokens_per_prompt']:.1f}",
+                    f"{sig['zero_spread_prompt_frac']:.2f} / {sig['zero_spread_tree_frac']:.2f}",
+                    f"{sig['informative_set_frac']:.2f}", f"{sig['nonzero_adv_token_frac']:.2f}"])
     return out
+
+
+METHOD_COLUMNS = ("method", "final test EM [95% CI over seeds]", "per seed", "generated tokens / prompt",
+                  "zero-spread prompts / trees", "informative sibling sets", "tokens with advantage ≠ 0")
+
+
+def _markdown(header: tuple[str, ...], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
 def _publish(result: dict) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    lines = ["| method | final test EM [95% CI over seeds] | per seed | generated tokens / prompt |",
-             "|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows(result)]
+    lines = ["## Tree-GRPO vs GRPO at equal generated tokens per prompt", ""]
+    lines += _markdown(SWEEP_COLUMNS, sweep_rows(result))
+    for entry, row in zip(result["budgets"], result["table"], strict=True):
+        lines += ["", f"### {_budget(row)}", ""] + _markdown(METHOD_COLUMNS, rows(entry))
     lines += ["", result["budget_rule"]]
     create_markdown_artifact(key="arborl-compare", markdown="\n".join(lines), description="Tree-GRPO vs GRPO")

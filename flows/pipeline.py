@@ -12,13 +12,17 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from arborl.components import storage
+from arborl.components import retention, storage
 from arborl.components.config import Config
 from arborl.components.run_lock import RunLock
 from arborl.components.stages import STAGES
+from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
+from arborl.components.stages import warmstart as warmstart_stage
 from arborl.components.tracking import Tracker
+from arborl.flows import logs
 from arborl.flows.dashboards import Dashboards
+from arborl.flows.links import flow_run_name, mark_stale_runs, mlflow_run_tags
 from arborl.flows.progress import Reporter, get_reporter
 
 RUN_CONFIG_FILE = "config.json"  # the resolved config, at the run's root
@@ -29,17 +33,26 @@ SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_
 
 @task(name="stage", retries=1, retry_delay_seconds=2)
 def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    label = context.task_run.name if context is not None else name
     reporter = get_reporter()
+    logs.stage_started(label, out)
     reporter.stage_started(name, params.get("iteration"))
     extra = {"on_step": reporter.warmstart_step} if name == "warmstart" else {}
-    result = STAGES[name](cfg, inputs, out, **params, **extra)
-    reporter.stage_finished(name, params.get("iteration"), result.seconds, result.skipped)
-    return asdict(result)
+    started = time.time()
+    result = asdict(STAGES[name](cfg, inputs, out, **params, **extra))
+    logs.stage_finished(label, result, time.time() - started)
+    reporter.stage_finished(name, params.get("iteration"), result["seconds"], result["skipped"])
+    return result
 
 
-def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, **params: Any) -> dict:
-    it = params.get("iteration")
-    label = name if it is None else f"{name}-it{it:03d}"
+def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, *, step: int | None = None,
+           **params: Any) -> dict:
+    """Run stage `name` as a task run named `<name>-it<NNN>` (iteration `params["iteration"]`, else `step`) or
+    `<name>` for a one-off stage."""
+    label = logs.task_run_label(name, params.get("iteration", step))
     return run_stage_task.with_options(name=name, task_run_name=label)(name, cfg, inputs, out, params)
 
 
@@ -52,7 +65,9 @@ def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) 
 def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: list[dict]) -> list[dict]:
     """The shards of one sample stage, mapped over the subflow's task runner: a process pool, one worker
     process per shard (GPU jobs in production)."""
-    futures = run_stage_task.with_options(name="sample").map("sample", unmapped(cfg), unmapped(inputs), outs, params)
+    futures = run_stage_task.with_options(
+        name="sample", task_run_name="sample-it{params[iteration]:03d}-shard{params[shard][0]}",
+    ).map("sample", unmapped(cfg), unmapped(inputs), outs, params)
     return [f.result() for f in futures]
 
 
@@ -78,9 +93,11 @@ def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
     """(world, model) URIs of another run's finished prepare and warm-start outputs, checked against this
     config's world/model/warmstart settings and seed through their manifests (never re-run there)."""
     world, model = storage.child(source_root, "prepare"), storage.child(source_root, "warmstart")
-    for stage, uri, inputs, sections in (("prepare", world, {}, ("world",)),
-                                         ("warmstart", model, {"world": world}, ("world", "model", "warmstart"))):
-        if storage.completed(uri, stage=stage, inputs=inputs, config_hash=cfg.section_hash(*sections)) is None:
+    warm = warmstart_stage.SECTIONS
+    for stage, uri, inputs, sections, config_hash in (
+            ("prepare", world, {}, prepare_stage.SECTIONS, prepare_stage.config_hash(cfg)),
+            ("warmstart", model, {"world": world}, warm, cfg.section_hash(*warm))):
+        if storage.completed(uri, stage=stage, inputs=inputs, config_hash=config_hash) is None:
             raise ValueError(f"run.warmstart_from={source_root!r}: {uri} holds no finished {stage} output made "
                              f"with this config's {'/'.join(sections)} settings and seed")
     return world, model
@@ -102,6 +119,7 @@ class RunContext:
         """Count a stage result's seconds and log its metrics at `step` (not again for a stage a resumed
         MLflow run already logged); returns `result`."""
         self.stage_seconds[result["stage"]] += result["seconds"]
+        self.dash.timed(step, result["stage"], result["seconds"])
         if not (result["skipped"] and self.tracker.resumed):
             self.tracker.log_metrics(result["metrics"], step=step, prefix=prefix)
             self.tracker.log_metrics({f"{result['stage']}_seconds": result["seconds"]}, step=step, prefix="time/")
@@ -121,8 +139,8 @@ def world_and_warm_start(ctx: RunContext) -> tuple[str, str]:
 
 def evaluate(ctx: RunContext, iteration: int, model: str, world: str, out: str) -> dict:
     """The evaluate stage on `model`, logged at step `iteration` and shown; returns its metrics."""
-    metrics = ctx.record(_stage("evaluate", ctx.cfg, {"model": model, "world": world}, out), iteration,
-                         "eval/")["metrics"]
+    metrics = ctx.record(_stage("evaluate", ctx.cfg, {"model": model, "world": world}, out, step=iteration),
+                         iteration, "eval/")["metrics"]
     ctx.reporter.evaluated(iteration, metrics)
     ctx.dash.evaluated(iteration, metrics)
     return metrics
@@ -139,9 +157,9 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
                          "sample/")
     dash.progress(it, 0.5)
     verified = ctx.record(_stage("verify", cfg, {"nodes": sampled["out"], "world": world},
-                                 storage.child(iter_dir, "verify")), it, "verify/")
+                                 storage.child(iter_dir, "verify"), step=it), it, "verify/")
     labelled = ctx.record(_stage("label", cfg, {"nodes": sampled["out"], "rewards": verified["out"], "world": world},
-                                 storage.child(iter_dir, "label")), it, "label/")
+                                 storage.child(iter_dir, "label"), step=it), it, "label/")
     dash.labelled(it, labelled)
     train_inputs = {"model": model, "nodes": sampled["out"], "advantages": labelled["out"], "world": world}
     if cfg.train.kl_coef > 0:
@@ -164,17 +182,33 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
     return model, row, evaluation
 
 
-@flow(name="arborl-tree-grpo")
+def prune_iterations(ctx: RunContext, it: int, warm_model: str) -> None:
+    """`run.keep_iterations`: once iteration `it` is complete, delete the weights of the iteration models
+    before the last K (not the warm-start or a registered model) and the training state of all but the newest
+    (components/retention.py). Their manifests stay, marked pruned, so a resumed run skips those stages."""
+    keep = ctx.cfg.run.keep_iterations
+    if keep is None:
+        return
+    models = {i: storage.child(iteration_dir(ctx.root, i), "train") for i in range(1, it + 1)}
+    retention.prune(models, it, keep, protected=[warm_model, *retention.registered(ctx.root)])
+
+
+@flow(name="arborl-tree-grpo", flow_run_name=flow_run_name)
 def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
 
     `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config. The run root's
     lock (`<output_root>/<run.name>/_lock.json`, components/run_lock.py) is held throughout: a second writer
     of the same root fails at once with `LockHeld`.
+
+    The flow run is named after `run.name`; holding the lock, it marks Crashed an earlier flow run of the same
+    run that Prefect still shows Running or Pending (its process was killed). `arborl.*` log records go to the
+    flow run's logs (flows/logs.py).
     """
     cfg = Config.model_validate(config)
     root = storage.child(cfg.run.output_root, cfg.run.name)
-    with RunLock(root, "arborl run"):  # one writer per run root (held already when `arborl run` started this)
+    with RunLock(root, "arborl run"), logs.route_to_prefect():  # one writer per run root
+        mark_stale_runs(cfg)
         return _train(cfg, root, config_file)
 
 
@@ -183,10 +217,15 @@ def _train(cfg: Config, root: str, config_file: str | None) -> dict:
     storage.makedirs(root)
     storage.write_json(storage.child(root, RUN_CONFIG_FILE), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
-    ctx = RunContext(cfg, root, tracker, Dashboards(tracker, cfg.run.name, cfg.run.iterations), get_reporter())
+    tracker.set_tags(mlflow_run_tags(cfg, config_file))
+    tracker.start_system_metrics()
+    ctx = RunContext(cfg, root, tracker, Dashboards(tracker, cfg), get_reporter())
+    logs.log.info("run %s under %s: MLflow run %s%s", cfg.run.name, root, tracker.run_id or "(tracking off)",
+                  " (resumed)" if tracker.resumed else "")
     try:
         ctx.reporter.run_started(cfg)
         world, model = world_and_warm_start(ctx)
+        ctx.dash.datasets(world)
         warm_model = model
         warm_eval = evaluate(ctx, 0, model, world, storage.child(root, "warmstart_eval"))
         last_eval, last_eval_iter = warm_eval, 0
@@ -194,6 +233,7 @@ def _train(cfg: Config, root: str, config_file: str | None) -> dict:
         for it in range(1, cfg.run.iterations + 1):
             model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
             history.append(row)
+            prune_iterations(ctx, it, warm_model)
             if evaluation is not None:
                 last_eval, last_eval_iter = evaluation, it
 
@@ -213,9 +253,10 @@ def _train(cfg: Config, root: str, config_file: str | None) -> dict:
             "history": history,
         }
         if cfg.registry.enabled and tracker.enabled:
+            retention.protect(root, model)  # before registering: a registered model is never pruned
             tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
                     "arborl.iteration": str(last_eval_iter)}
-            summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags)
+            summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags, ctx.dash)
         _save_summary(ctx, summary, config_file)
         tracker.finish("FINISHED")
         ctx.reporter.run_finished(summary)
@@ -238,17 +279,17 @@ def _save_summary(ctx: RunContext, summary: dict, config_file: str | None) -> No
         tracker.log_artifact(storage.filesystem(storage.child(ctx.root, RUN_CONFIG_FILE))[1])
     if config_file:
         tracker.log_artifact(config_file, "config_file")
-    _publish_summary(summary)
+    ctx.dash.summary(summary, SUMMARY_KEYS)
 
 
-@task(name="register")
+@task(name="register", task_run_name="register")
 def register_task(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> str:
     from arborl.components.registry import register_final_model
 
     return register_final_model(cfg, run_id, model, metrics, tags)
 
 
-@task(name="promote")
+@task(name="promote", task_run_name="promote")
 def promote_task(cfg: Config) -> dict:
     from arborl.components.registry import promote
 
@@ -257,27 +298,12 @@ def promote_task(cfg: Config) -> dict:
     return {**asdict(result), "decision": decision, "markdown": result.markdown()}
 
 
-def register_and_promote(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> dict:
+def register_and_promote(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str],
+                         dash: Dashboards) -> dict:
     """The flow's last steps: register the final model as `challenger`, then the gated promotion, whose
-    decision is published as a Prefect markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
+    decision and the model's version table are published as Prefect markdown artifacts (flows/dashboards.py)."""
     version = register_task(cfg, run_id, model, {k: v for k, v in metrics.items() if k.startswith("test_")}, tags)
+    logs.log.info("registered %s v%s (alias challenger) from %s", cfg.registry.model_name, version, model)
     result = promote_task(cfg)
-    create_markdown_artifact(key="arborl-promotion", markdown=result.pop("markdown"),
-                             description=f"{cfg.registry.model_name} v{version}: {result['decision']['decision']}")
+    dash.promoted(version, result, result.pop("markdown"))
     return {"model_name": cfg.registry.model_name, "version": version, **result}
-
-
-def _publish_summary(summary: dict) -> None:
-    """A markdown artifact in the Prefect UI with the headline numbers."""
-    from prefect.artifacts import create_markdown_artifact
-
-    lines = ["| metric | warm start | final |", "|---|---|---|"]
-    for k in SUMMARY_KEYS:
-        lines.append(f"| {k} | {summary['warmstart'][k]:.3f} | {summary['final'][k]:.3f} |")
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()]
-    create_markdown_artifact(
-        key="arborl-summary", markdown="\n".join(lines), description=f"run {summary['run_name']}"
-    )

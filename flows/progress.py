@@ -1,4 +1,8 @@
-"""Console progress for a pipeline run: a no-op reporter by default, a Rich one for the CLI."""
+"""Console progress for a pipeline run: a no-op reporter by default, a Rich one for the CLI.
+
+The per-stage lines (started, finished or skipped, seconds, key metrics) are log records of `arborl.flows`
+(flows/logs.py), shown on the same console by the CLI and sent to the Prefect run's logs; the reporter draws
+the progress bars and the final tables."""
 
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class RichReporter(Reporter):
             TextColumn("{task.fields[info]}"), console=self.console,
         )
         self.iter_task = self.warm_task = None
+        self.last_em = ""
 
     def run_started(self, cfg) -> None:
         self.progress.start()
@@ -44,9 +49,6 @@ class RichReporter(Reporter):
         self.iter_task = self.progress.add_task("RL iterations", total=cfg.run.iterations, info="")
 
     def stage_finished(self, stage, iteration, seconds, skipped) -> None:
-        where = "" if iteration is None else f" it{iteration}"
-        note = "skipped (already done)" if skipped else f"{seconds:.1f}s"
-        self.progress.console.log(f"{stage}{where}: {note}")
         if stage == "warmstart":
             self.progress.update(self.warm_task, completed=self.progress.tasks[self.warm_task].total)
 
@@ -54,13 +56,11 @@ class RichReporter(Reporter):
         self.progress.update(self.warm_task, completed=step, info=f"loss {loss:.3f}")
 
     def evaluated(self, iteration, metrics) -> None:
-        self.progress.console.log(
-            f"[green]eval it{iteration}: test EM greedy {metrics['test_em']:.3f}, "
-            f"sampled {metrics['test_em_sampled']:.3f}, tool calls {metrics['test_tool_calls']:.2f}"
-        )
+        self.last_em = f", test EM {metrics['test_em']:.3f} (it{iteration})"
+        self.progress.update(self.iter_task, info=self.last_em.lstrip(", "))
 
     def iteration_finished(self, iteration, row) -> None:
-        self.progress.update(self.iter_task, completed=iteration, info=f"reward {row['reward_mean']:.3f}")
+        self.progress.update(self.iter_task, completed=iteration, info=f"reward {row['reward_mean']:.3f}{self.last_em}")
 
     def run_finished(self, summary) -> None:
         self.progress.stop()

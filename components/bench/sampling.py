@@ -205,7 +205,7 @@ def run_benchmark(
     started = time.perf_counter()
     world = build_world(cfg.world, cfg.run.seed)
     train = make_questions(world, cfg.world, cfg.run.seed, "train", cfg.world.num_train)
-    retriever = FTSRetriever([f["text"] for f in world.fact_rows()], top_k=cfg.world.search_top_k)
+    retriever = FTSRetriever([f["text"] for f in world.fact_rows()], top_k=cfg.search.topk)
     model, tokenizer = _policy(cfg, world, train, retriever, model_dir, warmstart_steps, device)
     model.eval()
     setup_seconds = time.perf_counter() - started

@@ -1,8 +1,11 @@
 """The Search-R1 agent protocol: tags, how a model turn is read, how an observation is written.
 
 A model turn is `<search> query </search>` (the environment answers with
-`<information> docs </information>`) or `<answer> text </answer>` (the episode ends). Text is
-lower-case words separated by single spaces, so a word-level tokenizer maps each word to one token.
+`<information> docs </information>`) or `<answer> text </answer>` (the episode ends); text before the tag
+(e.g. `<think>…</think>`) is the model's own. A turn ends at the first closing tag, found as text whatever tokens
+spell it. Two observation formats: `words`, for the synthetic world's word-level tokenizer (lower-case words
+separated by single spaces, so each word is one token), and `search-r1`, Search-R1's own (`Doc i(Title: …) …`
+lines between newlines), for every other tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +18,23 @@ INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TAGS = [QUESTION_OPEN, QUESTION_CLOSE, SEARCH_OPEN, SEARCH_CLOSE, INFO_OPEN, INFO_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
 TURN_STOPS = (SEARCH_CLOSE, ANSWER_CLOSE)  # a generated turn ends at either closing tag (or EOS / the cap)
+
+# Search-R1's instruction: the default `agent.prompt_template` for questions that are not chat messages yet.
+SEARCH_R1_TEMPLATE = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
+    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
+    "<search> query </search> and it will return the top searched results between <information> and "
+    "</information>. You can search as many times as your want. If you find no further external knowledge needed, "
+    "you can directly provide the answer inside <answer> and </answer>, without detailed illustrations. For "
+    "example, <answer> Beijing </answer>. Question: {question}\n"
+)
+
+# What the environment answers to a turn that neither searches nor answers (`agent.on_invalid: continue`).
+INVALID_FEEDBACK = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
+    "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
+)
+OBSERVATION_FORMATS = ("words", "search-r1")
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -34,29 +54,44 @@ def question_prompt(question: str) -> str:
     return f"{QUESTION_OPEN} {' '.join(words(question))} {QUESTION_CLOSE}"
 
 
-def observation(docs: list[str]) -> str:
+def observation(docs: list[str], style: str = "words") -> str:
+    """The observation text for the documents a search returned (`style`: one of OBSERVATION_FORMATS).
+
+    Documents are corpus `contents`; in the `search-r1` style a multi-line one is a title line, then its text."""
+    if style == "search-r1":
+        lines = []
+        for i, doc in enumerate(docs, 1):
+            title, _, text = doc.partition("\n")
+            lines.append(f"Doc {i}(Title: {title}) {text}\n")
+        return f"\n\n{INFO_OPEN}{''.join(lines).strip()}{INFO_CLOSE}\n\n"
+    if style != "words":
+        raise ValueError(f"unknown observation format {style!r}; choose one of {', '.join(OBSERVATION_FORMATS)}")
     body = " ".join(" ".join(words(d)) for d in docs)
     return f" {INFO_OPEN} {body} {INFO_CLOSE}" if body else f" {INFO_OPEN} {INFO_CLOSE}"
 
 
+def first_stop(turn_text: str) -> tuple[str, int] | None:
+    """The closing tag that ended a turn (the first one in its text) and where it starts; None without one."""
+    found = [(turn_text.find(tag), tag) for tag in TURN_STOPS if tag in turn_text]
+    return (min(found)[1], min(found)[0]) if found else None
+
+
 def turn_action(turn_text: str) -> str:
-    """Classify one generated turn: 'search', 'answer' or 'invalid'."""
-    toks = turn_text.split()
-    if toks and toks[-1] == SEARCH_CLOSE:
-        return "search"
-    if toks and toks[-1] == ANSWER_CLOSE:
-        return "answer"
-    return "invalid"
+    """Classify one generated turn by its first closing tag: 'search', 'answer' or 'invalid' (none)."""
+    stop = first_stop(turn_text)
+    if stop is None:
+        return "invalid"
+    return "search" if stop[0] == SEARCH_CLOSE else "answer"
 
 
 def search_query(turn_text: str) -> str:
-    """The query of a search turn: the words after the last `<search>` (all words when it is missing)."""
-    toks = turn_text.split()
-    if toks and toks[-1] == SEARCH_CLOSE:
-        toks = toks[:-1]
-    if SEARCH_OPEN in toks:
-        toks = toks[len(toks) - 1 - toks[::-1].index(SEARCH_OPEN) + 1 :]
-    return " ".join(t for t in toks if t not in TAGS)
+    """The query of a search turn: the words between the last `<search>` and the closing tag (all words before the
+    tag when `<search>` is missing), protocol tags left out."""
+    stop = first_stop(turn_text)
+    text = turn_text[: stop[1]] if stop else turn_text
+    if SEARCH_OPEN in text:
+        text = text[text.rindex(SEARCH_OPEN) + len(SEARCH_OPEN) :]
+    return " ".join(t for t in text.split() if t not in TAGS)
 
 
 _BLOCK = re.compile(r"<(search|information|answer)>(.*?)</\1>", re.S)

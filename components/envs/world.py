@@ -13,9 +13,12 @@ import random
 from dataclasses import dataclass, field
 
 from arborl.components.config import WorldConfig
-from arborl.components.envs.protocol import question_prompt
+from arborl.components.envs.protocol import QUESTION_CLOSE, QUESTION_OPEN, words
 
 DATA_SOURCE = "synthetic_kb"
+ABILITY = "fact-reasoning"
+# the word-level question prompt (`protocol.question_prompt`) as an `agent.prompt_template`
+QUESTION_TEMPLATE = f"{QUESTION_OPEN} {{question}} {QUESTION_CLOSE}"
 
 # relation -> (fact template, gold query: the fact's words up to the object, object type)
 RELATIONS = {
@@ -144,8 +147,11 @@ def build_world(cfg: WorldConfig, seed: int) -> World:
     return World(people, cities, countries, companies, facts, split_of)
 
 
-def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int) -> list[dict]:
-    """`n` prompt rows (the prompts schema of docs/design.md, Data contracts) whose subjects are people of `split`."""
+def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int,
+                   prompt_template: str = QUESTION_TEMPLATE) -> list[dict]:
+    """`n` prompt rows (the prompts schema of docs/design.md, Data contracts) whose subjects are people of `split`.
+
+    Each question is one user message: `prompt_template` with `{question}` replaced by the question's words."""
     rng = random.Random(f"{seed}-{split}")
     subjects = sorted(p for p, s in world.split_of.items() if s == split)
     if not subjects:
@@ -165,11 +171,15 @@ def make_questions(world: World, cfg: WorldConfig, seed: int, split: str, n: int
         seen.add((subject, path))
         chain = world.follow(subject, path)
         question = QUESTIONS[path].format(p=subject)
+        content = prompt_template.format(question=" ".join(words(question)))
         rows.append(
             {
                 "prompt_id": f"{split}-{len(rows):05d}",
                 "data_source": DATA_SOURCE,
-                "prompt": question_prompt(question),
+                "prompt": content,
+                "messages": json.dumps([{"role": "user", "content": content}]),
+                "ability": ABILITY,
+                "reward_model": json.dumps({"style": "rule", "ground_truth": {"target": [chain[-1]]}}),
                 "ground_truth": [chain[-1]],
                 "split": split,
                 "extra_info": json.dumps(

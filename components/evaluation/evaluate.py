@@ -16,10 +16,9 @@ import torch
 
 from arborl.components.config import AgentConfig, VerifyConfig
 from arborl.components.evaluation.metrics import bootstrap_ci, pass_at_k
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from arborl.components.sampling.generation import GenerationBackend
-from arborl.components.verification.qa_em import score_response
+from arborl.components.verification.scoring import sample_from_prompt, score_samples
 
 # Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
 QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled")
@@ -28,6 +27,14 @@ QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sa
 def response_text(steps: list[Step]) -> str:
     """The agent's whole response (turns and observations) as the verifier reads it."""
     return " ".join(s.action_text + s.obs_text for s in steps)
+
+
+def question_hops(extra_info: str) -> int:
+    """The hop count a prompt row's `extra_info` (JSON) records; 0 when it records none (e.g. rows read from
+    Parquet files)."""
+    info = json.loads(extra_info) if extra_info else {}
+    hops = info.get("hops") if isinstance(info, dict) else None
+    return hops if isinstance(hops, int) and not isinstance(hops, bool) else 0
 
 
 def evaluate_policy(
@@ -47,21 +54,21 @@ def evaluate_policy(
     gen = torch.Generator(device=backend.device).manual_seed(seed)
     for mode, repeats in (("greedy", 1), ("sampled", n_samples)):
         jobs = [(r, i) for i in range(repeats) for r in prompt_rows]
-        episodes = [Episode(prompt_ids(env.tokenizer, r["prompt"]), agent.max_turns) for r, _ in jobs]
+        episodes = [Episode(env.prompt_ids(r), agent.max_turns) for r, _ in jobs]
         run_episodes(backend, env, episodes, agent, temperature, greedy=(mode == "greedy"), generator=gen)
-        for (r, sample_idx), ep in zip(jobs, episodes, strict=True):
-            text = response_text(ep.steps)
-            score = score_response(text, list(r["ground_truth"]), verify)
+        texts = [response_text(ep.steps) for ep in episodes]
+        scores = score_samples([sample_from_prompt(r, text) for (r, _), text in zip(jobs, texts, strict=True)], verify)
+        for (r, sample_idx), ep, text, score in zip(jobs, episodes, texts, scores, strict=True):
             rows.append(
                 {
                     "prompt_id": r["prompt_id"],
                     "split": r["split"],
                     "data_source": r["data_source"],
-                    "hops": int(json.loads(r["extra_info"]).get("hops", 0)),
+                    "hops": question_hops(r["extra_info"]),
                     "mode": mode,
                     "sample": sample_idx,
                     "reward": score.reward,
-                    "em": float(score.correct),
+                    "em": score.em,
                     "f1": score.f1,
                     "answer": score.answer,
                     "valid_format": score.valid_format,

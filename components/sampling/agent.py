@@ -1,6 +1,13 @@
 """The Search-R1 agent loop over a batch of episodes: generate a turn, call the tool, append the
 observation, repeat until an answer, EOS, `max_turns` or the token caps end the episode.
 
+Token in, token out: a turn's tokens are the ones the model sampled, an observation is tokenised alone and
+appended, and the history is never re-tokenised, so the loss mask covers exactly the model's own tokens. A turn
+ends at a closing tag found as text (`generation.StopStrings`), however the tokenizer spells it; with the
+synthetic world's word-level tokenizer, where each tag is one token, at the tag's token. A turn that neither
+searches nor answers ends the episode (`agent.on_invalid: stop`) or gets Search-R1's corrective observation
+(`continue`). All searches of a turn go to the retriever in one batch.
+
 In segment mode (`agent.node_mode: segment`, tool-free tasks) a step is instead a piece of one
 continuous generation: it ends at the delimiter token or after `segment_tokens` tokens, nothing is
 appended, and the next step continues the same text, until an answer, EOS, `max_turns` segments or
@@ -22,7 +29,8 @@ import torch
 from arborl.components.config import AgentConfig
 from arborl.components.envs import protocol
 from arborl.components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
-from arborl.components.sampling.generation import GenerationBackend
+from arborl.components.models import row_prompt_ids
+from arborl.components.sampling.generation import GenerationBackend, StopStrings, token_pieces
 from arborl.components.sampling.rng import Generators, row_generators, stable_seed
 
 
@@ -60,43 +68,89 @@ class Episode:
 
 
 class SearchEnv:
-    """The `search` tool wired to a tokenizer: query text in, observation tokens out."""
+    """The `search` tool wired to a tokenizer: queries in, observation tokens out; and how turns stop.
 
-    def __init__(self, retriever: FTSRetriever, tokenizer):
+    `chat_template`: `model.chat_template`, used by `prompt_ids`."""
+
+    def __init__(self, retriever: FTSRetriever, tokenizer, chat_template: str = "auto"):
         self.retriever = retriever
         self.tokenizer = tokenizer
-        vocab = tokenizer.get_vocab()
-        self.stop_ids = {vocab[t] for t in protocol.TURN_STOPS}
-        self.search_close = vocab[protocol.SEARCH_CLOSE]
-        self.answer_close = vocab[protocol.ANSWER_CLOSE]
+        self.chat_template = chat_template
+        core = getattr(tokenizer, "backend_tokenizer", None)
+        self.word_level = type(getattr(core, "model", None)).__name__ == "WordLevel"
+        self.style = "words" if self.word_level else "search-r1"
+        single = {tag: ids[0] for tag in protocol.TURN_STOPS
+                  if len(ids := tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1}
+        self.stop_ids = set(single.values())
+        self.answer_close = single.get(protocol.ANSWER_CLOSE)  # the answer tag's own token, where it has one
+        # Word-level: every tag is one token, so stopping at the token is exact and needs no text. Otherwise the
+        # tags stop as text, whatever tokens spell them.
+        self.stop_strings = None if self.word_level else StopStrings(protocol.TURN_STOPS, token_pieces(tokenizer))
         self._encoded: dict[str, list[int]] = {}  # observation text → token ids (the same docs recur often)
+        self._feedback: list[int] | None = None
 
-    def observe(self, query: str) -> tuple[str, list[int], str | None]:
-        try:
-            docs, error = self.retriever.search(query), None
-        except RetrieverError as exc:
-            docs, error = [], str(exc)
-        text = protocol.observation(docs)
+    def prompt_ids(self, row: dict) -> list[int]:
+        """Token ids of a row of the prompts artifact (`models.row_prompt_ids`)."""
+        return row_prompt_ids(self.tokenizer, row, self.chat_template)
+
+    def _encode(self, text: str) -> list[int]:
         ids = self._encoded.get(text)
         if ids is None:
             if len(self._encoded) >= MEMO_ENTRIES:
                 self._encoded.clear()
             ids = self._encoded[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text, list(ids), error
+        return list(ids)
+
+    def observe(self, query: str) -> tuple[str, list[int], str | None]:
+        return self.observe_batch([query])[0]
+
+    def observe_batch(self, queries: list[str]) -> list[tuple[str, list[int], str | None]]:
+        """(observation text, its token ids, tool error or None) per query, from one retriever call."""
+        if hasattr(self.retriever, "search_batch"):
+            results = self.retriever.search_batch(queries)
+        else:
+            results = []
+            for query in queries:
+                try:
+                    results.append((self.retriever.search(query), None))
+                except RetrieverError as exc:
+                    results.append(([], str(exc)))
+        out = []
+        for docs, error in results:
+            text = protocol.observation(docs, self.style)
+            out.append((text, self._encode(text), error))
+        return out
+
+    def feedback(self) -> tuple[str, list[int]]:
+        """The corrective observation of an invalid turn, and its token ids."""
+        if self._feedback is None:
+            ids = self.tokenizer(protocol.INVALID_FEEDBACK, add_special_tokens=False)["input_ids"]
+            unk = self.tokenizer.unk_token_id
+            if unk is not None and unk in ids:
+                raise ValueError("agent.on_invalid 'continue': this tokenizer cannot spell the corrective observation "
+                                 "(it maps some of its words to the unknown token); use 'stop'")
+            self._feedback = ids
+        return protocol.INVALID_FEEDBACK, list(self._feedback)
 
 
-def segment_stop_ids(env: SearchEnv, agent: AgentConfig) -> set[int]:
-    """Segment mode's stop tokens: the answer's closing tag and the delimiter, which must be one token."""
-    stops = {env.answer_close}
+def segment_stops(env: SearchEnv, agent: AgentConfig) -> tuple[set[int], StopStrings | None]:
+    """Segment mode's stops: the answer's closing tag and the delimiter (a token id where the tokenizer spells it
+    as one token, else text)."""
+    ids = {env.answer_close} if env.answer_close is not None else set()
+    texts = [] if env.stop_strings is None else [protocol.ANSWER_CLOSE]
     if agent.segment_delimiter is not None:
-        ids = env.tokenizer(agent.segment_delimiter, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
+        delim = env.tokenizer(agent.segment_delimiter, add_special_tokens=False)["input_ids"]
+        if len(delim) == 1:
+            ids.add(delim[0])
+        elif env.word_level:
             raise ValueError(
-                f"agent.segment_delimiter {agent.segment_delimiter!r} is {len(ids)} tokens for this tokenizer; "
-                "it must be exactly one"
+                f"agent.segment_delimiter {agent.segment_delimiter!r} is {len(delim)} tokens for this word-level "
+                "tokenizer; it must be exactly one"
             )
-        stops.add(ids[0])
-    return stops
+        else:
+            texts.append(agent.segment_delimiter)
+    strings = StopStrings(tuple(texts), env.stop_strings.pieces) if texts else None
+    return ids, strings
 
 
 def _generators(live: list[Episode], shared: torch.Generator | None) -> Generators:
@@ -148,20 +202,26 @@ def run_turn(
     """Advance every live episode by one step (one batched generation call), in place. Returns whether any
     episode was live."""
     segment = agent.node_mode == "segment"
-    stop_ids = segment_stop_ids(env, agent) if segment else env.stop_ids
+    stop_ids, stop_strings = segment_stops(env, agent) if segment else (env.stop_ids, env.stop_strings)
     turn_cap = agent.segment_tokens if segment else agent.max_tokens_per_turn
     live = [e for e in episodes if not e.done]
     if not live:
         return False
     contexts = [e.context() for e in live]
     budgets = [min(turn_cap, agent.max_total_tokens - len(c)) for c in contexts]
-    outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator))
+    outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator),
+                            **({"stop_strings": stop_strings} if stop_strings is not None else {}))
+    searches = []
     for ep, ctx, out in zip(live, contexts, outs, strict=True):
         text = env.tokenizer.decode(out.tokens)
         if segment:
-            _segment_step(ep, ctx, out, text, env, agent)
-        else:
-            _tool_step(ep, ctx, out, text, env, agent)
+            _segment_step(ep, ctx, out, text, agent)
+        elif _tool_step(ep, ctx, out, text, env, agent):
+            searches.append((ep, len(ctx)))
+    if searches:
+        found = env.observe_batch([protocol.search_query(ep.steps[-1].action_text) for ep, _ in searches])
+        for (ep, n_ctx), (obs_text, obs_ids, error) in zip(searches, found, strict=True):
+            _observe(ep.steps[-1], n_ctx, obs_text, obs_ids, agent, error)
     return True
 
 
@@ -170,8 +230,8 @@ def _fed(ctx: list[int], out) -> int:
     return len(ctx) if out.prefilled is None else out.prefilled
 
 
-def _segment_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
-    answered = out.stop == "stop" and bool(out.tokens) and out.tokens[-1] == env.answer_close
+def _segment_step(ep: Episode, ctx: list[int], out, text: str, agent: AgentConfig) -> None:
+    answered = out.stop == "stop" and protocol.ANSWER_CLOSE in text
     step = Step(out.tokens, out.logprobs, text, "answer" if answered else "segment", prefilled=_fed(ctx, out))
     ep.steps.append(step)
     ep.turns_left -= 1
@@ -185,7 +245,9 @@ def _segment_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, a
         step.finish_reason = "max_turns"
 
 
-def _tool_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> None:
+def _tool_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agent: AgentConfig) -> bool:
+    """Append the turn's step; returns whether it searched and waits for its observation. An invalid turn's
+    corrective observation (`on_invalid: continue`) is appended here."""
     action = protocol.turn_action(text) if out.stop == "stop" else "invalid"
     step = Step(out.tokens, out.logprobs, text, action, prefilled=_fed(ctx, out))
     ep.steps.append(step)
@@ -194,12 +256,21 @@ def _tool_step(ep: Episode, ctx: list[int], out, text: str, env: SearchEnv, agen
         step.finish_reason = "answer"
     elif out.stop == "eos":
         step.finish_reason = "eos"
-    elif action != "search":
-        step.finish_reason = "length"
+    elif action != "search" and agent.on_invalid == "stop":
+        step.finish_reason = "length"  # a turn stops only at a tag, EOS or its cap: invalid means it hit the cap
     elif ep.turns_left <= 0:
         step.finish_reason = "max_turns"
+    elif action == "search":
+        return True
     else:
-        step.obs_text, step.obs_ids, step.tool_error = env.observe(protocol.search_query(text))
-        if len(ctx) + len(step.action_ids) + len(step.obs_ids) >= agent.max_total_tokens:
-            step.obs_text, step.obs_ids = "", []
-            step.finish_reason = "length"
+        _observe(step, len(ctx), *env.feedback(), agent, None)
+    return False
+
+
+def _observe(step: Step, n_ctx: int, obs_text: str, obs_ids: list[int], agent: AgentConfig, error: str | None
+             ) -> None:
+    """Append an observation to a step, unless it would overflow `max_total_tokens` (the episode then ends)."""
+    step.obs_text, step.obs_ids, step.tool_error = obs_text, obs_ids, error
+    if n_ctx + len(step.action_ids) + len(step.obs_ids) >= agent.max_total_tokens:
+        step.obs_text, step.obs_ids = "", []
+        step.finish_reason = "length"

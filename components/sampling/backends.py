@@ -30,15 +30,16 @@ def load_backend(cfg: Config, model_uri: str, device: str, batch_size: int = 256
 
         backend, tokenizer = VLLMBackend.from_model_dir(model_uri, seed=cfg.run.seed)
         return LoadedBackend(backend, tokenizer, None)
-    model, tokenizer = load_policy(model_uri, device, cfg.storage.cache_max_gb)
+    model, tokenizer = load_policy(model_uri, device, cfg.storage.cache_max_gb, cfg.model.dtype)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     if name == "hf":
         from arborl.components.sampling.engine import HFBackend
 
-        backend = HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
+        backend = HFBackend(model, pad, tokenizer.eos_token_id, batch_size)
     elif name == "generate":
         from arborl.components.sampling.reference_backend import GenerateBackend
 
-        backend = GenerateBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
+        backend = GenerateBackend(model, pad, tokenizer.eos_token_id, batch_size)
     else:
         raise ValueError(f"sampling.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return LoadedBackend(backend, tokenizer, getattr(model.config, "max_position_embeddings", None))

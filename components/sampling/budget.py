@@ -12,6 +12,10 @@ to a full chain (½ is the long-chain limit; `random_expansion_cost` measures it
 Everything that trades trees against chains goes through it: `plan` turns a fixed budget
 (`budget.chains_per_prompt`) into M/N/L, and `equal_budget_chains` is the chain count a chain-mode run
 (GRPO in `arborl compare`) gets for what a tree plan costs.
+
+Exact token budgets (`budget.tokens_per_prompt` with `budget.token_stop: nearest`): `predicted_costs` says what
+one more continuation from each branch point of a prompt's trees is expected to generate, from the continuations
+already there, and `fit_picks` keeps a round's branch points only while they bring the prompt nearer its budget.
 """
 
 from __future__ import annotations
@@ -68,6 +72,55 @@ def random_expansion_cost(trees: list[Tree]) -> float:
             expected += (fresh + sum(suffixes)) / len(chain)
             total += sum(chain)
     return expected / total if total else 0.0
+
+
+def predicted_costs(trees: list[Tree]) -> dict[tuple[int, int], float]:
+    """Generated tokens one more continuation is predicted to cost, per branch point of one prompt's trees:
+    {(tree_id, node_id): tokens}, node_id −1 (`tree.ROOT`) for a fresh chain.
+
+    From a non-leaf node n: the mean, over the leaves below n, of the tokens their paths generated after n (the
+    samples of that very continuation there are). From the root: the mean generated tokens of the prompt's
+    trajectories, over all its trees. Any expansion policy's picks are priced the same way.
+    """
+    after: dict[tuple[int, int], list[int]] = defaultdict(list)
+    full: list[int] = []
+    for tree in trees:
+        for leaf in tree.leaves():
+            path = tree.path(leaf.node_id)
+            rest = sum(len(n.step.action_ids) for n in path)
+            full.append(rest)
+            for node in path[:-1]:
+                rest -= len(node.step.action_ids)
+                after[(tree.tree_id, node.node_id)].append(rest)
+    fresh = sum(full) / len(full) if full else 0.0
+    costs = {(tree.tree_id, -1): fresh for tree in trees}
+    costs.update({k: sum(v) / len(v) for k, v in after.items()})
+    return costs
+
+
+ROUND_SHARE = 0.5  # an exact-budget round spends at most this share of what a prompt has left
+
+
+def fit_picks(costs: list[float], left: float, share: float = ROUND_SHARE) -> int:
+    """How many of a round's picks, taken in order, one round under an exact token budget keeps (`left`: the
+    prompt's budget minus its generated tokens).
+
+    A pick of predicted cost x (at least one token) joins while it brings the prompt nearer its budget — x is under
+    twice what is still left — and, past the first pick, while the kept picks stay within `share` of `left`; the
+    round ends at the first pick that does not (skipping it for a cheaper one would favour picks priced too low).
+    Predictions come from few continuations, and a round that spent everything on them would overshoot exactly
+    when they are low (more picks fit then); spending half of what is left per round lets the next round price its
+    picks with more continuations seen. A prompt ends when a round keeps nothing: by predicted cost within half a
+    pick of its budget, over or under, not always over as whole rounds do.
+    """
+    kept, spent = 0, 0.0
+    for cost in costs:
+        cost = max(cost, 1.0)
+        if cost >= 2 * (left - spent) or (kept and spent + cost > share * left):
+            break
+        kept += 1
+        spent += cost
+    return kept
 
 
 def prompt_counts(trees: list[Tree]) -> dict[str, dict]:

@@ -13,6 +13,7 @@ import random
 
 from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.sampling.agent import Episode, SearchEnv, frozen_heap, run_turn
+from arborl.components.sampling.budget import fit_picks, predicted_costs
 from arborl.components.sampling.expansion import make_policy
 from arborl.components.sampling.generation import GenerationBackend
 from arborl.components.sampling.rng import stable_seed
@@ -28,13 +29,17 @@ def sample_trees(
     seed: int,
     tokens_per_prompt: int | None = None,
     max_rounds: int = 16,
+    token_stop: str = "reach",
 ) -> list[Tree]:
     """Grow M trees per prompt; `prompts` holds (prompt_id, prompt token ids).
 
     Nodes to branch from are chosen by `sampling.expansion_policy`. With `tokens_per_prompt` the rounds
     go on per prompt until its generated tokens reach it (at most `max_rounds`); in chain mode (L = 0)
-    each such round adds one more chain (a new tree) instead. Every random choice belongs to one tree
-    and every episode samples from its own seed, so a prompt's trees are the same whichever other
+    each such round adds one more chain (a new tree) instead. `token_stop="nearest"` sizes the rounds to the
+    budget instead (`budget.fit_picks`): a round keeps its branch points, taken from the trees in turn (chain
+    mode: up to M new chains), while their predicted tokens (`budget.predicted_costs`) bring the prompt nearer it,
+    spending at most half of what is left, and the prompt stops when a round keeps none. Every random choice belongs to
+    one tree and every episode samples from its own seed, so a prompt's trees are the same whichever other
     prompts are sampled with it (sharding relies on this).
 
     Prompts move through their rounds independently: as soon as every episode of a prompt's round has
@@ -48,6 +53,9 @@ def sample_trees(
     rngs: dict[tuple[str, int], random.Random] = {}
     chain_mode = sampling.expansion_rounds == 0
     rounds = sampling.expansion_rounds if tokens_per_prompt is None else max_rounds
+    if token_stop not in ("reach", "nearest"):
+        raise ValueError(f"token_stop must be 'reach' or 'nearest', not {token_stop!r}")
+    nearest = tokens_per_prompt is not None and token_stop == "nearest"
 
     def tree_rng(tree: Tree) -> random.Random:
         key = (tree.prompt_id, tree.tree_id)
@@ -69,14 +77,22 @@ def sample_trees(
         trees = by_prompt[pid]
         if r > rounds or (tokens_per_prompt is not None and generated(trees) >= tokens_per_prompt):
             return []
-        if chain_mode:  # under a token budget: one more chain, a new tree whose chain is its round 0
-            trees.append(Tree(pid, len(trees), trees[0].prompt_ids))
-            return [(trees[-1], ROOT, 0)]
-        picks = []
-        for tree in trees:
-            chosen = policy.choose(tree, sampling.expansions_per_round, tree_rng(tree))
-            picks += [(tree, node, k) for k, node in enumerate(chosen)]
-        return picks
+        left = tokens_per_prompt - generated(trees) if nearest else 0
+        if chain_mode:  # under a token budget: more chains, new trees whose chain is their round 0
+            count = 1
+            if nearest:
+                cost = max(predicted_costs(trees)[(0, ROOT)], 1.0)
+                count = fit_picks([cost] * sampling.trees_per_prompt, left)  # at most M per round
+            new = [Tree(pid, len(trees) + i, trees[0].prompt_ids) for i in range(count)]
+            trees += new
+            return [(tree, ROOT, 0) for tree in new]
+        chosen = [policy.choose(tree, sampling.expansions_per_round, tree_rng(tree)) for tree in trees]
+        if not nearest:
+            return [(tree, node, k) for tree, nodes in zip(trees, chosen, strict=True) for k, node in enumerate(nodes)]
+        picks = [(tree, nodes[k], k) for k in range(sampling.expansions_per_round)
+                 for tree, nodes in zip(trees, chosen, strict=True) if k < len(nodes)]
+        costs = predicted_costs(trees)
+        return picks[: fit_picks([costs[(t.tree_id, node)] for t, node, _ in picks], left)]
 
     # per prompt: (its current round, that round's picks, their episodes)
     running: dict[str, tuple[int, list, list[Episode]]] = {}

@@ -8,6 +8,12 @@ log-softmax(logits / T) of the sampled token, what the trainer's ratio needs.
 vLLM pins its own torch/transformers and cannot share an environment with Prefect: install the `vllm` extra
 in its own image (`docker build --target sampler .`) and run the sample stage there as a CLI
 (`arborl stage sample ... sampling.backend=vllm`). Nothing here imports vllm until a backend is built.
+
+Stop strings (`StopStrings`) go to vLLM as `stop` strings, matched on its detokenized output (so the engine keeps
+its tokenizer and requests that carry them are detokenized), with the stop string kept in the output: vLLM then
+returns the tokens through the one that completed it. The turn is cut again by `cut_turn` on those token ids, so it
+ends exactly where the other backends end it even where vLLM's text differs from the token texts (special tokens
+it skips, or an engine built without a tokenizer, which ignores stop strings).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from arborl.components import storage
-from arborl.components.sampling.generation import TurnOutput
+from arborl.components.sampling.generation import StopStrings, TurnOutput, cut_turn
 
 
 def _vllm():
@@ -49,7 +55,8 @@ class VLLMBackend:
         llm = vllm.LLM(
             model=path,
             tokenizer=path,
-            skip_tokenizer_init=True,  # token ids in and out; the pipeline's tokenizer decodes
+            # token ids in and out; the tokenizer only detokenizes requests with stop strings, for vLLM's check
+            skip_tokenizer_init=False,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
             seed=seed,
@@ -73,8 +80,11 @@ class VLLMBackend:
         temperature: float = 1.0,
         greedy: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        stop_strings: StopStrings | None = None,
     ) -> list[TurnOutput]:
         """See `GenerationBackend.generate`; `generator` (one shared, or one per row) draws each request's vLLM seed."""
+        stop = {} if stop_strings is None else {"stop": list(stop_strings.texts), "include_stop_str_in_output": True}
         vllm = _vllm()
         results: list[TurnOutput | None] = [None] * len(contexts)
         prompts, params, rows = [], [], []
@@ -94,16 +104,20 @@ class VLLMBackend:
                 ignore_eos=False,
                 logprobs=0,  # the sampled token's log-prob only
                 seed=None if greedy else seed,
-                detokenize=False,
+                detokenize=stop_strings is not None,  # vLLM matches stop strings on its detokenized text
+                **stop,
             ))
             prompts.append({"prompt_token_ids": list(ctx)})
             rows.append(i)
         if prompts:
             for i, request in zip(rows, self.llm.generate(prompts, params, use_tqdm=False), strict=True):
-                results[i] = self._turn(request, len(contexts[i]))
+                results[i] = self._turn(request, len(contexts[i]), stop_ids, stop_strings)
         return results  # type: ignore[return-value]
 
-    def _turn(self, request, context_len: int) -> TurnOutput:
+    def _turn(self, request, context_len: int, stop_ids: set[int], stop_strings: StopStrings | None) -> TurnOutput:
+        """A request's turn. With stop strings it is cut where `cut_turn` cuts it (vLLM returns the tokens through
+        the one that completed a stop string, and with them keeps the stop string in its text, nothing after it);
+        where `cut_turn` finds no end, the tokens and stop reason are vLLM's (e.g. a generation-config EOS)."""
         out = request.outputs[0]
         tokens = list(out.token_ids)
         logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, out.logprobs or [], strict=True)]
@@ -115,5 +129,9 @@ class VLLMBackend:
             stop = "eos"
         else:
             stop = "stop"
+        if stop_strings is not None:
+            cut = cut_turn(tokens, stop_ids, self.eos_id, stop_strings)
+            if cut.stop != "length":
+                tokens, logprobs, stop = cut.tokens, logprobs[: len(cut.tokens)], cut.stop
         cached = getattr(request, "num_cached_tokens", None)
         return TurnOutput(tokens, logprobs, stop, None if cached is None else context_len - cached)

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.envs.retriever import FTSRetriever
+from arborl.components.envs.http_retriever import HTTPRetriever
+from arborl.components.envs.retriever import FTSRetriever, Retriever
 
 
 @dataclass
@@ -79,11 +81,20 @@ def device(cfg: Config) -> str:
     return cfg.run.device
 
 
-def load_retriever(world_uri: str, cfg: Config) -> FTSRetriever:
+def load_retriever(world_uri: str, cfg: Config) -> Retriever:
+    """The search tool of `cfg.search`: a client of the retrieval server at `search.url` (backend http; the
+    world's facts are not read), else an in-process index of the world's facts."""
+    search = cfg.search
+    if search.backend == "http":
+        return HTTPRetriever(search.url, topk=search.topk, timeout_s=search.timeout_s, retries=search.retries,
+                             backoff_s=search.backoff_s)
     return FTSRetriever.from_facts(schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS),
-                                   top_k=cfg.world.search_top_k)
+                                   top_k=search.topk)
 
 
 def load_prompts(world_uri: str, split: str | None = None) -> list[dict]:
-    rows = schemas.read(storage.join(world_uri, schemas.PROMPTS_FILE), schemas.PROMPTS).to_pylist()
-    return [r for r in rows if split is None or r["split"] == split]
+    """Rows of the prepare output's prompts artifact (of one split when given), in file order."""
+    table = schemas.read(storage.join(world_uri, schemas.PROMPTS_FILE), schemas.PROMPTS)
+    if split is not None:  # filtered in Arrow: a Parquet dataset's splits can be large
+        table = table.filter(pc.equal(table["split"], split))
+    return table.to_pylist()

@@ -21,7 +21,7 @@ def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[st
                    ) -> tuple[list[dict], dict[str, float]]:
     """Evaluate the model directory at `model_uri` on the world's questions of `splits`: (rows, metrics)."""
     loaded = load_backend(cfg, model_uri, device(cfg), cfg.evaluate.batch_size)
-    backend, env = loaded.backend, SearchEnv(load_retriever(world_uri, cfg), loaded.tokenizer)
+    backend, env = loaded.backend, SearchEnv(load_retriever(world_uri, cfg), loaded.tokenizer, cfg.model.chat_template)
     prompts = [p for split in splits for p in load_prompts(world_uri, split)]
     return evaluate_policy(backend, env, prompts, cfg.agent, cfg.verify, cfg.evaluate.temperature,
                            seed=evaluation_seed(cfg), pass_k=tuple(cfg.evaluate.pass_k),
@@ -37,5 +37,5 @@ def evaluate_outputs(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dic
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str) -> StageResult:
-    return run_stage("evaluate", cfg, inputs, out, ("evaluate", "agent", "verify"),
+    return run_stage("evaluate", cfg, inputs, out, ("evaluate", "agent", "verify", "search", "model"),
                      partial(evaluate_outputs, cfg, inputs, out))

@@ -1,6 +1,7 @@
 """label: advantages per leaf and per-node token weights (A⁺, A⁻, multiplicity) → advantages.parquet;
 sibling-subtree preference pairs → preferences.parquet; the per-depth granularity report → granularity.json;
-a tree viewer → trees.html."""
+a tree viewer → trees.html. Its metrics include how much signal the iteration carries (`advantages.signal`):
+zero-spread groups, informative sibling sets, trainable tokens with non-zero advantage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from arborl.components import schemas, storage
 from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
 from arborl.components.advantages.registry import label_advantages
+from arborl.components.advantages.signal import signal_metrics
 from arborl.components.config import Config
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
 from arborl.components.viewer.tree_html import build_html
@@ -41,6 +43,8 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
     outputs = {"advantages": uri}
 
     forest = build_forest(nodes, rewards)
+    trainable = {(n["prompt_id"], n["tree_id"], n["node_id"]): sum(n["loss_mask"]) for n in nodes}
+    metrics.update(signal_metrics(forest, leaf_rewards, trainable, parents, signal, labels.estimator.per_node))
     margin = cfg.advantage.preference_margin
     report = granularity(forest, margin, {k: node_advantage(*w) for k, w in weights.items()})
     outputs["granularity"] = storage.join(out, schemas.GRANULARITY_FILE)

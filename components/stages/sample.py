@@ -19,7 +19,6 @@ from functools import partial
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.budget import plan, prompt_counts, summarize
@@ -27,7 +26,7 @@ from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import Tree, node_rows
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 
-SECTIONS = ("sampling", "agent", "budget")
+SECTIONS = ("sampling", "agent", "budget", "search", "model")
 # transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
 # of one process must not load at the same time
 _LOAD_LOCK = threading.Lock()
@@ -114,7 +113,7 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
     with _LOAD_LOCK:  # vllm runs where it is installed: the Dockerfile's `sampler` image
         loaded = load_backend(cfg, inputs["model"], device(cfg))
     backend, tokenizer, model_context = loaded.backend, loaded.tokenizer, loaded.context_window
-    env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer)
+    env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer, cfg.model.chat_template)
     index, count = shard or (0, 1)
     chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
     context = min(cfg.agent.max_total_tokens, model_context or 1 << 62)
@@ -122,7 +121,7 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
     stats: dict[str, dict] = {}
     prompts = []
     for pos, row in chosen:
-        ids = prompt_ids(tokenizer, row["prompt"])
+        ids = env.prompt_ids(row)
         reason = screen(row, ids, context)
         stats[row["prompt_id"]] = {"position": pos, **({"bad": reason} if reason else {})}
         if reason is None:
@@ -130,7 +129,8 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
 
     sampling = plan(cfg.sampling, cfg.budget)
     trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration,
-                         tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds)
+                         tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds,
+                         token_stop=cfg.budget.token_stop)
     by_prompt: dict[str, list[Tree]] = {}
     for tree in trees:
         by_prompt.setdefault(tree.prompt_id, []).append(tree)

@@ -1,15 +1,18 @@
-"""verify: outcome rewards for every leaf (Search-R1 EM with format scores) → rewards.parquet."""
+"""verify: outcome rewards for every leaf (the reward `verify.reward` gives its prompt's data source) →
+rewards.parquet."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from functools import partial
 from typing import Any
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
-from arborl.components.verification.qa_em import VERIFIER, score_response
+from arborl.components.verification.scoring import sample_from_prompt, score_samples
 
 
 def leaf_responses(nodes: list[dict]) -> list[tuple[str, int, int, str]]:
@@ -28,34 +31,41 @@ def leaf_responses(nodes: list[dict]) -> list[tuple[str, int, int, str]]:
     return out
 
 
+def _metric_name(verifier: str) -> str:
+    """A verifier's name or import path as a metric-name part (MLflow: letters, digits, _ - . : / and space)."""
+    return re.sub(r"[^\w.:-]", "_", verifier)
+
+
 def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """Score every leaf's root→leaf response against its question's ground truth → rewards.parquet."""
+    """Score every leaf's root→leaf response with its prompt's reward → rewards.parquet."""
     nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
-    truths = {p["prompt_id"]: list(p["ground_truth"]) for p in load_prompts(inputs["world"])}
-    rows = []
-    for pid, tid, leaf, response in leaf_responses(nodes):
-        if pid not in truths:
+    prompts = {p["prompt_id"]: p for p in load_prompts(inputs["world"])}
+    leaves = leaf_responses(nodes)
+    samples = []
+    for pid, tid, leaf, response in leaves:
+        if pid not in prompts:
             raise KeyError(
                 f"{inputs['nodes']}/{schemas.NODES_FILE}: prompt_id {pid!r} (tree {tid}, leaf {leaf}) "
                 "has no ground truth"
             )
-        try:
-            s = score_response(response, truths[pid], cfg.verify)
-            row = {"reward": s.reward, "correct": s.correct, "f1": s.f1, "error": None,
-                   "details": json.dumps({"answer": s.answer, "valid_format": s.valid_format,
-                                          "format": s.format_reason})}
-        except Exception as exc:  # a verifier bug costs that leaf its reward, never the stage
-            row = {"reward": 0.0, "correct": False, "f1": 0.0, "error": f"{type(exc).__name__}: {exc}",
-                   "details": "{}"}
-        rows.append({"prompt_id": pid, "tree_id": tid, "leaf_id": leaf, "verifier": VERIFIER, **row})
+        samples.append(sample_from_prompt(prompts[pid], response))
+    rows = []
+    for (pid, tid, leaf, _), o in zip(leaves, score_samples(samples, cfg.verify), strict=True):
+        row = {"reward": o.reward, "correct": o.correct, "f1": o.f1, "error": o.error,
+               "details": json.dumps(o.details, default=str)}
+        rows.append({"prompt_id": pid, "tree_id": tid, "leaf_id": leaf, "verifier": o.verifier, **row})
     uri = storage.join(out, schemas.REWARDS_FILE)
     schemas.write(rows, schemas.REWARDS, uri)
     n = max(len(rows), 1)
+    per_leaves = Counter(r["verifier"] for r in rows)
+    per_errors = Counter(r["verifier"] for r in rows if r["error"] is not None)
     return {"rewards": uri}, {
         "leaves": len(rows),
         "reward_mean": sum(r["reward"] for r in rows) / n,
         "correct_mean": sum(r["correct"] for r in rows) / n,
         "errors": sum(r["error"] is not None for r in rows),
+        **{f"leaves/{_metric_name(v)}": c for v, c in sorted(per_leaves.items())},
+        **{f"errors/{_metric_name(v)}": per_errors[v] for v in sorted(per_leaves)},
     }
 
 

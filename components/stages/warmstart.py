@@ -1,4 +1,9 @@
-"""warmstart: build the tokenizer and tiny model, then supervised training on imperfect demonstrations."""
+"""warmstart: build the tokenizer and tiny model, then supervised training on imperfect demonstrations.
+
+With `warmstart.enabled` false the stage trains nothing and reads nothing of the world: it saves `model.path` as
+the run's iteration-0 model. Either way the model is saved in `train.save_dtype`, with its full-precision master
+weights as training state (`checkpoint.write_training_state`) when that dtype rounds them.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,35 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
+from transformers import PreTrainedTokenizerFast
+
 from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.envs.demos import build_demonstrations
 from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.training.checkpoint import master_weights, write_training_state
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
+
+SECTIONS = ("world", "model", "warmstart", "search")  # demonstrations search with the configured retriever
+
+def save_start_model(cfg: Config, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: str) -> None:
+    """Save the run's iteration-0 model at `out` in `train.save_dtype`, with master weights when rounded."""
+    master = master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
+    write_training_state(out, None, master)
+    save_policy(model, tokenizer, out, dtype=cfg.train.save_dtype)
+
+
+def given_model(cfg: Config, out: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """No warm start: `model.path`, loaded as it is, becomes the model directory `out`."""
+    if cfg.model.path is None:
+        raise ValueError("warmstart.enabled is false but model.path is null: set model.path")
+    model, tokenizer = load_policy(cfg.model.path, "cpu", cfg.storage.cache_max_gb)
+    save_start_model(cfg, model, tokenizer, out)
+    return {"model": out}, {"trained": 0, "steps": 0, "demos": 0, "source": cfg.model.path,
+                            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
 
 
 def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable | None = None
@@ -34,8 +61,9 @@ def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable 
     if unk:
         raise ValueError(f"warmstart: {unk} demonstration tokens are unknown to the tokenizer")
     metrics = supervised_train(model, demos, cfg.warmstart, tokenizer.pad_token_id, cfg.run.seed, on_step)
-    save_policy(model, tokenizer, out)
+    save_start_model(cfg, model, tokenizer, out)
     metrics.update({
+        "trained": 1,
         "demos": len(demos),
         "demo_tokens_mean": sum(len(d[0]) for d in demos) / len(demos),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -45,5 +73,5 @@ def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable 
 
 
 def run(cfg: Config, inputs: dict[str, str], out: str, on_step=None) -> StageResult:
-    return run_stage("warmstart", cfg, inputs, out, ("world", "model", "warmstart"),
-                     partial(warm_start, cfg, inputs, out, on_step))
+    work = partial(warm_start, cfg, inputs, out, on_step) if cfg.warmstart.enabled else partial(given_model, cfg, out)
+    return run_stage("warmstart", cfg, inputs, out, SECTIONS, work)

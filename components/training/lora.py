@@ -95,16 +95,18 @@ def load_for_training(
     return model.to(device), tokenizer, base_uri
 
 
-def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: str, base_uri: str | None) -> None:
-    """Write the model directory at `out`: merged weights, plus the adapter and its base pointer under LoRA.
+def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: str, base_uri: str | None,
+                 dtype: str | None = None) -> None:
+    """Write the model directory at `out`: merged weights (in `dtype`, `models.save_policy`), plus the adapter
+    (in its own dtype) and its base pointer under LoRA.
 
     Under LoRA this merges `model` in place: do not train it afterwards.
     """
     if base_uri is None:
-        save_policy(model, tokenizer, out)
+        save_policy(model, tokenizer, out, dtype=dtype)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         storage.upload_dir(tmp, storage.join(out, ADAPTER_DIR))
     storage.write_json(storage.join(out, BASE_FILE), {"base": base_uri})
-    save_policy(model.merge_and_unload(), tokenizer, out)
+    save_policy(model.merge_and_unload(), tokenizer, out, dtype=dtype)

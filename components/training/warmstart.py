@@ -9,12 +9,14 @@ import torch
 
 from arborl.components.config import WarmstartConfig
 from arborl.components.envs.demos import Segment
-from arborl.components.models import encode
+from arborl.components.models import bos, encode
 
 
 def tokenize_demo(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
-    """(input_ids (T,), trainable (T,)) for one demonstration: BOS, then each segment's words."""
-    ids, trainable = [tokenizer.bos_token_id], [False]
+    """(input_ids (T,), trainable (T,)) for one demonstration: BOS (where the tokenizer has one), then each
+    segment's tokens."""
+    ids = bos(tokenizer)
+    trainable = [False] * len(ids)
     for text, learn in segments:
         toks = encode(tokenizer, text)
         ids += toks

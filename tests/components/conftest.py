@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(1)
 
-from arborl.components.config import ModelConfig, WarmstartConfig, WorldConfig  # noqa: E402
+from arborl.components.config import ModelConfig, SearchConfig, WarmstartConfig, WorldConfig  # noqa: E402
 from arborl.components.envs.demos import demonstration  # noqa: E402
 from arborl.components.envs.retriever import FTSRetriever  # noqa: E402
 from arborl.components.envs.world import RELATIONS, build_world, make_questions, vocabulary  # noqa: E402
@@ -59,8 +59,8 @@ def facts(world) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def retriever(facts, world_cfg) -> FTSRetriever:
-    return FTSRetriever([f["text"] for f in facts], top_k=world_cfg.search_top_k)
+def retriever(facts) -> FTSRetriever:
+    return FTSRetriever([f["text"] for f in facts], top_k=SearchConfig().topk)
 
 
 @pytest.fixture(scope="session")

@@ -174,3 +174,30 @@ def test_cli_names_a_truncated_parquet_in_one_line(tmp_path):
     lines = [line for line in output.splitlines() if schemas.NODES_FILE in line]
     assert len(lines) == 1
     assert f"{nodes / schemas.NODES_FILE}: not a Parquet file or truncated" in lines[0]
+
+
+def test_a_hub_id_that_is_no_local_directory_and_cannot_be_downloaded_names_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: the Hub says no
+    with pytest.raises(ArtifactError, match="nosuchorg/nosuchmodel: no such local directory, and not downloadable"):
+        load_policy("nosuchorg/nosuchmodel")
+
+
+def test_load_policy_in_bfloat16(tmp_path, tokenizer):
+    from arborl.components.config import ModelConfig
+
+    model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tokenizer, 0)
+    save_policy(model, tokenizer, str(tmp_path / "m"))
+    loaded, _ = load_policy(str(tmp_path / "m"), dtype="bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_prompt_ids_put_bos_only_where_the_tokenizer_has_one(tokenizer):
+    from arborl.components.models import prompt_ids, row_prompt_ids
+
+    ids = prompt_ids(tokenizer, "<question> x </question>")
+    assert ids[0] == tokenizer.bos_token_id
+    row = {"prompt": "ignored", "messages": json.dumps([{"role": "user", "content": "<question> x </question>"}])}
+    assert row_prompt_ids(tokenizer, row) == ids  # no chat template: the content as plain text after BOS

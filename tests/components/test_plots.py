@@ -6,7 +6,13 @@ import io
 
 import pytest
 
-from arborl.components.plots import aggregate_granularity, curves_figure, granularity_figure
+from arborl.components.plots import (
+    aggregate_granularity,
+    champion_figure,
+    curves_figure,
+    granularity_figure,
+    stage_time_figure,
+)
 
 
 def g(depth, nodes, bp, inf_sets, inf_pairs, dv, adv, pref):
@@ -55,3 +61,35 @@ def test_granularity_figure():
     assert [p.get_height() for p in counts.patches] == [5, 2, 3, 1, 3, 2]  # bp, informative, pairs × depth
     assert list(magnitude.lines[1].get_ydata()) == pytest.approx([0.2, 0.25])
     assert png(fig).startswith(b"\x89PNG")
+
+
+def test_stage_time_figure_stacks_stages():
+    seconds = {0: {"prepare": 1.0, "warmstart": 30.0, "evaluate": 2.0},
+               1: {"sample": 2.0, "verify": 0.5, "label": 0.5, "train": 3.0},
+               2: {"sample": 2.5, "verify": 0.5, "label": 0.5, "train": 3.5, "evaluate": 1.0}}
+    fig = stage_time_figure(seconds, "run t")
+    warm, iters = fig.axes
+    assert [p.get_height() for p in warm.patches] == [1.0, 30.0, 2.0] and warm.get_title() == "warm start: 33.0 s"
+    assert iters.get_title() == "RL iterations: 14.0 s"
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in iters.containers}
+    assert bars == {"sample": [2.0, 2.5], "verify": [0.5, 0.5], "label": [0.5, 0.5], "train": [3.0, 3.5],
+                    "evaluate": [0.0, 1.0]}
+    tops = [p.get_y() + p.get_height() for p in iters.containers[-1].patches]  # stacked: evaluate on top
+    assert tops == [6.0, 8.0]
+    assert [t.get_text() for t in iters.get_legend().get_texts()] == ["prepare", "warmstart", "sample", "verify",
+                                                                       "label", "train", "evaluate"]
+    assert png(fig).startswith(b"\x89PNG")
+
+
+def test_champion_figure_follows_promotions():
+    rows = [{"version": "1", "decision": "promote", "metric": "em", "challenger": 0.4, "baseline": 0.1},
+            {"version": "2", "decision": "reject", "metric": "em", "challenger": 0.3, "baseline": 0.41},
+            {"version": "3", "decision": None, "metric": None, "challenger": None, "baseline": None},
+            {"version": "4", "decision": "promote", "metric": "em", "challenger": 0.8, "baseline": 0.4}]
+    fig = champion_figure(rows)
+    [ax] = fig.axes
+    [champion] = ax.lines
+    assert list(champion.get_xdata()) == [1, 2, 4] and list(champion.get_ydata()) == [0.4, 0.41, 0.8]
+    promoted, rejected = ax.collections
+    assert promoted.get_offsets().tolist() == [[1, 0.4], [4, 0.8]] and rejected.get_offsets().tolist() == [[2, 0.3]]
+    assert "em" in ax.get_ylabel() and png(fig).startswith(b"\x89PNG")

@@ -75,3 +75,22 @@ def test_decision_tags_are_strings():
     tags = gate(BASE, BASE, margin=0.0, metric="em_sampled").tags()
     assert tags["gate.decision"] == REJECT and tags["gate.metric"] == "em_sampled" and tags["gate.n"] == "200"
     assert all(isinstance(v, str) for v in tags.values())
+
+
+def test_promotion_description_states_the_decision_with_its_numbers():
+    from arborl.components.registry import GateDecision, Promotion
+
+    better = BASE.copy()
+    better[np.flatnonzero(BASE == 0)[:40]] = 1.0
+    promoted = Promotion(gate(better, BASE, margin=0.0, expected=200), "m", "2", "champion v1", "1", "2", None)
+    text = promoted.description("test")
+    assert text.startswith("Promoted to champion: em ") and "vs" in text and "for the champion v1 on 200 test" in text
+    assert "paired improvement +0.200 with 95% interval [" in text and text.endswith("above the margin 0.")
+    rejected = Promotion(gate(BASE, better, margin=0.0, expected=200), "m", "3", "champion v2", "2", "2", None)
+    text = rejected.description("val")
+    assert text.startswith("Not promoted (champion stays v2): em ") and "on 200 val questions" in text
+    assert text.endswith(", no improvement.") and "on 200 questions" in rejected.description()
+    first = Promotion(GateDecision(INCOMPLETE, "challenger evaluation failed", "em", 0.0, 0), "m", "1", "warm start",
+                      None, None, None)
+    assert first.description() == ("Not promoted: the gate against the warm start was incomplete (challenger "
+                                    "evaluation failed).")

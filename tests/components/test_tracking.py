@@ -1,13 +1,20 @@
 """components.tracking.Tracker on a real SQLite MLflow store: one MLflow run per pipeline run, resumed after a
-crash — also after one that came between creating the run and recording its id."""
+crash — also after one that came between creating the run and recording its id; its links, dataset inputs and
+system metrics."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import time
+
+import pandas as pd
 from mlflow import MlflowClient
 
 from arborl.components import storage
 from arborl.components.config import Config
-from arborl.components.tracking import RUN_ID_FILE, Tracker
+from arborl.components.tracking import RUN_ID_FILE, Tracker, git_commit, model_version_url, run_url
 
 
 def _setup(tmp_path, monkeypatch):
@@ -44,3 +51,54 @@ def test_a_finished_run_is_never_adopted(tmp_path, monkeypatch):
     storage.remove(storage.join(root, RUN_ID_FILE))  # the outputs were deleted, the tracking store kept
     again = Tracker(cfg, root)
     assert again.run_id != first.run_id and not again.resumed and len(_runs(client)) == 2
+
+
+def test_links_to_the_mlflow_ui_only_for_an_http_server():
+    assert run_url("http://mlflow:5000/", "3", "abc") == "http://mlflow:5000/#/experiments/3/runs/abc"
+    assert run_url("sqlite:///x.db", "3", "abc") == "runs:/abc"
+    assert model_version_url("https://m.example", "arborl-tiny", "2") == "https://m.example/#/models/arborl-tiny/versions/2"
+    assert model_version_url("sqlite:///x.db", "arborl-tiny", "2") == "models:/arborl-tiny/2"
+
+
+def test_git_commit_of_a_repository_and_none_elsewhere(tmp_path):
+    assert git_commit(tmp_path) is None  # not a repository
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env={**os.environ, **env})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert git_commit(repo) == head and len(head) == 40
+
+
+def test_prompt_datasets_are_logged_once_with_their_source(tmp_path, monkeypatch):
+    cfg, root, client = _setup(tmp_path, monkeypatch)
+    source = tmp_path / "prepare" / "prompts.parquet"
+    frames = {"train": pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["q1", "q2"]}),
+              "test": pd.DataFrame({"prompt_id": ["c"], "prompt": ["q3"]})}
+    tracker = Tracker(cfg, root)
+    assert tracker.log_datasets(str(source), frames) == ["train", "test"]
+    assert Tracker(cfg, root).log_datasets(str(source), frames) == []  # a resumed run: nothing new
+    inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert sorted((d.dataset.name, d.tags[0].value) for d in inputs) == [("prompts-test", "test"),
+                                                                       ("prompts-train", "train")]
+    assert {json.loads(d.dataset.source)["uri"] for d in inputs} == {str(source)}
+
+
+def test_system_metrics_are_sampled_until_finish_and_can_be_turned_off(tmp_path, monkeypatch):
+    cfg, root, client = _setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = Tracker(cfg, root)
+    tracker.start_system_metrics()
+    deadline = time.time() + 30
+    while time.time() < deadline and "system/cpu_utilization_percentage" not in client.get_run(
+            tracker.run_id).data.metrics:
+        time.sleep(0.2)
+    tracker.finish()
+    assert "system/cpu_utilization_percentage" in client.get_run(tracker.run_id).data.metrics
+    off = Tracker(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "off"}),
+                                         "tracking": cfg.tracking.model_copy(update={"system_metrics": False})}),
+                  storage.join(cfg.run.output_root, "off"))
+    off.start_system_metrics()
+    assert off._monitor is None
+    off.finish()

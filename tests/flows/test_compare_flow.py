@@ -1,52 +1,106 @@
-"""`arborl compare` on configs/micro.yaml with 2 seeds: four real pipeline runs (Tree-GRPO and GRPO), a real
-Prefect server and a real SQLite MLflow store; compare.json, the terminal table and the MLflow plot."""
+"""`arborl compare` on configs/micro.yaml at a budget of 8 chain equivalents: a base run, the Tree-GRPO and GRPO
+runs on a real Prefect server and a real SQLite MLflow store; both methods spend the same generated tokens per
+prompt (within 3%); compare.json, the tables, the signal metrics and the MLflow plots. And the CLI's --budgets."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
+MICRO = str(ROOT / "configs" / "micro.yaml")
 
 
-def test_compare_two_seeds_on_micro(tmp_path, prefect_server):
-    res = CliRunner().invoke(app, ["compare", "--config", str(ROOT / "configs" / "micro.yaml"), "--seeds", "2",
-                                   f"run.output_root={tmp_path / 'runs'}", "run.iterations=2"])
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "_manifest.json").read_text())
+
+
+def test_compare_spends_equal_tokens_per_prompt_on_micro(tmp_path, prefect_server):
+    runs = tmp_path / "runs"
+    res = CliRunner().invoke(app, ["compare", "--config", MICRO, "--seeds", "1", "--budgets", "8",
+                                   f"run.output_root={runs}", "run.iterations=2", "sampling.prompts_per_iteration=32"])
     assert res.exit_code == 0, res.output
-    assert "tree_grpo" in res.output and "grpo" in res.output and "generated tokens" in res.output
+    assert "Tree-GRPO vs GRPO at equal generated tokens per prompt" in res.output and "8 chains" in res.output
 
-    result = json.loads((tmp_path / "runs" / "micro-compare" / "compare.json").read_text())
-    tree, grpo = result["methods"]["tree_grpo"], result["methods"]["grpo"]
+    result = json.loads((runs / "micro-compare" / "compare.json").read_text())
+    (entry,) = result["budgets"]
+    unit = result["chain_tokens"]["0"]  # the warm start's mean generated tokens per sampled answer
+    assert unit == _manifest(runs / "micro-base-s0" / "warmstart_eval")["metrics"]["val_generated_tokens_sampled"]
+    budget = int(8 * unit + 0.5)
+    assert entry["chains"] == 8.0 and entry["tokens_per_prompt"] == {"0": budget}
+    tree, grpo = entry["methods"]["tree_grpo"], entry["methods"]["grpo"]
+    assert tree["sampling"] == {"trees_per_prompt": 4, "expansions_per_round": 2, "expansion_rounds": 1,
+                                "estimator": "tree"}  # budget.plan of 8 chains
     assert grpo["sampling"] == {"trees_per_prompt": 4, "expansions_per_round": 2, "expansion_rounds": 0,
-                                "estimator": "grpo"}
-    assert tree["sampling"]["expansion_rounds"] == 1 and tree["sampling"]["estimator"] == "tree"
-    for data in (tree, grpo):
-        assert [p["seed"] for p in data["per_seed"]] == [0, 1]
-        finals = [p["final_test_em"] for p in data["per_seed"]]
-        em = data["final_test_em"]
-        assert em["mean"] == sum(finals) / 2 and em["ci_low"] <= em["mean"] <= em["ci_high"]
-        assert [p["iteration"] for p in data["curve"]] == [0, 1, 2]  # warm start + eval every iteration
-        tokens = [p["generated_tokens"] for p in data["curve"]]
-        assert tokens[0] == 0 and tokens[0] < tokens[1] < tokens[2]
-        for run in data["per_seed"]:  # each run's summary is where the curve came from
-            summary = json.loads((tmp_path / "runs" / run["run_name"] / "summary.json").read_text())
-            assert run["final_test_em"] == summary["final"]["test_em"]
-            assert run["curve"][-1]["generated_tokens"] == sum(h["generated_tokens"] for h in summary["history"])
-    for seed in (0, 1):  # the GRPO run of a seed reuses that seed's world and warm start
-        assert not (tmp_path / "runs" / f"micro-grpo-s{seed}" / "warmstart").exists()
-        grpo_cfg = json.loads((tmp_path / "runs" / f"micro-grpo-s{seed}" / "config.json").read_text())
-        assert grpo_cfg["run"]["warmstart_from"] == str(tmp_path / "runs" / f"micro-tree_grpo-s{seed}")
-    runs = {p["run_name"] for d in (tree, grpo) for p in d["per_seed"]}
-    assert runs == {"micro-tree_grpo-s0", "micro-tree_grpo-s1", "micro-grpo-s0", "micro-grpo-s1"}
+                                "estimator": "grpo"}  # as many chains to start, then more
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    # budget matching: each method's generated tokens per prompt within 3% of the budget and of each other
+    spent = {m: d["spend"]["generated_tokens_per_prompt"] for m, d in entry["methods"].items()}
+    assert abs(spent["tree_grpo"] / spent["grpo"] - 1) <= 0.03
+    assert entry["token_mismatch"] == pytest.approx(spent["tree_grpo"] / spent["grpo"] - 1)
+    assert f"({entry['token_mismatch']:+.1%})" in res.output  # the sweep table shows it
+    for method, data in entry["methods"].items():
+        assert abs(spent[method] / budget - 1) <= 0.03, method
+        assert data["spend"]["prompts"] == 64 and data["spend"]["budget_tokens_per_prompt"] == budget
+        (run,) = data["per_seed"]
+        root = runs / run["run_name"]
+        cfg = json.loads((root / "config.json").read_text())
+        assert cfg["budget"]["tokens_per_prompt"] == budget and cfg["budget"]["token_stop"] == "nearest"
+        assert cfg["run"]["warmstart_from"] == str(runs / "micro-base-s0") and not (root / "warmstart").exists()
+        samples = [_manifest(root / f"iter_00{it}" / "sample")["metrics"] for it in (1, 2)]
+        for key in ("generated_tokens", "prefilled_tokens", "tool_calls"):  # what the sample stages counted
+            assert data["spend"][f"{key}_per_prompt"] == pytest.approx(sum(m[key] for m in samples) / 64)
+        # the signal of every iteration, from its label stage
+        signal = data["signal"]
+        assert [p["iteration"] for p in signal["per_iteration"]] == [1, 2]
+        labels = [_manifest(root / f"iter_00{it}" / "label")["metrics"] for it in (1, 2)]
+        for point, label in zip(signal["per_iteration"], labels, strict=True):
+            for key in ("zero_spread_prompt_frac", "zero_spread_tree_frac", "informative_set_frac",
+                        "nonzero_adv_token_frac"):
+                assert point[key] == pytest.approx(label[key]) and 0.0 <= label[key] <= 1.0
+        assert run["run_name"] == f"micro-b8-{method}-s0"
+    assert grpo["signal"]["overall"]["zero_spread_tree_frac"] == 1.0  # a chain is a tree with one leaf
+
+    (row,) = result["table"]
+    diff = entry["difference"]
+    assert row["difference"] == diff["estimate"] == pytest.approx(row["tree_grpo_em"] - row["grpo_em"])
+    assert diff["ci_low"] <= diff["estimate"] <= diff["ci_high"] and diff["questions"] == 12  # micro's test split
+    assert row["grpo_generated_tokens"] == spent["grpo"] and row["tokens_per_prompt"] == budget
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
-    assert run.data.metrics["grpo/final_test_em_mean"] == grpo["final_test_em"]["mean"]
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"em_vs_generated_tokens.png", "compare.json"}
-    assert len(client.get_metric_history(run.info.run_id, "tree_grpo/test_em_vs_tokens")) == 3
+    assert run.data.metrics["b8/grpo/generated_tokens_per_prompt"] == pytest.approx(spent["grpo"])
+    assert run.data.metrics["b8/tree_grpo/final_test_em_mean"] == tree["final_test_em"]["mean"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "em_vs_budget.png", "em_vs_generated_tokens.png", "compare.json"}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tree_grpo/test_em_vs_budget")] == [budget]
+    tree_run = tree["per_seed"][0]["mlflow_run_id"]  # the label metrics of every iteration reach MLflow
+    for key in ("label/zero_spread_prompt_frac", "label/nonzero_adv_token_frac", "label/depth1_informative_set_frac"):
+        assert sorted(m.step for m in client.get_metric_history(tree_run, key)) == [1, 2]
     assert client.search_registered_models() == []  # comparison runs are never registry candidates
+
+
+def test_cli_parses_budgets(monkeypatch):
+    import arborl.flows.compare as compare_flow
+
+    calls = []
+
+    def fake(config, seeds, budgets):
+        calls.append((seeds, budgets))
+        return {"budgets": [], "table": [], "budget_rule": "the rule", "out": "x/compare.json", "mlflow_run_id": None}
+
+    monkeypatch.setattr(compare_flow, "compare_pipeline", fake)
+    runner = CliRunner()
+    res = runner.invoke(app, ["compare", "--config", MICRO, "--seeds", "2", "--budgets", "2,4,8"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["compare", "--config", MICRO])
+    assert res.exit_code == 0, res.output
+    assert calls == [(2, [2.0, 4.0, 8.0]), (3, None)]
+    res = runner.invoke(app, ["compare", "--config", MICRO, "--budgets", "2,x"])
+    assert res.exit_code == 2 and "--budgets" in res.output and len(calls) == 2

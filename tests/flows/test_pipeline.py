@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from arborl.components import storage
@@ -146,3 +147,49 @@ def test_sharded_sampling_fans_out_and_merges_to_the_unsharded_trees(tmp_path, p
         return [{k: v for k, v in r.items() if k != "logprobs"} for r in storage.read_parquet(uri).to_pylist()]
 
     assert without_logprobs(str(out / "nodes.parquet")) == without_logprobs(whole.outputs["nodes"])
+
+
+def test_keep_iterations_prunes_old_models_and_a_resumed_run_does_not_retrain_them(tmp_path, prefect_server,
+                                                                                  monkeypatch):
+    from safetensors.torch import load_file
+
+    from arborl.components.stages import STAGES
+    from arborl.flows.pipeline import train_pipeline
+
+    cfg = micro(tmp_path, "run.iterations=3", "run.eval_every=3", "run.keep_iterations=1",
+                "train.save_dtype=bfloat16", "tracking.enabled=false", "registry.enabled=false")
+    run_root = tmp_path / "runs" / "micro"
+    train_stage = STAGES["train"]
+
+    def crashing_train(cfg, inputs, out, iteration, **kw):
+        if iteration == 3:
+            raise RuntimeError("killed in the train stage of iteration 3")
+        return train_stage(cfg, inputs, out, iteration=iteration, **kw)
+
+    monkeypatch.setitem(STAGES, "train", crashing_train)
+    with pytest.raises(Exception, match="killed in the train stage of iteration 3"):
+        train_pipeline(cfg.model_dump(mode="json"))
+    monkeypatch.setitem(STAGES, "train", train_stage)
+
+    def files(it: int) -> set[str]:
+        return {p.name for p in (run_root / f"iter_{it:03d}" / "train").iterdir()}
+
+    def train_manifest(it: int) -> dict:
+        return json.loads((run_root / f"iter_{it:03d}" / "train" / "_manifest.json").read_text())
+
+    assert files(1) == {"_manifest.json", "_stage.json"} and train_manifest(1)["pruned"]["weights"]
+    assert {"model.safetensors", "optimizer.pt"} <= files(2)  # the newest complete iteration: all of it
+    before = {it: train_manifest(it)["finished_at"] for it in (1, 2)}
+
+    summary = train_pipeline(cfg.model_dump(mode="json"))  # resumes: iteration 3 trains from iteration 2's model
+    assert [h["iteration"] for h in summary["history"]] == [1, 2, 3]
+    assert {it: train_manifest(it)["finished_at"] for it in (1, 2)} == before  # not retrained
+    assert files(1) == files(2) == {"_manifest.json", "_stage.json"}
+    assert {"model.safetensors", "optimizer.pt"} <= files(3) and "pruned" not in train_manifest(3)
+    saved = load_file(str(run_root / "iter_003" / "train" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert (run_root / "warmstart" / "model.safetensors").exists()  # the warm start is never pruned
+
+    done = manifests(run_root)
+    again = train_pipeline(cfg.model_dump(mode="json"))  # finished: everything is skipped
+    assert manifests(run_root) == done and again["final"] == summary["final"]

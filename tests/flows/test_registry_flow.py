@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from arborl.components import storage
+from arborl.components import retention, storage
 from arborl.components.config import load_config
 from arborl.components.registry import CHALLENGER, CHAMPION, promote, register_final_model
 from arborl.components.stages import STAGES
@@ -43,6 +43,9 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     name = cfg.registry.model_name
     v1 = client.get_model_version_by_alias(name, CHALLENGER)
     assert str(v1.version) == "1" and summary["registry"]["version"] == "1"
+    # recorded as registered first, so that run.keep_iterations never prunes it
+    assert retention.registered(str(tmp_path / "runs" / "micro")) == [summary["model"]] == [
+        v1.tags["arborl.model_uri"]]
     assert v1.run_id == summary["mlflow_run_id"] == v1.tags["arborl.run_id"]
     assert v1.tags["arborl.config_hash"] == cfg.section_hash()
     assert float(v1.tags["eval.test_em"]) == summary["final"]["test_em"]
@@ -53,7 +56,7 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     assert decision["decision"] == v1.tags["gate.decision"] == summary["registry"]["decision"]["decision"]
     assert (tmp_path / "runs" / "micro" / "promote_v1" / "challenger_eval.parquet").exists()
     with get_client(sync_client=True) as prefect:
-        key = ArtifactFilterKey(any_=["arborl-promotion"])
+        key = ArtifactFilterKey(any_=["micro-promotion-arborl-micro"])  # <run>-promotion-<model>
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=key))
     assert artifacts and "Promotion of arborl-micro v1" in artifacts[0].data
 

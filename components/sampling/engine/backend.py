@@ -7,6 +7,10 @@ every row's token to the one buffer column `width + t` (see `kv_cache`), with on
 finished ones hand their KV to the prefix cache and leave, so a turn stops paying for rows that wait on its longest.
 The prefix cache is dropped whenever a parameter of the model changes (tensor version counters). Logits are cast to
 float32 before the softmax, so bf16 models sample from float32 probabilities.
+
+Stop tokens and EOS are checked on the device. Stop strings (`StopStrings`) are checked on the host: with them, each
+decode step copies its new tokens to the host and advances every row's text tail; without them the loop copies
+nothing but its finished count.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from arborl.components.sampling.engine.fused_forward import FusedLlama
 from arborl.components.sampling.engine.kv_cache import KVBuffer, KVPool, attention_bias
 from arborl.components.sampling.engine.prefill import Prefilled, finish_prefill, plan_prefill
 from arborl.components.sampling.engine.prefix_cache import PrefixCache
-from arborl.components.sampling.generation import TurnOutput, cut_turn
+from arborl.components.sampling.generation import StopStrings, TurnOutput, cut_turn
 
 FORWARDS = ("fused", "lean", "model")
 COMPACT_MIN_ROWS = 16  # below this many rows a decode step costs about the same whatever the count
@@ -36,6 +40,7 @@ class _Turn:
     contexts: list[list[int]]
     max_new: list[int]
     stop_ids: set[int]
+    stop_strings: StopStrings | None
     width: int
     pre: Prefilled
     tokens: torch.Tensor
@@ -118,6 +123,8 @@ class HFBackend:
         temperature: float = 1.0,
         greedy: bool = False,
         generator: rng.Generators = None,
+        *,
+        stop_strings: StopStrings | None = None,
     ) -> list[TurnOutput]:
         """See `GenerationBackend.generate`; contexts go through in batches of `batch_size`."""
         self._check_weights()
@@ -125,7 +132,8 @@ class HFBackend:
         for start in range(0, len(contexts), self.batch_size):
             end = start + self.batch_size
             batch = contexts[start:end], max_new_tokens[start:end]
-            out.extend(self._generate_batch(*batch, stop_ids, temperature, greedy, rng.rows(generator, start, end)))
+            out.extend(self._generate_batch(*batch, stop_ids, temperature, greedy, rng.rows(generator, start, end),
+                                            stop_strings))
         return out
 
     @torch.no_grad()
@@ -170,11 +178,14 @@ class HFBackend:
             logits = self._forward(plan.cache, plan.ids, plan.attend, plan.causal_bias())
         return finish_prefill(plan, logits, self.prefix_cache, self._pools[1])
 
-    def _generate_batch(self, contexts, max_new, stop_ids, temperature, greedy, generator) -> list[TurnOutput]:
+    def _generate_batch(self, contexts: list[list[int]], max_new: list[int], stop_ids: set[int], temperature: float,
+                        greedy: bool, generator: rng.Generators,
+                        stop_strings: StopStrings | None = None) -> list[TurnOutput]:
         """Prefill, then decode. Row i attends to its context columns [0, len_i) and to the decode columns
         [width, width + t], and its token's position is len_i + t. A finished row keeps decoding (harmlessly; its
         extra tokens are cut) until half the rows in the buffer have finished; then the finished ones leave the
-        buffer (`alive` maps buffer rows back to batch rows)."""
+        buffer (`alive` maps buffer rows back to batch rows). With `stop_strings`, each batch row's text tail
+        (`tails`, None once a stop string ended it) advances on the host by the token it sampled."""
         self.model.eval()
         dev = self.device
         b = len(contexts)
@@ -183,7 +194,7 @@ class HFBackend:
         capacity = width + steps
         pre = self._prefill(contexts, capacity)
         cache, logits = pre.cache, pre.logits
-        turn = _Turn(contexts, max_new, stop_ids, width, pre,
+        turn = _Turn(contexts, max_new, stop_ids, stop_strings, width, pre,
                      torch.zeros((b, max(steps, 1)), dtype=torch.long, device=dev),
                      torch.zeros((b, max(steps, 1)), device=dev))
         lengths_ctx = torch.tensor([len(c) for c in contexts], device=dev)
@@ -197,6 +208,7 @@ class HFBackend:
         finished = last_step < 0
         alive = torch.arange(b, device=dev)
         kept: list[int] = list(range(b))  # `alive` as a list: batch rows still in the buffer
+        tails: list[str | None] = [""] * b  # per batch row: its text tail for `stop_strings`
         outputs: dict[int, TurnOutput] = {}
         for t in range(steps):
             logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
@@ -204,6 +216,8 @@ class HFBackend:
             turn.tokens[alive, t] = nxt
             turn.logps[alive, t] = logp.gather(1, nxt[:, None]).squeeze(1)
             finished |= torch.isin(nxt, stops) | (last_step <= t)
+            if stop_strings is not None:
+                finished |= self._string_stops(stop_strings, tails, kept, nxt)
             n_finished = int(finished.sum())
             if t == steps - 1 or n_finished == len(kept):
                 break
@@ -223,6 +237,21 @@ class HFBackend:
         outputs.update(self._finish(turn, kept, torch.arange(len(kept), device=dev), steps))
         return [outputs[i] for i in range(b)]
 
+    @staticmethod
+    def _string_stops(stop_strings: StopStrings, tails: list[str | None], kept: list[int],
+                      nxt: torch.Tensor) -> torch.Tensor:
+        """Advance the text tail of each row in the buffer (batch row `kept[j]` at buffer row j) by its new token
+        `nxt` (buffer rows,); a row whose text now contains a stop string gets tail None. Returns (buffer rows,)
+        bool on `nxt`'s device: the rows a stop string ended at this step."""
+        hits = [False] * len(kept)
+        for j, (i, tok) in enumerate(zip(kept, nxt.tolist(), strict=True)):
+            tail = tails[i]
+            if tail is not None:
+                tails[i], hits[j] = stop_strings.advance(tail, tok)
+                if hits[j]:
+                    tails[i] = None
+        return torch.tensor(hits, device=nxt.device)
+
     def _finish(self, turn: _Turn, rows: list[int], buffer_rows: torch.Tensor, decoded: int) -> dict[int, TurnOutput]:
         """Turn outputs of batch rows `rows` (in the buffer at `buffer_rows`) after `decoded` decode steps, and
         their KV (context + generated tokens fed back) kept for later calls: the cached segments a row started
@@ -231,7 +260,7 @@ class HFBackend:
         out = {}
         tokens, logps = turn.tokens[rows, :decoded].tolist(), turn.logps[rows, :decoded].tolist()
         for i, toks, lps in zip(rows, tokens, logps, strict=True):
-            result = cut_turn(toks[: max(turn.max_new[i], 0)], turn.stop_ids, self.eos_id)
+            result = cut_turn(toks[: max(turn.max_new[i], 0)], turn.stop_ids, self.eos_id, turn.stop_strings)
             result.logprobs, result.prefilled = lps[: len(result.tokens)], pre.prefilled[i]
             out[i] = result
         if self.prefix_cache.max_bytes <= 0 or not pre.cache.layers:

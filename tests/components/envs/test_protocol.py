@@ -60,7 +60,8 @@ def test_extract_answer():
     [
         ("<search> kai ron born </search>", "kai ron born"),
         ("thinking <search> a b </search>", "a b"),
-        ("<search> old </search> <search> new query </search>", "new query"),
+        ("<search> first </search> <search> later query </search>", "first"),  # a turn ends at its first tag
+        ("<search>tight</search>\n", "tight"),  # BPE text: no spaces around the tags, characters after them
         ("kai ron born </search>", "kai ron born"),  # opening tag missing: all words
         ("<search> unclosed words", "unclosed words"),
         ("<search> </search>", ""),
@@ -76,10 +77,10 @@ def test_search_query(turn, query):
     [
         ("<search> q </search>", "search"),
         ("<answer> a </answer>", "answer"),
-        ("<search> q </search> more", "invalid"),
+        ("<search> q </search>\n", "search"),  # the token that completed the tag may carry more characters
         ("<search> q", "invalid"),
         ("", "invalid"),
-        ("<answer> a </answer> </search>", "search"),  # the last tag decides
+        ("<answer> a </answer> </search>", "answer"),  # the first closing tag ended the turn
     ],
 )
 def test_turn_action(turn, action):
@@ -102,3 +103,14 @@ def test_question_prompt_and_observation():
     # an observation after a search keeps a response valid
     response = "<search> kai born </search>" + obs + " <answer> paris </answer>"
     assert is_valid_sequence(response) == (True, "ok")
+
+
+def test_search_r1_observation_format():
+    docs = ['"Paris"\nParis is the capital of France.', "one line"]
+    assert protocol.observation(docs, "search-r1") == (
+        '\n\n<information>Doc 1(Title: "Paris") Paris is the capital of France.\nDoc 2(Title: one line)'
+        "</information>\n\n"
+    )
+    assert protocol.observation([], "search-r1") == "\n\n<information></information>\n\n"
+    with pytest.raises(ValueError, match="unknown observation format"):
+        protocol.observation(docs, "xml")

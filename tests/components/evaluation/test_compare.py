@@ -1,80 +1,177 @@
-"""components.evaluation.compare: the equal-budget chain count, per-method configs, curves and aggregation."""
+"""components.evaluation.compare: budgets and per-method configs, the paired interval of the sweep table on
+hand-made per-question rows, what each method spent, curves and aggregation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from arborl.components.config import BudgetConfig, Config, SamplingConfig
-from arborl.components.evaluation.compare import aggregate, budget_rule, grpo_chains, method_config, run_curve
-from arborl.components.sampling import budget
+from arborl.components.config import Config
+from arborl.components.evaluation.compare import (
+    RunRecord,
+    aggregate,
+    base_config,
+    budget_rule,
+    chain_tokens,
+    compare_budget,
+    method_config,
+    paired_difference,
+    parse_budgets,
+    question_differences,
+    run_curve,
+    run_name,
+    spend,
+    sweep,
+    sweep_table,
+    token_budget,
+    tree_sampling,
+)
+from arborl.components.evaluation.metrics import paired_bootstrap
 
 
-def _cfg(m: int, n: int, rounds: int, c: float = 0.5, b: float | None = None) -> Config:
-    return Config.model_validate({
-        "sampling": {"trees_per_prompt": m, "expansions_per_round": n, "expansion_rounds": rounds},
-        "budget": {"expansion_cost": c, "chains_per_prompt": b},
-    })
+def _cfg(**budget) -> Config:
+    return Config.model_validate({"sampling": {"trees_per_prompt": 2, "expansions_per_round": 2,
+                                               "expansion_rounds": 1}, "budget": budget})
 
 
-def test_grpo_chains_follow_the_cost_model():
-    assert grpo_chains(_cfg(2, 2, 1)) == 4  # 2 · (1 + 2·½): Tree-GRPO's official setting
-    assert grpo_chains(_cfg(3, 2, 0)) == 3  # chain mode costs M
-    assert grpo_chains(_cfg(2, 4, 2)) == 10  # 2 · (1 + 2·4·½)
-    assert grpo_chains(_cfg(1, 3, 1)) == 3  # 2.5 rounds half up, as `plan` does
-    assert grpo_chains(_cfg(2, 2, 1, c=0.59)) == 4  # 4.36
-    assert grpo_chains(_cfg(2, 2, 1, c=0.75)) == 5
-    assert grpo_chains(_cfg(2, 2, 1, c=1.0)) == 6  # an expansion as dear as a chain: a trajectory each
-    assert "= 4 " in budget_rule(_cfg(2, 2, 1)) and "budget.expansion_cost" in budget_rule(_cfg(2, 2, 1))
+def test_parse_budgets():
+    assert parse_budgets("2,4,8") == [2.0, 4.0, 8.0]
+    assert parse_budgets(" 3 , 1.5 ") == [3.0, 1.5]
+    for bad in ("", "2,x", "0,4", "-1", "4,4", "nan"):
+        with pytest.raises(ValueError, match="budgets"):
+            parse_budgets(bad)
 
 
-@pytest.mark.parametrize("c", [0.25, 0.5, 0.59, 2 / 3, 0.75, 1.0])
-@pytest.mark.parametrize("b", [None, 3.0, 4.0, 7.0, 16.0])
-def test_grpo_count_and_plan_share_one_cost_model(c, b):
-    """compare's GRPO chain count is the planned cost of the tree run's sampling (after `plan`), rounded as
-    `plan` rounds a chain-mode budget, under the configured `budget.expansion_cost`."""
-    cfg = _cfg(2, 2, 1, c=c, b=b)
-    tree = method_config(cfg, "tree_grpo", 0)
-    planned = budget.plan(tree.sampling, tree.budget)
-    cost = budget.planned_chains(planned, c)
-    grpo = method_config(cfg, "grpo", 0)
-    assert grpo.sampling.trees_per_prompt == max(1, int(cost + 0.5)) == budget.equal_budget_chains(planned, c)
-    assert grpo.sampling.expansion_rounds == 0
-    # the GRPO run's own sampler plan keeps that count, and a chain-mode plan at the tree's cost gives it too
-    assert budget.plan(grpo.sampling, grpo.budget).trees_per_prompt == grpo.sampling.trees_per_prompt
-    chain_mode = SamplingConfig(expansion_rounds=0)
-    as_budget = budget.plan(chain_mode, BudgetConfig(chains_per_prompt=cost, expansion_cost=c))
-    assert as_budget.trees_per_prompt == grpo.sampling.trees_per_prompt
+def test_sweep_defaults_to_the_configs_one_budget():
+    assert sweep(_cfg(), [2.0, 8.0]) == [2.0, 8.0]
+    assert sweep(_cfg()) == [4.0]  # what M=2, N=2, L=1 trees cost at c = ½
+    assert sweep(_cfg(expansion_cost=0.75)) == [5.0]
+    assert sweep(_cfg(chains_per_prompt=6.0)) == [6.0]
+    assert sweep(_cfg(tokens_per_prompt=300)) == [None]
 
 
-def test_compare_uses_the_budget_modules_cost_function(monkeypatch):
-    """No second copy of the rule: replacing `budget.planned_chains` changes compare's count."""
-    cfg = _cfg(2, 2, 1)
-    assert method_config(cfg, "grpo", 0).sampling.trees_per_prompt == 4
-    monkeypatch.setattr(budget, "planned_chains", lambda sampling, c: 11.0)
-    assert method_config(cfg, "grpo", 0).sampling.trees_per_prompt == 11
+def test_token_budget_and_chain_unit():
+    assert token_budget(_cfg(), 4.0, 12.94) == 52 and token_budget(_cfg(), 2.5, 3.0) == 8  # 7.5 half up
+    assert token_budget(_cfg(tokens_per_prompt=300), None, 12.94) == 300
+    with pytest.raises(ValueError, match="tokens_per_prompt"):
+        token_budget(_cfg(), None, 10.0)
+    assert chain_tokens({"val_generated_tokens_sampled": 12.5, "test_generated_tokens_sampled": 9.0}) == 12.5
+    assert chain_tokens({"test_generated_tokens_sampled": 9.0}) == 9.0
+    with pytest.raises(ValueError, match="chain unit"):
+        chain_tokens({"val_em": 0.1})
 
 
-def test_expansion_cost_changes_the_grpo_count():
-    counts = [method_config(_cfg(2, 2, 1, c=c), "grpo", 0).sampling.trees_per_prompt for c in (0.25, 0.5, 1.0)]
-    assert counts == [3, 4, 6]
-    counts = [method_config(_cfg(4, 4, 1, c=c), "grpo", 0).sampling.trees_per_prompt for c in (0.25, 0.5, 0.59)]
-    assert counts == [8, 12, 13]  # 4 · (1 + 4c): 8, 12, 13.44
+def test_tree_shape_follows_the_plan_of_each_budget():
+    shapes = {b: tree_sampling(_cfg(), b) for b in (2.0, 4.0, 8.0)}
+    assert [(s.trees_per_prompt, s.expansions_per_round, s.expansion_rounds) for s in shapes.values()] == [
+        (1, 2, 1), (2, 2, 1), (4, 2, 1)]
+    assert tree_sampling(_cfg(tokens_per_prompt=100), None) == _cfg().sampling
 
 
-def test_method_configs():
-    cfg = Config()
-    grpo = method_config(cfg, "grpo", 5)
-    assert (grpo.sampling.expansion_rounds, grpo.sampling.trees_per_prompt, grpo.advantage.estimator) == (0, 4, "grpo")
-    assert grpo.run.seed == 5 and grpo.run.name == "tiny-grpo-s5" and not grpo.registry.enabled
-    tree = method_config(cfg, "tree_grpo", 5)
-    assert tree.sampling == cfg.sampling and tree.advantage.estimator == "tree"
+def test_method_configs_share_the_token_budget():
+    cfg = _cfg()
+    tree = method_config(cfg, "tree_grpo", 5, 104, 8.0, name=run_name(cfg, "tree_grpo", 5, 8.0),
+                         warmstart_from="runs/tiny-base-s5")
+    grpo = method_config(cfg, "grpo", 5, 104, 8.0, name=run_name(cfg, "grpo", 5, 8.0))
+    for c in (tree, grpo):
+        assert (c.budget.tokens_per_prompt, c.budget.chains_per_prompt, c.budget.token_stop) == (104, None, "nearest")
+        assert c.run.seed == 5 and not c.registry.enabled and c.sampling.trees_per_prompt == 4
+    assert tree.run.name == "tiny-b8-tree_grpo-s5" and tree.run.warmstart_from == "runs/tiny-base-s5"
+    assert (tree.sampling.expansion_rounds, tree.advantage.estimator) == (1, "tree")
+    assert grpo.run.name == "tiny-b8-grpo-s5" and grpo.run.warmstart_from is None
+    assert (grpo.sampling.expansion_rounds, grpo.advantage.estimator) == (0, "grpo")  # M chains, then more
+    assert method_config(cfg, "grpo", 0, 50).run.name == "tiny-grpo-s0"
     with pytest.raises(ValueError, match="unknown method"):
-        method_config(cfg, "ppo", 0)
+        method_config(cfg, "ppo", 0, 50)
+    base = base_config(cfg, 3)
+    assert (base.run.name, base.run.seed, base.run.iterations, base.registry.enabled) == ("tiny-base-s3", 3, 0, False)
+    rule = budget_rule(cfg, [2.0, 8.0], {0: 12.94, 1: 10.0})
+    assert "round(8 x chain) = 104, 80" in rule and "seed 0: 12.94" in rule and "M=1" in rule
+
+
+def test_paired_difference_is_the_question_bootstrap_for_one_seed():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 200).astype(float), rng.integers(0, 2, 200).astype(float)
+    got = paired_difference({0: a - b}, resamples=4000, seed=1)
+    ref = paired_bootstrap(a, b, resamples=4000, seed=3)
+    assert got.estimate == pytest.approx(float((a - b).mean()))
+    assert got.low == pytest.approx(ref.low, abs=0.015) and got.high == pytest.approx(ref.high, abs=0.015)
+
+
+def test_paired_difference_over_seeds_and_questions():
+    # seed 0: tree right on 3 of 4 questions GRPO missed; seed 1: no difference at all
+    diffs = {0: [1.0, 1.0, 1.0, 0.0], 1: [0.0, 0.0, 0.0, 0.0]}
+    got = paired_difference(diffs, resamples=2000)
+    assert got.estimate == pytest.approx((0.75 + 0.0) / 2)  # seeds weigh the same
+    assert got.low == 0.0 and got.high == 1.0  # drawing seed 1 twice, or seed 0's three wins twice
+    same = paired_difference({0: [0.5] * 10, 1: [0.5] * 10})
+    assert (same.estimate, same.low, same.high) == (0.5, 0.5, 0.5)
+    wide = paired_difference({0: [1.0, 0.0] * 20}, resamples=2000)
+    assert wide.low < 0.5 < wide.high
+    with pytest.raises(ValueError):
+        paired_difference({})
 
 
 def _summary(final: float, warm: float, history: list[dict]) -> dict:
     return {"final": {"test_em": final, "test_em_sampled": final}, "warmstart": {"test_em": warm},
             "history": history, "mlflow_run_id": None}
+
+
+def _stats(*generated: int, prefilled: int = 10, tools: int = 1) -> dict:
+    return {f"q{i}": {"trees": 2, "generated_tokens": g, "prefilled_tokens": prefilled, "tool_calls": tools,
+                      "trajectories": 4, "position": i} for i, g in enumerate(generated)}
+
+
+def _record(seed: int, method: str, test_em: dict, generated: list[int], label: list[dict], final: float,
+            tokens: int = 100) -> RunRecord:
+    cfg = method_config(_cfg(), method, seed, tokens)
+    cfg.run.iterations, cfg.sampling.prompts_per_iteration = 1, len(generated)
+    summary = _summary(final, 0.1, [{"iteration": 1, "generated_tokens": sum(generated), "test_em": final}])
+    return RunRecord(seed, summary, cfg, sample=[{}], prompt_stats=[_stats(*generated)], label=label,
+                     test_em=test_em)
+
+
+LABEL = {"prompt_groups": 4, "zero_spread_prompts": 1, "tree_groups": 8, "zero_spread_trees": 2,
+         "branch_points": 10, "informative_sets": 5, "trainable_tokens": 100, "nonzero_adv_tokens": 60,
+         "depth1_branch_points": 4, "depth1_informative_sets": 3}
+
+
+def test_sweep_table_pairs_questions_within_each_seed():
+    """Hand-made per-question rows: the two methods of a seed answer the same questions; another seed asks others."""
+    runs = {
+        "tree_grpo": [_record(0, "tree_grpo", {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0}, [98, 103], [LABEL], 0.75),
+                      _record(1, "tree_grpo", {"x": 1.0, "y": 0.0}, [100, 101], [LABEL], 0.5)],
+        "grpo": [_record(0, "grpo", {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}, [95, 102], [LABEL], 0.25),
+                 _record(1, "grpo", {"x": 1.0, "y": 0.0, "z": 1.0}, [104, 99], [LABEL], 0.5)],
+    }
+    assert question_differences(runs["tree_grpo"], runs["grpo"]) == {0: [1.0, 0.0, 0.0, 1.0], 1: [0.0, 0.0]}
+    entry = compare_budget(4.0, runs)
+    diff = entry["difference"]
+    assert diff["estimate"] == pytest.approx((0.5 + 0.0) / 2) and (diff["seeds"], diff["questions"]) == (2, 6)
+    assert diff["ci_low"] <= diff["estimate"] <= diff["ci_high"] and diff["ci_low"] == 0.0
+    tree, grpo = entry["methods"]["tree_grpo"]["spend"], entry["methods"]["grpo"]["spend"]
+    assert tree["generated_tokens_per_prompt"] == pytest.approx(402 / 4)
+    assert grpo["generated_tokens_per_prompt"] == pytest.approx(400 / 4)
+    assert entry["token_mismatch"] == pytest.approx(402 / 400 - 1)
+    assert tree["budget_deviation"] == pytest.approx((2 + 3 + 0 + 1) / 4 / 100)
+    assert entry["tokens_per_prompt"] == {"0": 100, "1": 100}
+    (row,) = sweep_table([entry])
+    assert (row["chains"], row["tokens_per_prompt"], row["grpo_em"], row["tree_grpo_em"]) == (4.0, 100, 0.375, 0.625)
+    assert row["difference"] == diff["estimate"] and (row["ci_low"], row["ci_high"]) == (diff["ci_low"],
+                                                                                        diff["ci_high"])
+    assert row["grpo_generated_tokens"] == 100 and row["tree_grpo_tool_calls"] == 1
+    signal = entry["methods"]["tree_grpo"]["signal"]
+    assert signal["overall"]["zero_spread_prompt_frac"] == 0.25 and signal["overall"]["nonzero_adv_token_frac"] == 0.6
+    assert signal["per_iteration"][0]["iteration"] == 1
+    assert signal["overall"]["depth1_informative_set_frac"] == 0.75
+
+
+def test_spend_leaves_out_unsampled_and_bad_prompts():
+    rec = _record(0, "grpo", {}, [90, 110], [], 0.0)
+    rec.prompt_stats[0]["bad"] = {"position": 5, "bad": "empty prompt"}
+    rec.prompt_stats[0]["q1"]["bad"] = "tool error: x"
+    got = spend([rec])
+    assert got["prompts"] == 1 and got["generated_tokens_per_prompt"] == 90 and got["budget_deviation"] == 0.1
 
 
 def test_curve_and_aggregate():
@@ -83,7 +180,7 @@ def test_curve_and_aggregate():
     assert run_curve(s1) == [{"iteration": 0, "generated_tokens": 0, "test_em": 0.1},
                              {"iteration": 2, "generated_tokens": 220, "test_em": 0.4}]
     cfg = Config.model_validate({"run": {"iterations": 2}, "sampling": {"prompts_per_iteration": 10}})
-    res = aggregate({"tree_grpo": [(0, s1, cfg), (1, s2, cfg)]})["methods"]["tree_grpo"]
+    res = aggregate({"tree_grpo": [RunRecord(0, s1, cfg), RunRecord(1, s2, cfg)]})["methods"]["tree_grpo"]
     em = res["final_test_em"]
     assert em["mean"] == pytest.approx(0.5) and em["seeds"] == 2
     assert em["ci_high"] - 0.5 == pytest.approx(12.7062 * 0.1, rel=1e-4)  # t(0.975, 1) · sd / sqrt(2)

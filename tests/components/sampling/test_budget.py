@@ -182,3 +182,62 @@ def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer,
             assert all(n.expansion_round == 0 for t in mine for n in t.nodes)
             assert stats["generated_tokens"] - sum(len(n.step.action_ids) for n in mine[-1].nodes) < target
     assert metrics["generated_tokens_per_prompt"] >= target
+
+
+# --- exact token budgets (token_stop: nearest) ------------------------------------------------------------------
+
+
+def test_predicted_costs_price_each_branch_point_by_its_continuations():
+    from arborl.components.sampling.budget import predicted_costs
+
+    p0, p1 = hand_made()
+    # p0's trajectories: 4+2, 4+3 and the fresh chain 5 → a fresh chain is predicted at 6; node 0's two
+    # continuations after it generated 2 and 3 → 2.5. Leaves are no branch points.
+    assert predicted_costs([p0]) == {(0, ROOT): pytest.approx(6.0), (0, 0): pytest.approx(2.5)}
+    # p1's one chain 6, 6, 4: fresh 16, after node 0: 10, after node 1: 4
+    assert predicted_costs([p1]) == {(0, ROOT): 16.0, (0, 0): 10.0, (0, 1): 4.0}
+    twin = Tree("p1", 1, [1, 2])
+    twin.attach(ROOT, [step(2, 2, False, True)], 0)  # a second tree: the fresh-chain price is over both
+    assert predicted_costs([p1, twin])[(1, ROOT)] == predicted_costs([p1, twin])[(0, ROOT)] == 9.0
+
+
+def test_fit_picks_keeps_what_brings_the_prompt_nearest_its_budget_half_a_remainder_per_round():
+    from arborl.components.sampling.budget import fit_picks
+
+    assert fit_picks([4, 4, 4], 10) == 1  # a second pick would spend 8 of the 10 left: over half
+    assert fit_picks([4, 4, 4], 10, share=1.0) == 2  # the third would end 2 over instead of 2 under: a tie
+    assert fit_picks([3, 30, 2], 10) == 1  # 30 overshoots by more than stopping undershoots: the round ends
+    assert fit_picks([30, 3, 2], 10) == 0  # in order: a cheaper pick behind it is not taken instead
+    assert fit_picks([7], 4) == 1  # 3 over is nearer than 4 under
+    assert fit_picks([9], 4) == 0  # 5 over is not: the prompt is done
+    assert fit_picks([0.2], 1) == 1  # a pick costs at least one token
+    assert fit_picks([5, 5], 0) == 0 and fit_picks([], 50) == 0
+
+
+@pytest.mark.parametrize("rounds", [1, 0])
+def test_nearest_token_budget_ends_near_it_either_side(policy, tokenizer, retriever, questions, rounds):
+    """token_stop=nearest: prompts end near the budget, over or under, where `reach` always ends over it; chain mode
+    adds at most M chains a round."""
+    from arborl.components.config import AgentConfig, SamplingConfig
+    from arborl.components.models import prompt_ids
+    from arborl.components.sampling.agent import SearchEnv
+    from arborl.components.sampling.engine import HFBackend
+    from arborl.components.sampling.scheduler import sample_trees
+
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:12]]
+    sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=2, expansion_rounds=rounds)
+    agent = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
+    target, env = 150, SearchEnv(retriever, tokenizer)
+    spent = {}
+    for stop in ("reach", "nearest"):
+        trees = sample_trees(backend, env, prompts, sampling, agent, seed=0, tokens_per_prompt=target, max_rounds=30,
+                             token_stop=stop)
+        spent[stop] = [s["generated_tokens"] for s in budget(trees)[0].values()]
+    assert min(spent["reach"]) >= target
+    assert min(spent["nearest"]) < target < max(spent["nearest"])  # either side
+    deviation = {k: sum(abs(x - target) for x in v) / len(v) / target for k, v in spent.items()}
+    assert deviation["nearest"] < deviation["reach"]
+    assert abs(sum(spent["nearest"]) / len(prompts) / target - 1) < 0.1
+    with pytest.raises(ValueError, match="token_stop"):
+        sample_trees(backend, env, prompts[:1], sampling, agent, seed=0, tokens_per_prompt=target, token_stop="near")

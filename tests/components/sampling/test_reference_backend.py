@@ -1,6 +1,7 @@
 """components.sampling.reference_backend and the generation contract: the plain `model.generate` backend against
-the engine (greedy tokens equal, behaviour log-probs within float32 tolerance), and `sampling.backend` choosing
-the backend for sampling and evaluation alike."""
+the engine (greedy tokens equal, behaviour log-probs within float32 tolerance, with stop tokens and with stop
+strings spelled across byte-level BPE tokens), and `sampling.backend` choosing the backend for sampling and
+evaluation alike."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ from arborl.components.models import prompt_ids, save_policy
 from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.engine import HFBackend
-from arborl.components.sampling.generation import GenerationBackend, cut_turn
+from arborl.components.sampling.generation import GenerationBackend, StopStrings, cut_turn, token_pieces
 from arborl.components.sampling.reference_backend import GenerateBackend
 from arborl.components.sampling.rng import row_generators
 from arborl.components.sampling.vllm_backend import VLLMBackend
+from tests.components.sampling.test_generation import (
+    TAGS,
+    bpe_tokenizer,
+    chain_model,
+    encode,
+    spelled_tags,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 
 def _contexts(tokenizer) -> list[list[int]]:
@@ -115,3 +125,70 @@ def test_sampling_backend_selects_the_backend(tmp_path, peaked_model, tokenizer)
     cfg.sampling.backend = "vllm"
     with pytest.raises(ImportError, match="vllm"):  # vLLM is not installed here: the backend asked for is built
         load_backend(cfg, str(tmp_path / "model"), "cpu")
+
+
+def _bpe_model(arch: str, tok, chains=None):
+    model = tiny_qwen2(tok, tie=chains is None) if arch == "qwen2" else tiny_llama(tok)
+    return model if chains is None else chain_model(model, chains)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_reference_stops_at_stop_strings_spelled_across_tokens(arch):
+    """Greedy turns that spell the closing tags across byte-level BPE tokens end at the completing token, as in
+    the engine, in batches or row by row; `generate` itself stops once every row has hit one."""
+    tok = bpe_tokenizer()
+    contexts, chains, ends = spelled_tags(tok)
+    model = _bpe_model(arch, tok, chains)
+    stops = StopStrings.from_tokenizer(TAGS, tok)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    limits = [12] * len(contexts)
+    engine = HFBackend(model, pad, eos).generate(contexts, limits, set(), greedy=True, stop_strings=stops)
+    reference = GenerateBackend(model, pad, eos, batch_size=3)
+    batched = reference.generate(contexts, limits, set(), greedy=True, stop_strings=stops)
+    alone = reference.generate(contexts, limits, set(), greedy=True, generator=row_generators([1, 2, 3, 4]),
+                               stop_strings=stops)
+    for i, end in enumerate(ends):
+        if end:
+            assert (engine[i].tokens, engine[i].stop) == (chains[i][1: end + 1], "stop")
+        for r in (batched[i], alone[i]):
+            assert (r.tokens, r.stop) == (engine[i].tokens, engine[i].stop)
+            assert r.logprobs == pytest.approx(engine[i].logprobs, abs=1e-4)
+
+    steps = []
+    hook = model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        reference.generate(contexts[:3], [40] * 3, set(), greedy=True, stop_strings=stops)
+    finally:
+        hook.remove()
+    assert len(steps) == max(ends)  # one forward per generated token, none past the last row's tag
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_greedy_reference_equals_the_engine_with_stop_strings(arch):
+    """A random byte-level BPE model, stop strings taken from its own greedy text across token boundaries: both
+    backends end every row at the same token, with the same log-probs, where `cut_turn` cuts its uncut turn."""
+    tok = bpe_tokenizer()
+    model = _bpe_model(arch, tok)
+    pieces = token_pieces(tok)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    contexts = [encode(tok, line) for line in ("<search> who wrote", "<answer>", "the capital of",
+                                                "<think> the river", "a")]
+    limits = [12, 12, 7, 12, 12]
+    plain = GenerateBackend(model, pad, eos).generate(contexts, limits, set(), greedy=True)
+    texts = set()
+    for out in plain:
+        a, b = pieces[out.tokens[3]], pieces[out.tokens[4]]
+        if a and b:
+            texts.add(a[-1] + b[:2])
+    stops = StopStrings(tuple(sorted(texts)), pieces)
+    engine = HFBackend(model, pad, eos).generate(contexts, limits, set(), greedy=True, stop_strings=stops)
+    ref = GenerateBackend(model, pad, eos, batch_size=2).generate(contexts, limits, set(), greedy=True,
+                                                                  stop_strings=stops)
+    straddling = 0
+    for p, e, r in zip(plain, engine, ref, strict=True):
+        want = cut_turn(p.tokens, set(), eos, stops)
+        assert (e.tokens, e.stop) == (r.tokens, r.stop) == (want.tokens, want.stop)
+        assert e.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+        assert r.logprobs == pytest.approx(p.logprobs[: len(r.tokens)], abs=1e-4)  # other batches: other padding
+        straddling += e.stop == "stop" and not any(t in pieces[e.tokens[-1]] for t in stops.texts)
+    assert straddling >= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ REWARDS = [
     for p, t, n, r in [("a", 0, 1, 1.0), ("a", 0, 2, 0.0), ("a", 1, 0, 0.2), ("b", 0, 0, 1.0)]
 ]
 PROMPTS = [
-    {"prompt_id": p, "data_source": "test", "prompt": f"<question> {p} ? </question>", "ground_truth": ["x"],
+    {"prompt_id": p, "data_source": "test", "prompt": f"<question> {p} ? </question>",
+     "messages": json.dumps([{"role": "user", "content": f"<question> {p} ? </question>"}]), "ability": "test",
+     "reward_model": json.dumps({"style": "rule", "ground_truth": {"target": ["x"]}}), "ground_truth": ["x"],
      "split": "train", "extra_info": "{}"}
     for p in ("a", "b")
 ]

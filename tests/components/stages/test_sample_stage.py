@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from arborl.components import schemas, storage
 from arborl.components.config import Config, WorldConfig
 from arborl.components.envs.retriever import FTSRetriever, RetrieverError
+from arborl.components.envs.world import QUESTION_TEMPLATE
 from arborl.components.models import save_policy
 from arborl.components.stages import prepare, sample
 
@@ -30,7 +32,8 @@ def _cfg(**sampling) -> Config:
     """The fixtures' world (see tests/components/conftest.py); the model comes from the saved policy."""
     return Config(
         world=WorldConfig(num_people=60, num_train=50, num_val=10, num_test=20),
-        agent={"max_turns": 4, "max_tokens_per_turn": 12, "max_total_tokens": 200},
+        agent={"max_turns": 4, "max_tokens_per_turn": 12, "max_total_tokens": 200,
+               "prompt_template": QUESTION_TEMPLATE},  # the word-level prompt the policy was warm-started on
         sampling={"prompts_per_iteration": 8, **sampling},
     )
 
@@ -102,12 +105,13 @@ class FailingRetriever(FTSRetriever):
 
 
 def _world_with_bad_prompts(root, world, bad_ids: dict[str, str]) -> str:
-    """A copy of the world whose named train prompts are replaced by the given texts."""
+    """A copy of the world whose named train prompts (text and chat message) are replaced by the given texts."""
     out = str(root / f"world-bad-{len(bad_ids)}")
     prompts = schemas.read(storage.join(world, "prompts.parquet"), schemas.PROMPTS).to_pylist()
     for p in prompts:
         if p["prompt_id"] in bad_ids:
             p["prompt"] = bad_ids[p["prompt_id"]]
+            p["messages"] = json.dumps([{"role": "user", "content": p["prompt"]}])
     schemas.write(prompts, schemas.PROMPTS, storage.join(out, "prompts.parquet"))
     storage.write_bytes(storage.join(out, "facts.parquet"), storage.read_bytes(storage.join(world, "facts.parquet")))
     storage.write_manifest(out, stage="prepare", inputs={}, config_hash="test", outputs={}, metrics={}, started=0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from arborl.components import schemas, storage
 from arborl.components.config import load_config
 from arborl.components.stages import label, prepare, sample, train, warmstart
 from arborl.components.stages.train import CHECKPOINT_DIR
+from arborl.components.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[3]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -136,3 +138,37 @@ def test_lora_stage_saves_a_merged_model_and_continues_its_adapter(inputs, tmp_p
     second = train.run(cfg, {**inputs, "model": str(tmp_path / "it1")}, str(tmp_path / "it2"), iteration=2)
     assert storage.read_json(str(tmp_path / "it2" / "lora_base.json")) == {"base": inputs["model"]}
     assert second.metrics["grad_norm"] > 0
+
+
+def _master(out: Path) -> dict[str, torch.Tensor]:
+    state = checkpoint.read_training_state(str(out))
+    assert state is not None and state.master is not None
+    return state.master
+
+
+def test_bfloat16_saves_continue_from_the_float32_master_weights(inputs, tmp_path):
+    cfg32 = load_config(MICRO, TRAIN)
+    cfg16 = load_config(MICRO, [*TRAIN, "train.save_dtype=bfloat16"])
+    for cfg, tag in ((cfg32, "f32"), (cfg16, "bf16")):
+        train.run(cfg, inputs, str(tmp_path / f"it1-{tag}"), iteration=1)
+        train.run(cfg, {**inputs, "model": str(tmp_path / f"it1-{tag}")}, str(tmp_path / f"it2-{tag}"), iteration=2)
+    for it in ("it1", "it2"):
+        full, saved = _weights(tmp_path / f"{it}-f32"), _weights(tmp_path / f"{it}-bf16")
+        assert {v.dtype for v in full.values()} == {torch.float32} and {v.dtype for v in saved.values()} == {
+            torch.bfloat16}
+        assert (tmp_path / f"{it}-bf16" / "model.safetensors").stat().st_size < 0.6 * (
+            tmp_path / f"{it}-f32" / "model.safetensors").stat().st_size
+        master = _master(tmp_path / f"{it}-bf16")
+        for k, v in full.items():  # the float32 weights of a float32 run, bit for bit, after two iterations
+            assert torch.equal(master[k], v), k
+            assert torch.equal(saved[k], v.to(torch.bfloat16)), k
+        assert checkpoint.read_training_state(str(tmp_path / f"{it}-f32")).master is None  # exact: none kept
+
+    # the master copy is what the next iteration starts from: without it, from the rounded weights, it differs
+    rounded = tmp_path / "it1-rounded"
+    shutil.copytree(tmp_path / "it1-bf16", rounded)
+    state = checkpoint.read_training_state(str(rounded))
+    checkpoint.write_training_state(str(rounded), state.optimizer, None)
+    train.run(cfg16, {**inputs, "model": str(rounded)}, str(tmp_path / "it2-rounded"), iteration=2)
+    assert any(not torch.equal(_master(tmp_path / "it2-rounded")[k], v)
+               for k, v in _weights(tmp_path / "it2-f32").items())

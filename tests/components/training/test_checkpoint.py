@@ -26,8 +26,12 @@ from arborl.components.training.checkpoint import (
     TENSORS_FILE,
     latest_checkpoint,
     load_checkpoint,
+    master_weights,
+    read_training_state,
+    restore_master,
     save_checkpoint,
     step_dir,
+    write_training_state,
 )
 
 
@@ -222,14 +226,70 @@ def test_planted_pickle_as_optimizer_state_is_refused(tmp_path):
     _step(model, opt, sched)
     storage.write_bytes(str(model_dir / OPTIMIZER_FILE), _pickle_bytes(marker))
     with pytest.raises(ArtifactError) as err:
-        _carry_optimizer_state(opt, str(model_dir), 0.5, "cpu")
+        read_training_state(str(model_dir))
     assert str(model_dir / OPTIMIZER_FILE) in str(err.value) and "exec" in str(err.value)
     assert not marker.exists()
 
     buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)  # what a train stage writes: loads with weights_only
+    torch.save(opt.state_dict(), buffer)  # what a train stage wrote before master weights: loads with weights_only
     storage.write_bytes(str(model_dir / OPTIMIZER_FILE), buffer.getvalue())
     fresh, fresh_opt, _ = _model_and_opt(seed=3)
-    _carry_optimizer_state(fresh_opt, str(model_dir), 0.5, "cpu")
+    state = read_training_state(str(model_dir))
+    assert state is not None and state.master is None
+    _carry_optimizer_state(fresh_opt, str(model_dir), state, 0.5)
     assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
     assert fresh_opt.param_groups[0]["lr"] == 0.5
+
+
+# --- the training state next to a saved model (master weights for train.save_dtype) -----------------------
+
+
+def test_master_weights_are_kept_only_when_the_save_dtype_rounds(tiny_model):
+    named = dict(tiny_model.named_parameters(remove_duplicate=False))
+    assert master_weights(named, "float32") is None  # the saved float32 model is exact
+    master = master_weights(named, "bfloat16")
+    assert master is not None and set(master) == set(named)
+    assert master["lm_head.weight"].data_ptr() == master["model.embed_tokens.weight"].data_ptr()  # tied: one tensor
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.copy_(p.to(torch.bfloat16))  # weights a bfloat16 save keeps exactly
+    assert master_weights(dict(tiny_model.named_parameters()), "bfloat16") is None
+
+
+def test_training_state_round_trip_restores_master_weights(tiny_model, tmp_path):
+    opt = torch.optim.Adam(tiny_model.parameters(), lr=1e-3)
+    tiny_model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    master = master_weights(dict(tiny_model.named_parameters(remove_duplicate=False)), "bfloat16")
+    write_training_state(str(tmp_path), opt.state_dict(), master)
+    state = read_training_state(str(tmp_path))
+    assert state is not None and state.optimizer is not None and set(state.master) == set(master)
+
+    fresh = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.copy_(p.to(torch.bfloat16))  # what loading the bfloat16 save gives
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), tiny_model.parameters(), strict=True))
+    restore_master(fresh, state.master, str(tmp_path / OPTIMIZER_FILE))
+    for a, b in zip(fresh.parameters(), tiny_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+
+    write_training_state(str(tmp_path / "none"), None, None)  # nothing to keep: no file
+    assert read_training_state(str(tmp_path / "none")) is None
+
+
+def test_master_weights_go_into_the_base_of_a_lora_model_and_must_fit(tiny_model, tmp_path):
+    from arborl.components.config import LoraSettings
+    from arborl.components.training.lora import wrap
+
+    master = {k: v.clone() + 1.0 for k, v in tiny_model.named_parameters(remove_duplicate=False)}
+    wrapped = wrap(copy.deepcopy(tiny_model), LoraSettings(enabled=True, rank=2, target_modules=["q_proj"]))
+    restore_master(wrapped.get_base_model(), master, "m/optimizer.pt")
+    base = dict(wrapped.get_base_model().named_parameters())
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(base[f"{q}.base_layer.weight"], master[f"{q}.weight"])
+    assert not torch.equal(base[f"{q}.lora_B.default.weight"], master[f"{q}.weight"][:, :2])  # adapters untouched
+    del master["model.norm.weight"]
+    with pytest.raises(ArtifactError, match=r"m/optimizer.pt: its master weights lack 1 parameters.*model.norm"):
+        restore_master(tiny_model, master, "m/optimizer.pt")

@@ -7,7 +7,14 @@ import random
 import pytest
 
 from arborl.components.config import VerifyConfig
-from arborl.components.verification.qa_em import exact_match, f1_score, normalize_answer, score_response
+from arborl.components.verification.qa_em import (
+    exact_match,
+    f1_score,
+    format_check,
+    is_valid_think_sequence,
+    normalize_answer,
+    score_response,
+)
 
 
 @pytest.mark.parametrize(
@@ -114,3 +121,40 @@ def test_malformed_responses_never_raise():
     deep = "<search>" * 1000 + "</search>" * 1000 + "<answer>" * 500
     assert score_response(deep, ["paris"], CFG).reward == 0.0
     assert score_response("<answer>" + "x " * 10000 + "</answer>", [""], CFG).reward == pytest.approx(0.2)
+
+
+# --- the <think> requirement (Search-R1's variant: every model turn opens with <think>…</think>) ---------------
+
+THINK_SEARCH = f"<think> who is kai ron ? </think> {SEARCH}"
+
+
+@pytest.mark.parametrize(
+    ("response", "valid"),
+    [
+        (f"{THINK_SEARCH} <think> so paris </think> <answer> paris </answer>", True),
+        ("<think> i know it </think> <answer> paris </answer>", True),
+        ("<think></think> <answer> paris </answer>", True),  # an empty think block still opens the turn
+        (f"{SEARCH} <answer> paris </answer>", False),  # no <think> at all
+        (f"{THINK_SEARCH} <answer> paris </answer>", False),  # the answer turn has no <think>
+        ("<think> a </think> <think> b </think> <answer> paris </answer>", False),  # two thinks in a row
+        ("<think> a </think> <answer> paris </answer> <think> more </think>", False),  # content after <answer>
+        ("<think> a </think> x <answer> paris </answer>", False),  # text outside tags
+        ("<think> a <search> q </search> </think> <answer> paris </answer>", False),  # nested tag
+        ("<think> a </think>", False),  # no answer
+        ("<think> a </think> <answer> </answer>", False),  # empty answer
+    ],
+)
+def test_is_valid_think_sequence(response, valid):
+    assert is_valid_think_sequence(response)[0] is valid
+
+
+def test_require_think_decides_the_format_scores():
+    think = VerifyConfig(require_think=True)
+    with_think = "<think> easy </think> <answer> paris </answer>"
+    without = "<answer> paris </answer>"
+    assert score_response(with_think, ["paris"], think).reward == pytest.approx(1.0)
+    assert score_response(without, ["paris"], think).reward == pytest.approx(0.8)  # correct, invalid format
+    assert score_response(without, ["paris"], CFG).reward == pytest.approx(1.0)  # default: no <think> needed
+    assert score_response(with_think, ["paris"], CFG).reward == pytest.approx(0.8)  # default: <think> is outside tags
+    assert format_check(with_think, require_think=True) == (True, "ok")
+    assert format_check(without, require_think=True) == (False, "<answer> without a preceding <think>")

@@ -1,5 +1,5 @@
 """components.sampling.engine.HFBackend: batched, KV-cached generation vs a naive reference, for each of its
-three forwards (fused, lean, the model's own)."""
+three forwards (fused, lean, the model's own), and turns that stop on stop strings spelled across tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from arborl.components.sampling.engine import FORWARDS, HFBackend, cpu_kernels
 from arborl.components.sampling.engine.fused_forward import FusedLlama
 from arborl.components.sampling.engine.prefix_cache import MIN_PREFIX, PrefixCache
+from arborl.components.sampling.generation import StopStrings, cut_turn, token_pieces
 from arborl.components.sampling.rng import row_generators
+from tests.components.sampling.test_generation import (
+    TAGS,
+    bpe_tokenizer,
+    chain_model,
+    spelled_tags,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 
 def _contexts(tokenizer) -> list[list[int]]:
@@ -400,3 +409,76 @@ def test_finished_rows_leave_the_buffer_without_changing_any_output(peaked_model
     for c, o, again in zip(contexts, dropped[:40], dropped[40:], strict=True):
         fed = len(c) + len(o.tokens) - 1
         assert again.prefilled == (2 if fed >= MIN_PREFIX else fed + 2)
+
+
+# --- stop strings ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_stops_where_a_stop_string_is_spelled_across_tokens(arch, forward):
+    """A byte-level BPE model whose greedy turns spell the closing tags across tokens: each turn ends at the token
+    that completes a tag (even one carrying characters after it), whatever the token cap leaves; rows that spell
+    none run to their cap; without stop strings the same rows run on past the tags."""
+    tok = bpe_tokenizer()
+    contexts, chains, ends = spelled_tags(tok)
+    model = chain_model(tiny_qwen2(tok, tie=False) if arch == "qwen2" else tiny_llama(tok), chains)
+    stops = StopStrings.from_tokenizer(TAGS, tok)
+    backend = HFBackend(model, tok.pad_token_id, tok.eos_token_id, forward=forward)
+    rows = contexts + [contexts[0], contexts[0]]
+    limits = [12] * len(contexts) + [2, 3]  # the cap before the tag's last token, and on it
+    plain = backend.generate(rows, limits, set(), greedy=True)
+    cut = backend.generate(rows, limits, set(), greedy=True, stop_strings=stops)
+    for i, end in enumerate(ends):
+        assert plain[i].tokens[: len(chains[i]) - 1] == chains[i][1:]  # the model spells its chain
+        if end:
+            assert (cut[i].tokens, cut[i].stop) == (chains[i][1: end + 1], "stop")
+            assert plain[i].stop == "length" and len(plain[i].tokens) == 12
+        else:
+            assert (cut[i].tokens, cut[i].stop) == (plain[i].tokens, "length")
+    assert (cut[-2].tokens, cut[-2].stop) == (chains[0][1:3], "length")
+    assert (cut[-1].tokens, cut[-1].stop) == (chains[0][1:4], "stop")
+    for p, c in zip(plain, cut, strict=True):
+        assert c.logprobs == pytest.approx(p.logprobs[: len(c.tokens)], abs=1e-5)
+
+
+def test_stop_strings_cut_each_sampled_row_where_its_own_text_completes_one(forward, monkeypatch):
+    """40 sampled rows with their own generators: with stop strings each row's turn is its turn without them, cut
+    at the first token after which its text holds one; rows that stop leave the buffer mid-turn, and whether they
+    leave changes nothing."""
+    import arborl.components.sampling.engine.backend as backend_module
+
+    tok = bpe_tokenizer()
+    model = tiny_qwen2(tok)
+    stops = StopStrings(("an", "th", "in", "e"), token_pieces(tok))
+    g = torch.Generator().manual_seed(9)
+    contexts = [torch.randint(2, len(tok), (int(n),), generator=g).tolist()
+                for n in torch.randint(3, 20, (40,), generator=g)]
+    seeds = list(range(100, 140))
+
+    def run(min_rows, stop_strings):
+        monkeypatch.setattr(backend_module, "COMPACT_MIN_ROWS", min_rows)
+        backend = HFBackend(model, tok.pad_token_id, tok.eos_token_id, forward=forward)
+        drops = []
+        select = backend_module.KVBuffer.select_rows
+
+        def counting(self, index, pool=None):
+            drops.append(self.batch - int(index.numel()))
+            return select(self, index, pool)
+
+        monkeypatch.setattr(backend_module.KVBuffer, "select_rows", counting)
+        outs = backend.generate(contexts, [12] * 40, set(), 1.0, False, row_generators(seeds),
+                                stop_strings=stop_strings)
+        monkeypatch.setattr(backend_module.KVBuffer, "select_rows", select)
+        return outs, drops
+
+    plain, _ = run(16, None)
+    dropped, drops = run(16, stops)
+    kept, no_drops = run(10**9, stops)
+    assert any(d > 0 for d in drops) and not any(d > 0 for d in no_drops)
+    assert 10 < sum(o.stop == "stop" for o in dropped) < 40
+    for p, a, b in zip(plain, dropped, kept, strict=True):
+        want = cut_turn(p.tokens, set(), tok.eos_token_id, stops)
+        assert (a.tokens, a.stop) == (b.tokens, b.stop) == (want.tokens, want.stop)
+        assert a.prefilled == b.prefilled
+        assert a.logprobs == pytest.approx(p.logprobs[: len(a.tokens)], abs=1e-5)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)

@@ -1,0 +1,1 @@
+"""Bring-your-own data: prompt datasets read into the prompts artifact."""
