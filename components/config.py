@@ -280,7 +280,7 @@ class BudgetConfig(Strict):
     expansion_cost: float = Field(
         0.5, gt=0, le=1,
         description="c: the cost of one expansion relative to a full chain, in the cost model M·(1 + L·N·c) "
-        "chains per prompt that `chains_per_prompt` and `arborl compare`'s GRPO chain count both use. ½ is the "
+        "chains per prompt that `chains_per_prompt` (and `arborl compare`'s tree shape per budget) uses. ½ is the "
         "long-chain limit (a uniformly drawn node regenerates about half a chain); budget.random_expansion_cost "
         "and the sampling bench measure it for a policy (about 0.59 for the trained default policy).",
     )
@@ -289,9 +289,9 @@ class BudgetConfig(Strict):
         "reach",
         description="tokens_per_prompt: `reach` runs whole rounds until the prompt's generated tokens reach the "
         "budget (it ends at or over it, by up to one round); `nearest` sizes each round to the budget: it takes the "
-        "round's branch points (chain mode: new chains) in order only while their predicted tokens bring the prompt "
-        "nearer the budget, so a prompt ends within about half an expansion of it, over or under (`arborl compare` "
-        "uses it).",
+        "round's branch points (chain mode: up to M new chains) in order while their predicted tokens bring the "
+        "prompt nearer the budget and spend at most half of what is left, so a prompt ends within about half an "
+        "expansion of it, over or under (`arborl compare` uses it).",
     )
 
     @model_validator(mode="after")

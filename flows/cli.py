@@ -32,6 +32,7 @@ def _prefect_env() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registry downloads: no bars
     # the transformers flavor warns about hub model cards and licences a local model cannot have
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notices
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):

@@ -10,8 +10,8 @@ Cost model (docs/design.md, Budget): M trees with L rounds of N expansions cost
 `planned_chains` = M · (1 + L·N·c) chains, c = `budget.expansion_cost`, the cost of one expansion relative
 to a full chain (½ is the long-chain limit; `random_expansion_cost` measures it for a policy's chains).
 Everything that trades trees against chains goes through it: `plan` turns a fixed budget
-(`budget.chains_per_prompt`) into M/N/L, and `equal_budget_chains` is the chain count a chain-mode run
-(GRPO in `arborl compare`) gets for what a tree plan costs.
+(`budget.chains_per_prompt`) into M/N/L (`arborl compare` sizes its trees with it), and
+`equal_budget_chains` is the chain count whose planned cost equals a tree plan's.
 
 Exact token budgets (`budget.tokens_per_prompt` with `budget.token_stop: nearest`): `predicted_costs` says what
 one more continuation from each branch point of a prompt's trees is expected to generate, from the continuations

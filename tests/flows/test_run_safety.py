@@ -140,7 +140,7 @@ def test_stage_and_promote_refuse_a_directory_another_writer_holds(tmp_path):
 
 
 def test_compare_refuses_a_method_run_another_writer_holds(tmp_path, prefect_server):
-    run_root = str(tmp_path / "runs" / "micro-tree_grpo-s0")  # the first run `arborl compare` makes
+    run_root = str(tmp_path / "runs" / "micro-base-s0")  # the first run `arborl compare` makes
     holder = _hold(run_root)
     try:
         res = runner.invoke(app, ["compare", "--config", MICRO, "--seeds", "1", f"run.output_root={tmp_path / 'runs'}",

@@ -104,3 +104,22 @@ def test_label_with_the_per_node_process_estimator(inputs, tmp_path):
     assert got == {("a", 0, 0): (0.0, 0.0, 1), ("a", 0, 1): (1.0, 0.0, 1), ("a", 0, 2): (0.0, -1.0, 1),
                    ("a", 1, 0): (0.0, 0.0, 1), ("b", 0, 0): (0.0, 0.0, 1)}
     assert all(r["leaf_advantage"] is None and r["estimator"] == "process" for r in rows)
+
+
+@pytest.mark.parametrize("estimator", ["tree", "process"])
+def test_label_metrics_measure_the_signal(inputs, tmp_path, estimator):
+    """Zero-spread groups, informative sibling sets and tokens with non-zero advantage in the manifest's metrics.
+    Prompt a spreads (1.0, 0.0, 0.2), b has one leaf; tree a/0 spreads, a/1 and b/0 have one leaf each."""
+    cfg = Config.model_validate({"advantage": {"estimator": estimator}, "viewer": {"max_prompts": 0}})
+    res = label.run(cfg, inputs, str(tmp_path / "label"))
+    m = storage.read_manifest(str(tmp_path / "label"))["metrics"]
+    assert m == res.metrics
+    assert (m["prompt_groups"], m["zero_spread_prompts"], m["zero_spread_prompt_frac"]) == (2, 1, 0.5)
+    assert (m["tree_groups"], m["zero_spread_trees"]) == (3, 2)
+    # a's first steps (V 0.5 and 0.2) and a/0/0's children (1.0 and 0.0) differ; b has no sibling set
+    assert (m["branch_points"], m["informative_sets"], m["informative_set_frac"]) == (2, 2, 1.0)
+    assert m["depth1_informative_set_frac"] == m["depth2_informative_set_frac"] == 1.0
+    if estimator == "tree":  # every trajectory of a has an advantage; b's has none: 5 of 6 trajectory tokens
+        assert (m["trainable_tokens"], m["nonzero_adv_tokens"], m["nonzero_adv_unique_token_frac"]) == (6, 5, 0.8)
+    else:  # per node: only a/0/1 and a/0/2 (±1) of the 5 nodes
+        assert (m["trainable_tokens"], m["nonzero_adv_tokens"], m["nonzero_adv_token_frac"]) == (5, 2, 0.4)
