@@ -5,6 +5,7 @@ Every field carries its help text; `configs/tiny.yaml` documents the same keys w
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from arborl.components.advantages.registry import check_training, describe_estimators, get_estimator
 from arborl.components.envs.protocol import SEARCH_R1_TEMPLATE
@@ -71,7 +72,15 @@ class WorldConfig(Strict):
     num_companies: int = Field(30, ge=2, description="Companies.")
     hop_mix: dict[int, float] = Field(
         default_factory=lambda: {1: 0.2, 2: 0.5, 3: 0.3},
-        description="Share of questions per hop count (1, 2, 3); normalised.",
+        description="Share of questions per hop count (1 to 4; 4-hop questions start with two mentor hops or a "
+        "mentor hop and a company hop); normalised.",
+    )
+    distractors: float = Field(
+        0.0, ge=0, le=4,
+        description="Distractor people per real person (the same share of distractor companies per real company); "
+        "0 = none. A distractor person shares the first name or the surname of a real person, a distractor company "
+        "is a real company's name with one more word in front; each has its own facts in the search corpus, so a "
+        "query that drops a name part retrieves a wrong fact. Distractors are never question subjects or answers.",
     )
     test_people_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of people held out as test subjects.")
     val_people_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of people held out as val subjects.")
@@ -89,9 +98,9 @@ class WorldConfig(Strict):
 
     @model_validator(mode="after")
     def _hops(self) -> WorldConfig:
-        bad = [h for h in self.hop_mix if h not in (1, 2, 3)]
+        bad = [h for h in self.hop_mix if h not in (1, 2, 3, 4)]
         if bad or not self.hop_mix or min(self.hop_mix.values()) < 0 or sum(self.hop_mix.values()) <= 0:
-            raise ValueError(f"world.hop_mix keys must be 1, 2 or 3 with non-negative shares, got {self.hop_mix}")
+            raise ValueError(f"world.hop_mix keys must be 1, 2, 3 or 4 with non-negative shares, got {self.hop_mix}")
         return self
 
 
@@ -111,11 +120,36 @@ class DataConfig(Strict):
         "skipped and listed; the prepare stage fails, naming them, when more than this share of all rows is bad.",
     )
     batch_rows: int = Field(4096, ge=1, description="parquet: rows per record batch when streaming a file.")
+    snapshot_root: str | None = Field(
+        None, description="parquet: URI of a folder whose sub-folders are dated data snapshots (e.g. "
+        "s3://bucket/nq/ holding 2026-11-23/, 2026-11-30/); the data files are then read from the chosen snapshot "
+        "folder (empty file lists: train.parquet, val.parquet, test.parquet).",
+    )
+    snapshot: str = Field(
+        "latest", description="snapshot_root: the snapshot folder's name, or latest (the greatest name present, "
+        "resolved once when a run starts and recorded with it).",
+    )
+
+    @field_validator("snapshot", mode="before")
+    @classmethod
+    def _date_name(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-11-30 as a date; the folder's name is its ISO form
+        return value.isoformat() if isinstance(value, datetime.date) else value
 
     @model_validator(mode="after")
     def _files(self) -> DataConfig:
+        if self.snapshot_root is not None:
+            if not self.snapshot_root.strip():
+                raise ValueError("data.snapshot_root is empty: give the snapshots' folder URI or null")
+            if self.source != "parquet":
+                raise ValueError("data.snapshot_root is set but data.source is 'synthetic': snapshots hold Parquet "
+                                 "files; set data.source: parquet")
+            if not self.snapshot or "/" in self.snapshot or self.snapshot in (".", ".."):
+                raise ValueError(f"data.snapshot must be a snapshot folder's name or latest, got {self.snapshot!r}")
+            return self  # empty file lists mean the snapshot's train/val/test.parquet
         if self.source == "parquet" and not (self.train_files and self.test_files):
-            raise ValueError("data.source=parquet needs non-empty data.train_files and data.test_files")
+            raise ValueError("data.source=parquet needs non-empty data.train_files and data.test_files "
+                             "(or data.snapshot_root)")
         return self
 
 
@@ -482,7 +516,169 @@ class RegistryConfig(Strict):
     margin: float = Field(
         0.0, description="Promote only when the bootstrap lower bound of the paired improvement exceeds this."
     )
-    split: Literal["val", "test"] = Field("test", description="Questions both models are evaluated on.")
+    split: Literal["val", "test"] = Field(
+        "val", description="Questions both models are evaluated on for the gate (test metrics are only reported)."
+    )
+
+
+# The pipeline's stage names (components/stages STAGES holds the same keys); orchestration's per-stage dicts
+# accept these and `default`.
+STAGE_NAMES = ("prepare", "warmstart", "sample", "verify", "label", "train", "evaluate")
+GPU_STAGES = ("warmstart", "sample", "train", "evaluate")  # run the policy model: one GPU each by default
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CPU = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
+_MEMORY = re.compile(r"^\d+(Ki|Mi|Gi|Ti)?$")
+
+
+class StageResources(Strict):
+    cpu: str | None = Field(
+        None, description="CPU cores requested (Kubernetes quantity: 2, 0.5 or 500m; docker --cpus); null: no request."
+    )
+    memory: str | None = Field(
+        None, description="Memory limit as bytes or with Ki/Mi/Gi/Ti (e.g. 16Gi; docker --memory 16g); null: none.",
+    )
+    gpus: int = Field(0, ge=0, description="GPUs: Kubernetes nvidia.com/gpu requests and limits, docker --gpus N.")
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and not _CPU.match(value):
+            raise ValueError(f"must be a number of cores such as 2, 0.5 or 500m, got {value!r}")
+        return value
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and not _MEMORY.match(value):
+            raise ValueError(f"must be bytes or a number with Ki/Mi/Gi/Ti such as 16Gi, got {value!r}")
+        return value
+
+
+class SecretRef(Strict):
+    name: str = Field(..., description="Kubernetes Secret name (docker: the variable is passed from the launcher's "
+                      "environment or orchestration.env_file, never written on the command line).")
+    key: str = Field(..., description="Key inside the Secret whose value becomes the variable.")
+
+
+class VolumeConfig(Strict):
+    mount_path: str = Field(..., description="Absolute path inside the stage container.")
+    host_path: str | None = Field(None, description="docker: host directory bind-mounted there.")
+    claim: str | None = Field(None, description="kubernetes: PersistentVolumeClaim mounted there.")
+    read_only: bool = Field(False, description="Mount read-only.")
+
+    @model_validator(mode="after")
+    def _source(self) -> VolumeConfig:
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"mount_path must be absolute, got {self.mount_path!r}")
+        if self.host_path is None and self.claim is None:
+            raise ValueError(f"{self.mount_path} needs host_path (docker) or claim (kubernetes)")
+        return self
+
+
+def _default_resources() -> dict[str, StageResources]:
+    return {name: StageResources(gpus=1 if name in GPU_STAGES else 0) for name in STAGE_NAMES}
+
+
+class OrchestrationConfig(Strict):
+    executor: Literal["inprocess", "subprocess", "docker", "kubernetes"] = Field(
+        "inprocess", description="Where each stage runs: inprocess (the flow's task process), subprocess (a child "
+        "`arborl stage` process in the same environment), docker (a `docker run` container per stage) or kubernetes "
+        "(a batch/v1 Job per stage). Every executor but inprocess reads the run's resolved config from "
+        "<output_root>/<run.name>/config.json, so the output root must be reachable from where the stage runs.",
+    )
+    command: list[str] = Field(
+        default_factory=lambda: ["arborl"], description="The command prefix that runs `stage ...` (the image's "
+        "entrypoint is replaced by it); subprocess resolves a bare `arborl` to this environment's.",
+    )
+    images: dict[str, str] = Field(
+        default_factory=lambda: {"default": "arborl:latest"}, description="docker/kubernetes: image per stage name; "
+        "`default` for the stages not named (e.g. {default: arborl:latest, sample: arborl-sampler:latest}).",
+    )
+    resources: dict[str, StageResources] = Field(
+        default_factory=_default_resources, description="docker/kubernetes: cpu, memory and gpus per stage name; "
+        "entries given replace those stages' defaults, the others keep theirs (warmstart, sample, train, evaluate: "
+        "1 GPU; prepare, verify, label: CPU only).",
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables set in every stage "
+                                "process/container (e.g. AWS_ENDPOINT_URL, HF_HOME).")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict, description="Environment variables taken from secrets, by reference only (e.g. "
+        "AWS_SECRET_ACCESS_KEY: {name: s3-credentials, key: secret-key}): Kubernetes secretKeyRef; docker passes "
+        "the variable from the launcher's environment.",
+    )
+    env_file: str | None = Field(None, description="docker: an --env-file with further variables (e.g. secrets).")
+    volumes: list[VolumeConfig] = Field(default_factory=list, description="Extra volumes mounted into every stage "
+                                        "container (docker host_path, kubernetes claim).")
+    namespace: str = Field("default", description="kubernetes: namespace of the stage Jobs.")
+    service_account: str | None = Field(None, description="kubernetes: service account of the stage pods.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="kubernetes: the containers' imagePullPolicy."
+    )
+    backoff_limit: int = Field(0, ge=0, description="kubernetes: Job retries before it fails (the flow's task "
+                               "retries once on its own).")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="kubernetes: seconds a finished Job is kept.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="kubernetes: seconds a stage Job may run before it is failed; null: no limit."
+    )
+    poll_seconds: float = Field(5.0, gt=0, description="kubernetes: seconds between Job status checks.")
+    dask_address: str | None = Field(
+        None, description="With sampling.shards > 1: the address of a Dask scheduler (e.g. tcp://10.0.0.5:8786) "
+        "whose workers run the sample shards; null runs them on a local process pool.",
+    )
+
+    @field_validator("images", "resources")
+    @classmethod
+    def _stage_keys(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        allowed = STAGE_NAMES + (("default",) if info.field_name == "images" else ())
+        for key in value:
+            if key not in allowed:
+                raise ValueError(f"unknown stage {key!r}; use one of {', '.join(allowed)}")
+        return value
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any) -> Any:
+        # a partial dict (e.g. {train: {gpus: 2}}) replaces only those stages' entries
+        return {**_default_resources(), **value} if isinstance(value, dict) else value
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is no environment variable name")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least the program (e.g. [arborl])")
+        return value
+
+    @model_validator(mode="after")
+    def _every_stage_has_an_image(self) -> OrchestrationConfig:
+        both = sorted(set(self.env) & set(self.secret_env))
+        if both:
+            raise ValueError(f"orchestration: {', '.join(both)} set in both env and secret_env")
+        if self.executor in ("docker", "kubernetes") and "default" not in self.images:
+            missing = [s for s in STAGE_NAMES if s not in self.images]
+            if missing:
+                raise ValueError(f"orchestration.executor={self.executor} needs an image for {', '.join(missing)}: "
+                                 "add them or a default to orchestration.images")
+        return self
+
+    def image(self, stage: str) -> str:
+        """The container image of `stage`."""
+        return self.images.get(stage) or self.images["default"]
+
+    def stage_resources(self, stage: str) -> StageResources:
+        """cpu/memory/gpus of `stage`."""
+        return self.resources.get(stage) or StageResources()
 
 
 class Config(Strict):
@@ -503,6 +699,7 @@ class Config(Strict):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     viewer: ViewerConfig = Field(default_factory=ViewerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _estimator_fits_training(self) -> Config:
@@ -536,6 +733,8 @@ class Config(Strict):
         data = self.model_dump(mode="json")
         if sections:
             data = {s: data[s] for s in sections}
+        else:  # where stages run does not change what they make
+            data.pop("orchestration", None)
         payload = {"config": data, "seed": self.run.seed, "params": params}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -584,17 +783,30 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (default `configs/tiny.yaml`) and apply `key.sub=value` overrides.
+    """Load a YAML config (default `configs/tiny.yaml`) and apply `key.sub=value` overrides. A `.json` file (e.g. a
+    run's resolved `<run root>/config.json`) is read as JSON; a URI (s3://...) is read through components/storage,
+    so stage containers share one resolved config.
 
     Raises ConfigError naming the file and the offending key.
     """
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = _yaml(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if path is not None and "://" in str(path):
+        path = str(path)
+        text = _read_uri(path)
+    else:
+        path = Path(path) if path is not None else DEFAULT_CONFIG
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+    if str(path).endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        try:
+            data = _yaml(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; a config states at least one section (see configs/tiny.yaml)")
     if not isinstance(data, dict):
@@ -603,6 +815,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(data, key, value, str(path))
     return config_from_dict(data, source=str(path))
+
+
+def _read_uri(uri: str) -> str:
+    from arborl.components import storage
+
+    try:
+        if not storage.exists(uri):
+            raise ConfigError(f"config file not found: {uri}")
+        return storage.read_bytes(uri).decode()
+    except (OSError, ValueError) as exc:  # no such bucket, no credentials, not UTF-8
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{uri}: cannot read the config: {exc}") from None
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

@@ -165,9 +165,10 @@ def register_final_model(
     model_uri: str,
     metrics: dict[str, float],
     extra_tags: dict[str, str] | None = None,
+    alias: str = CHALLENGER,
 ) -> str:
     """Log the model directory at `model_uri` to run `run_id` with the transformers flavor, register it
-    under `registry.model_name`, point `challenger` at it and tag it. Returns the version.
+    under `registry.model_name`, point `alias` (`challenger`) at it and tag it. Returns the version.
 
     Idempotent per run: a run that already registered a version (a resumed run, a rerun after a crash between
     registering and setting the alias) gets that version back. The model is logged in the run's own experiment,
@@ -210,8 +211,90 @@ def register_final_model(
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))})
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def lineage_tags(cfg: Config, parent_version: str | None = None, parent_model_uri: str | None = None
+                 ) -> dict[str, str]:
+    """Where a model came from, as MLflow tags for its run and its registered version: the registered version it
+    was trained from (`none`) and that model's URI (default: `model.path`, `none` for a fresh model), the data
+    snapshot (`none` without data.snapshot_root), the data's URI and the config hash."""
+    from arborl.components.data import snapshots
+
+    return {
+        "arborl.parent_version": parent_version or "none",
+        "arborl.parent_model_uri": parent_model_uri or cfg.model.path or "none",
+        "arborl.data_snapshot": snapshots.snapshot_name(cfg.data),
+        "arborl.data_uri": snapshots.data_uri(cfg.data),
+        "arborl.config_hash": cfg.section_hash(),
+    }
+
+
+def _experiment_id(client, cfg: Config) -> str:
+    """The id of `tracking.experiment`, created (artifacts beside a local SQLite store, as the pipeline's
+    tracker does) when missing."""
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(cfg).startswith("sqlite:///") and storage.is_local(cfg.run.output_root):
+        location = (Path(cfg.run.output_root).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+ORIGIN_TAG = "arborl.origin"
+
+
+def seed_champion(cfg: Config, model_uri: str) -> str:
+    """Register the model directory `model_uri` (local, s3:// or a Hub id, as `models.load_policy` reads it) as a
+    new version of `registry.model_name`, logged in its own MLflow run of `tracking.experiment`, tagged
+    `arborl.origin=seed` with its lineage (parent `none`), and point `champion` at it. Returns the version.
+
+    How a registry starts from a base model: `flows/deployments.py:retrain` then trains from the champion."""
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    # a seed is trained on no data of this project: no snapshot, no data URI
+    tags = {ORIGIN_TAG: "seed", **lineage_tags(cfg, None, model_uri), "arborl.data_snapshot": "none",
+            "arborl.data_uri": "none", "arborl.model_uri": model_uri}
+    run = client.create_run(_experiment_id(client, cfg), run_name=f"seed-{name}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        version = register_final_model(cfg, run_id, model_uri, {}, tags, alias=CHAMPION)
+        client.update_model_version(name, version, description=f"Seeded as {CHAMPION} from {model_uri}.")
+        client.set_model_version_tag(name, version, "gate.champion_after", version)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return version
+
+
+def champion_version(cfg: Config) -> str | None:
+    """The version `champion` of `registry.model_name` points at, or None (no such alias or model yet)."""
+    found = _alias(_client(cfg), cfg.registry.model_name, CHAMPION)
+    return None if found is None else str(found.version)
+
+
+def download_champion(cfg: Config, version: str, out: str) -> str:
+    """The registered version `version` of `registry.model_name` as a plain Hugging Face model directory at
+    `out` (local or remote); an existing complete copy (its `_source.json`, written last) is kept. Returns
+    `out`."""
+    name = cfg.registry.model_name
+    source = {"model_uri": f"models:/{name}/{version}"}
+    marker = storage.join(out, "_source.json")
+    if storage.exists(marker) and storage.read_json(marker) == source:
+        return out
+    client = _client(cfg)
+    with tempfile.TemporaryDirectory() as tmp, _fluent_uri(cfg):
+        local = download_version(client, name, version, Path(tmp) / "download")
+        storage.remove(out)
+        if storage.is_local(out):
+            shutil.copytree(local, storage.filesystem(out)[1])
+        else:
+            storage.upload_dir(local, out)
+    storage.write_json(marker, source)
+    return out
 
 
 def _alias(client, name: str, alias: str):

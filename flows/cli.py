@@ -35,7 +35,7 @@ def _prefect_env() -> None:
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notices
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]]):
+def _load(config: Optional[Path | str], overrides: Optional[list[str]]):
     from arborl.components.config import ConfigError, load_config
 
     try:
@@ -107,6 +107,7 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     ctx.with_resource(_locked(_run_root(cfg), f"arborl run {config or 'configs/tiny.yaml'}"))
     _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
+    from arborl.components.data.snapshots import SnapshotError
     from arborl.components.storage import ArtifactError
     from arborl.flows.logs import console_logging
     from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
@@ -122,6 +123,9 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
         console.print(f"[red]run failed: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except SnapshotError as exc:  # data.snapshot_root / data.snapshot name no usable snapshot: the URI is named
+        console.print(f"[red]run failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     finally:
         reporter.close()
     root = f"{cfg.run.output_root.rstrip('/')}/{cfg.run.name}"
@@ -132,7 +136,10 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
 def stage(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="prepare | warmstart | sample | verify | label | train | evaluate"),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[str] = typer.Option(  # a str: a URI such as s3://... must not be normalised as a path
+        None, "--config", "-c", help="YAML or JSON config, a path or a URI such as s3://bucket/run/config.json "
+        "(a run's resolved config; default: configs/tiny.yaml).",
+    ),
     inputs: Optional[list[str]] = typer.Option(None, "--in", help="Input as key=uri (a stage output directory)."),
     out: str = typer.Option(..., "--out", help="Output directory URI."),
     iteration: int = typer.Option(1, "--iteration", help="Iteration number (sample, train)."),
@@ -288,6 +295,54 @@ def export_corpus(
         console.print(f"[red]export-corpus failed:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(f"wrote {count} documents to {escape(out)}", soft_wrap=True)
+
+
+@app.command("export-data")
+def export_data(
+    config: Optional[Path] = ConfigOpt,
+    out: str = typer.Option(..., "--out", help="Snapshot folder to write (local path or URI), e.g. <root>/2026-11-30."),
+    parts: int = typer.Option(1, "--parts", min=1, help="Split the train questions into this many disjoint parts."),
+    part: int = typer.Option(0, "--part", min=0, help="Which part (from 0) of the train questions to write."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Write the config's synthetic world as a verl / Search-R1 Parquet data snapshot: train.parquet (part --part
+    of --parts of the train questions), val.parquet, test.parquet and corpus.jsonl (for `arborl serve-retriever`)."""
+    from arborl.components.data.export import export_snapshot
+
+    cfg = _load(config, overrides)
+    if part >= parts:
+        console.print(f"[red]--part must be below --parts ({parts}), got {part}[/red]")
+        raise typer.Exit(2)
+    counts = export_snapshot(cfg, out, parts, part)
+    console.print(f"wrote {escape(out)}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), soft_wrap=True)
+
+
+@app.command("seed-champion")
+def seed_champion(
+    config: Optional[Path] = ConfigOpt,
+    model: str = typer.Option(..., "--model", help="Model directory: local path, s3:// URI or Hugging Face Hub id."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Register a base model as a new version of registry.model_name (its own MLflow run, tagged
+    arborl.origin=seed) and point the alias champion at it: the start of a registry that `retrain` trains from."""
+    cfg = _load(config, overrides)
+    if not cfg.tracking.enabled:
+        console.print("[red]seed-champion needs tracking.enabled (the registry lives in the MLflow store)[/red]")
+        raise typer.Exit(2)
+    _check_tracking(cfg)
+    from arborl.components.registry import seed_champion as seed
+    from arborl.components.storage import ArtifactError
+
+    try:
+        version = seed(cfg, model)
+    except ArtifactError as exc:
+        console.print(f"[red]seed-champion: unreadable model:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as exc:
+        console.print(f"[red]seed-champion failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"registered {escape(cfg.registry.model_name)} v{version} from {escape(model)} as champion",
+                  soft_wrap=True)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
@@ -457,6 +512,32 @@ def compare(
     console.print(sweep_table)
     console.print(result["budget_rule"])
     console.print(f"compare.json: {result['out']}   MLflow run: {result['mlflow_run_id']}")
+
+
+@app.command()
+def alerts(
+    webhook_url: str = typer.Option(..., "--webhook-url", help="Where the JSON notifications are POSTed."),
+    prefix: str = typer.Option("arborl", "--prefix", help="Name prefix of the notification block and automations."),
+    flows: str = typer.Option("arborl-*", "--flows", help="Flow names whose failed/crashed runs alert ('*' ends a "
+                              "wildcard)."),
+) -> None:
+    """Create or update the Prefect automations that POST a JSON notification ({title, body, source}) to
+    --webhook-url when a flow run fails or crashes and when the promotion gate rejects a challenger. Needs
+    PREFECT_API_URL pointing at a running `prefect server start` (automations run on the server)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[red]alerts:[/red] set PREFECT_API_URL to a running Prefect server (prefect server start); "
+                      "automations cannot live on the temporary server of a single command")
+        raise typer.Exit(2)
+    _prefect_env()
+    from arborl.flows.alerts import create_alerts
+
+    try:
+        done = create_alerts(webhook_url, prefix=prefix, flow_name_pattern=flows)
+    except ValueError as exc:
+        console.print(f"[red]alerts:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    for line in done:
+        console.print(escape(line), soft_wrap=True)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from arborl.components import retention, storage
 from arborl.components.config import Config
+from arborl.components.orchestration import make_executor
+from arborl.components.registry import PROMOTE
 from arborl.components.run_lock import RunLock
 from arborl.components.stages import STAGES
 from arborl.components.stages import prepare as prepare_stage
@@ -21,6 +23,7 @@ from arborl.components.stages import sample as sample_stage
 from arborl.components.stages import warmstart as warmstart_stage
 from arborl.components.tracking import Tracker
 from arborl.flows import logs
+from arborl.flows.alerts import emit_challenger_rejected
 from arborl.flows.dashboards import Dashboards
 from arborl.flows.links import flow_run_name, mark_stale_runs, mlflow_run_tags
 from arborl.flows.progress import Reporter, get_reporter
@@ -42,10 +45,19 @@ def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, par
     reporter.stage_started(name, params.get("iteration"))
     extra = {"on_step": reporter.warmstart_step} if name == "warmstart" else {}
     started = time.time()
-    result = asdict(STAGES[name](cfg, inputs, out, **params, **extra))
+    if cfg.orchestration.executor == "inprocess":
+        result = asdict(STAGES[name](cfg, inputs, out, **params, **extra))
+    else:  # its own process, container or Job, reading the run's resolved config (components/orchestration)
+        result = make_executor(cfg).run(name, run_config_uri(cfg), inputs, out, params)
     logs.stage_finished(label, result, time.time() - started)
     reporter.stage_finished(name, params.get("iteration"), result["seconds"], result["skipped"])
     return result
+
+
+def run_config_uri(cfg: Config) -> str:
+    """`<output_root>/<run.name>/config.json`: the resolved config the flow writes, read by stages that run in
+    their own process (`orchestration.executor`)."""
+    return storage.child(storage.child(cfg.run.output_root, cfg.run.name), RUN_CONFIG_FILE)
 
 
 def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, *, step: int | None = None,
@@ -64,7 +76,8 @@ def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) 
 @flow(name="arborl-sample-shards")
 def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: list[dict]) -> list[dict]:
     """The shards of one sample stage, mapped over the subflow's task runner: a process pool, one worker
-    process per shard (GPU jobs in production)."""
+    process per shard, or the workers of the Dask cluster at `orchestration.dask_address` (GPU jobs in
+    production)."""
     futures = run_stage_task.with_options(
         name="sample", task_run_name="sample-it{params[iteration]:03d}-shard{params[shard][0]}",
     ).map("sample", unmapped(cfg), unmapped(inputs), outs, params)
@@ -78,11 +91,20 @@ def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> di
         return _stage("sample", cfg, inputs, out, iteration=iteration)
     outs = [sample_stage.shard_out(out, i, n) for i in range(n)]
     params = [{"iteration": iteration, "shard": (i, n)} for i in range(n)]
-    shards = sample_shards.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))(cfg, inputs, outs, params)
+    shards = sample_shards.with_options(task_runner=_shard_runner(cfg, n))(cfg, inputs, outs, params)
     merged = merge_shards_task.with_options(task_run_name=f"sample-merge-it{iteration:03d}")(
         cfg, [r["out"] for r in shards], out, iteration)
     merged["seconds"] += max(r["seconds"] for r in shards)  # shards run side by side
     return merged
+
+
+def _shard_runner(cfg: Config, n: int) -> Any:
+    """The sample shards' task runner: the Dask scheduler at `orchestration.dask_address`, else n local processes."""
+    if cfg.orchestration.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=cfg.orchestration.dask_address)
+    return ProcessPoolTaskRunner(max_workers=n)
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -194,8 +216,13 @@ def prune_iterations(ctx: RunContext, it: int, warm_model: str) -> None:
 
 
 @flow(name="arborl-tree-grpo", flow_run_name=flow_run_name)
-def train_pipeline(config: dict, config_file: str | None = None) -> dict:
+def train_pipeline(config: dict, config_file: str | None = None, lineage: dict[str, str] | None = None) -> dict:
     """Run the whole pipeline for one config (a `Config` dumped to a dict) and return the summary.
+
+    `data.snapshot: latest` is resolved here, once, to the snapshot folder's name (components/data/snapshots.py).
+    `lineage` (`arborl.parent_version`, `arborl.parent_model_uri`: the registered version the start model came
+    from) overrides the defaults of `registry.lineage_tags`; the lineage goes to the MLflow run's tags, the
+    registered version's tags and the summary.
 
     `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config. The run root's
     lock (`<output_root>/<run.name>/_lock.json`, components/run_lock.py) is held throughout: a second writer
@@ -205,19 +232,24 @@ def train_pipeline(config: dict, config_file: str | None = None) -> dict:
     run that Prefect still shows Running or Pending (its process was killed). `arborl.*` log records go to the
     flow run's logs (flows/logs.py).
     """
-    cfg = Config.model_validate(config)
+    from arborl.components.data.snapshots import resolve_snapshot
+    from arborl.components.registry import lineage_tags
+
+    cfg = resolve_snapshot(Config.model_validate(config))
+    lineage = {**lineage_tags(cfg), **(lineage or {})}
     root = storage.child(cfg.run.output_root, cfg.run.name)
     with RunLock(root, "arborl run"), logs.route_to_prefect():  # one writer per run root
         mark_stale_runs(cfg)
-        return _train(cfg, root, config_file)
+        return _train(cfg, root, config_file, lineage)
 
 
-def _train(cfg: Config, root: str, config_file: str | None) -> dict:
+def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, str] | None = None) -> dict:
     started = time.time()
+    lineage = lineage or {}
     storage.makedirs(root)
     storage.write_json(storage.child(root, RUN_CONFIG_FILE), cfg.model_dump(mode="json"))
     tracker = Tracker(cfg, root)
-    tracker.set_tags(mlflow_run_tags(cfg, config_file))
+    tracker.set_tags({**mlflow_run_tags(cfg, config_file), **lineage})
     tracker.start_system_metrics()
     ctx = RunContext(cfg, root, tracker, Dashboards(tracker, cfg), get_reporter())
     logs.log.info("run %s under %s: MLflow run %s%s", cfg.run.name, root, tracker.run_id or "(tracking off)",
@@ -250,12 +282,13 @@ def _train(cfg: Config, root: str, config_file: str | None) -> dict:
             "wall_seconds": round(time.time() - started, 2),
             "mlflow_run_id": tracker.run_id,
             "config_hash": cfg.section_hash(),
+            "lineage": lineage,
             "history": history,
         }
         if cfg.registry.enabled and tracker.enabled:
             retention.protect(root, model)  # before registering: a registered model is never pruned
             tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
-                    "arborl.iteration": str(last_eval_iter)}
+                    "arborl.iteration": str(last_eval_iter), **lineage}
             summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags, ctx.dash)
         _save_summary(ctx, summary, config_file)
         tracker.finish("FINISHED")
@@ -301,9 +334,15 @@ def promote_task(cfg: Config) -> dict:
 def register_and_promote(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str],
                          dash: Dashboards) -> dict:
     """The flow's last steps: register the final model as `challenger`, then the gated promotion, whose
-    decision and the model's version table are published as Prefect markdown artifacts (flows/dashboards.py)."""
-    version = register_task(cfg, run_id, model, {k: v for k, v in metrics.items() if k.startswith("test_")}, tags)
+    decision and the model's version table are published as Prefect markdown artifacts (flows/dashboards.py).
+    A challenger that is not promoted emits the `arborl.challenger.rejected` event (flows/alerts.py)."""
+    # val and test metrics both go on the version: the gate decides on registry.split (val by default), test is
+    # reported only
+    reported = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
+    version = register_task(cfg, run_id, model, reported, tags)
     logs.log.info("registered %s v%s (alias challenger) from %s", cfg.registry.model_name, version, model)
     result = promote_task(cfg)
     dash.promoted(version, result, result.pop("markdown"))
+    if result["decision"]["decision"] != PROMOTE and result["champion_after"] != version:
+        emit_challenger_rejected(cfg.registry.model_name, version, result["decision"])  # for alert automations
     return {"model_name": cfg.registry.model_name, "version": version, **result}

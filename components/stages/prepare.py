@@ -8,7 +8,7 @@ from typing import Any
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.data import verl_parquet
+from arborl.components.data import snapshots, verl_parquet
 from arborl.components.envs.world import build_world, make_questions
 from arborl.components.stages.base import StageResult, run_stage
 
@@ -53,7 +53,7 @@ def prepare_parquet(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict
 
     Fails, before writing anything, on a missing file or column, or when more than `data.max_bad_fraction` of
     the rows are unusable; otherwise the manifest lists the bad rows (the first MAX_LISTED_BAD_ROWS)."""
-    files = {"train": list(cfg.data.train_files), "val": list(cfg.data.val_files), "test": list(cfg.data.test_files)}
+    files = snapshots.data_files(cfg.data)
     result = verl_parquet.read_files(files, cfg.data.batch_rows)
     verl_parquet.check_bad_rows(result, cfg.data.max_bad_fraction)
     counts = result.counts()

@@ -87,7 +87,7 @@ def test_mistyped_value_names_key_and_file(tmp_path, section, key, value):
 
 def test_bad_hop_mix_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="hop_mix"):
-        load_config(DEFAULT_CONFIG, ["world.hop_mix={4: 1.0}"])
+        load_config(DEFAULT_CONFIG, ["world.hop_mix={5: 1.0}"])
 
 
 def test_missing_file_and_invalid_yaml_name_the_file(tmp_path):
@@ -253,6 +253,8 @@ def test_section_hash_tracks_only_its_sections():
     # all sections when none are named
     assert base.section_hash() != lr.section_hash()
     assert base.section_hash() != temp.section_hash()
+    # ... except where the stages run, which does not change what they make
+    assert base.section_hash() == config_from_dict({"orchestration": {"executor": "subprocess"}}).section_hash()
     # extra params and the seed are part of the hash
     assert base.section_hash("train", iteration=1) != base.section_hash("train", iteration=2)
     assert base.section_hash("train", iteration=1) == Config().section_hash("train", iteration=1)

@@ -20,9 +20,10 @@ from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "configs" / "micro.yaml")
-# 1-hop questions and more demonstrations, so that policies of different strength differ clearly in test EM
+# 1-hop questions and more demonstrations, so that policies of different strength differ clearly in EM; 40 val
+# questions for the gate (registry.split: val)
 EASY = ["world.hop_mix={1: 1.0}", "world.num_train=400", "warmstart.num_demos=1000", "world.num_test=40",
-        "run.iterations=1"]
+        "world.num_val=40", "run.iterations=1"]
 
 
 def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_better(tmp_path, prefect_server):
@@ -48,7 +49,8 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
         v1.tags["arborl.model_uri"]]
     assert v1.run_id == summary["mlflow_run_id"] == v1.tags["arborl.run_id"]
     assert v1.tags["arborl.config_hash"] == cfg.section_hash()
-    assert float(v1.tags["eval.test_em"]) == summary["final"]["test_em"]
+    assert float(v1.tags["eval.test_em"]) == summary["final"]["test_em"]  # reported beside the val metrics
+    assert float(v1.tags["eval.val_em"]) == summary["final"]["val_em"] and v1.tags["gate.split"] == "val"
     # its promotion against the warm start ran to a complete decision, recorded in tags, on disk and in Prefect
     assert v1.tags["gate.decision"] in ("promote", "reject") and v1.tags["gate.n"] == "40"
     assert v1.tags["gate.baseline_model"] == "warm start"

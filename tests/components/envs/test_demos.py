@@ -7,10 +7,18 @@ import random
 
 import pytest
 
-from arborl.components.config import WarmstartConfig
+from arborl.components.config import WarmstartConfig, WorldConfig
 from arborl.components.envs.demos import build_demonstrations, demonstration
-from arborl.components.envs.protocol import ANSWER_OPEN, INFO_OPEN, SEARCH_OPEN, extract_answer, is_valid_sequence
-from arborl.components.envs.world import RELATIONS
+from arborl.components.envs.protocol import (
+    ANSWER_OPEN,
+    INFO_OPEN,
+    SEARCH_OPEN,
+    extract_answer,
+    is_valid_sequence,
+    search_query,
+)
+from arborl.components.envs.retriever import FTSRetriever
+from arborl.components.envs.world import RELATIONS, build_world, make_questions
 
 
 def _all_questions(questions):
@@ -143,3 +151,59 @@ def test_build_demonstrations_draws_questions_and_episodes_from_one_stream(
     expected = [demonstration(rng.choice(train), retriever, fact_index, entities_by_type, rng, 0.3, 0.4)
                 for _ in range(9)]
     assert build_demonstrations(world, retriever, train, ws, seed=11) == expected
+
+
+# --- 4-hop chains in a world with distractors ----------------------------------------------------------------------
+
+FOUR_HOP_WORLD = WorldConfig(num_people=120, num_cities=12, num_countries=5, num_companies=10, distractors=1.0,
+                             hop_mix={4: 1.0}, num_train=60, num_val=10, num_test=20)
+
+
+@pytest.fixture(scope="module")
+def four_hop():
+    """(questions, retriever with topk=1, fact index, entities by type) of a 4-hop world with distractors."""
+    world = build_world(FOUR_HOP_WORLD, 0)
+    facts = world.fact_rows()
+    retriever = FTSRetriever([f["text"] for f in facts], top_k=1)
+    fact_index = {f["text"]: (f["subject"], f["relation"], f["object"]) for f in facts}
+    entities = {kind: world.entities(kind) for kind in {t for _, _, t in RELATIONS.values()}}
+    return make_questions(world, FOUR_HOP_WORLD, 0, "train", FOUR_HOP_WORLD.num_train), retriever, fact_index, \
+        entities
+
+
+def test_noise_free_demos_walk_all_four_hops_to_the_gold_answer(four_hop):
+    questions, retriever, fact_index, entities = four_hop
+    for i, q in enumerate(questions):
+        info = json.loads(q["extra_info"])
+        assert info["hops"] == 4
+        segments = _demo(q, retriever, fact_index, entities, i, 0.0, 0.0)
+        _check_structure(q, segments)
+        searches = [search_query(t) for t, trainable in segments[1:] if trainable and t.startswith(f" {SEARCH_OPEN}")]
+        entities_queried = [info["subject"]] + info["chain"][:-1]
+        assert searches == [RELATIONS[r][1].format(s=e) for r, e in zip(info["path"], entities_queried, strict=True)]
+        assert _answer(segments) == q["ground_truth"][0]
+
+
+def test_four_hop_demos_with_noise_stay_valid_and_rarely_finish(four_hop):
+    questions, retriever, fact_index, entities = four_hop
+    finished = right = 0
+    for i, q in enumerate(questions * 5):
+        segments = _demo(q, retriever, fact_index, entities, i, 0.6, 0.3)
+        _check_structure(q, segments)
+        finished += len(segments) == 2 + 2 * 4  # prompt, 4 × (search, observation), answer
+        right += _answer(segments) == q["ground_truth"][0]
+    assert finished / (5 * len(questions)) < 0.1  # 0.4^4 ≈ 2.6% in expectation
+    assert right < 0.2 * 5 * len(questions)
+
+
+def test_sloppy_four_hop_demos_drop_the_first_name_of_every_person_they_query(four_hop):
+    questions, retriever, fact_index, entities = four_hop
+    for i, q in enumerate(questions):
+        segments = _demo(q, retriever, fact_index, entities, i, 0.0, 1.0)
+        _check_structure(q, segments)
+        for turn, _ in segments[1:-1:2]:
+            query = search_query(turn)
+            person_query = query.startswith("the mentor of ") or " was born in" in query or " works for" in query
+            if person_query:  # a person's name is two words; the sloppy query keeps the surname only
+                about = query.removeprefix("the mentor of ").split(" was born in")[0].split(" works for")[0]
+                assert len(about.split()) == 1, query

@@ -1,0 +1,24 @@
+"""Running stages outside the flow's process: a child process, a docker container or a Kubernetes Job
+(`orchestration.executor`). See executors.py and specs.py."""
+
+from arborl.components.orchestration.executors import (
+    DockerExecutor,
+    Executor,
+    KubernetesExecutor,
+    StageFailed,
+    SubprocessExecutor,
+    make_executor,
+)
+from arborl.components.orchestration.specs import docker_run_spec, kubernetes_job_manifest, stage_command
+
+__all__ = [
+    "DockerExecutor",
+    "Executor",
+    "KubernetesExecutor",
+    "StageFailed",
+    "SubprocessExecutor",
+    "docker_run_spec",
+    "kubernetes_job_manifest",
+    "make_executor",
+    "stage_command",
+]
