@@ -131,7 +131,7 @@ def test_registered_version_description_and_logged_model_experiment(micro_run):
     decision = micro_run.summary["registry"]["decision"]
     assert version.description.startswith("Promoted to champion" if decision["decision"] == "promote"
                                            else "Not promoted")
-    assert f"on {decision['n']} test questions" in version.description
+    assert f"on {decision['n']} val questions" in version.description
     assert version.tags["gate.champion_before"] == "-" and version.tags["gate.decided_at"].endswith("Z")
     logged = client.get_logged_model(version.source.split("/")[-1])
     assert client.get_experiment(logged.experiment_id).name == "arborl"

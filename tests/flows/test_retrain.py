@@ -98,9 +98,12 @@ def test_retrain_from_champion_on_the_latest_snapshot_with_lineage(tmp_path, sna
     assert reg["champion_before"] == "1" and reg["champion_after"] == "1"
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"  # a rejection moves nothing
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
-    event = _rejected_event(f"arborl.model.{name}.v2")  # the alert event, related to the retrain flow run
+    # the alert event, related to the pipeline's flow run that gated v2 (a subflow of this retrain)
+    event = _rejected_event(f"arborl.model.{name}.v2")
     assert event["payload"]["decision"] == "reject" and event["payload"]["delta"] == reg["decision"]["delta"]
-    assert f"prefect.flow-run.{state.state_details.flow_run_id}" in [r["prefect.resource.id"] for r in event["related"]]
+    pipeline_run = client.get_run(first["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    assert pipeline_run != str(state.state_details.flow_run_id)
+    assert f"prefect.flow-run.{pipeline_run}" in [r["prefect.resource.id"] for r in event["related"]]
 
     v2 = client.get_model_version(name, "2")
     run1 = client.get_run(first["mlflow_run_id"]).data.tags
