@@ -10,13 +10,14 @@ from typing import Any
 from arborl.components.config import Config
 from arborl.components.tracking import check_tracking_uri, model_version_url, run_url, tracking_uri
 
-COLUMNS = ("version", "created", "run", "decision", "metric", "scores", "delta", "champion", "aliases")
+COLUMNS = ("version", "created", "run", "lineage", "decision", "metric", "scores", "delta", "champion", "aliases")
 MD_COLUMNS = (*COLUMNS[:6], "against", *COLUMNS[6:])  # markdown has room for the baseline's name too
-HEADERS = {"version": "version", "created": "created (UTC)", "run": "MLflow run", "decision": "gate",
+HEADERS = {"version": "version", "created": "created (UTC)", "run": "MLflow run",
+           "lineage": "data snapshot ← parent", "decision": "gate",
            "metric": "metric", "scores": "challenger vs baseline", "against": "baseline",
            "delta": "paired Δ [95% interval]", "champion": "champion before → after", "aliases": "aliases now"}
 SHORT = {**HEADERS, "version": "ver", "created": "created", "run": "run", "scores": "score vs base",
-         "delta": "Δ [95% CI]", "champion": "champion", "aliases": "aliases"}  # the terminal table's
+         "delta": "Δ [95% CI]", "champion": "champion", "aliases": "aliases", "lineage": "data ← parent"}
 
 
 def _float(value: str | None) -> float | None:
@@ -25,6 +26,10 @@ def _float(value: str | None) -> float | None:
     except ValueError:
         return None
     return None if x is None or math.isnan(x) else x
+
+
+def _none(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else value
 
 
 def registry_rows(cfg: Config) -> list[dict[str, Any]]:
@@ -69,6 +74,9 @@ def registry_rows(cfg: Config) -> list[dict[str, Any]]:
             "ci_high": _float(tags.get("gate.ci_high")), "n": tags.get("gate.n"),
             "against": tags.get("gate.baseline_model"), "decided_at": tags.get("gate.decided_at"),
             "champion_before": before, "champion_after": after,
+            "data_snapshot": _none(tags.get("arborl.data_snapshot")),
+            "parent_version": _none(tags.get("arborl.parent_version")),
+            "origin": tags.get("arborl.origin"),
             "aliases": sorted(by_version.get(str(v.version), [])),
             "description": v.description or "",
         })
@@ -91,8 +99,10 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
     ci = "" if row["ci_low"] is None else f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
     metric = "-" if not row["metric"] else f"{row['metric']} ({row['split'] or '?'}, n={row['n']})"
     scores = "-" if row["challenger"] is None else f"{_num(row['challenger'])} vs {_num(row['baseline'])}"
+    parent = f"v{row['parent_version']}" if row["parent_version"] else "-"
+    lineage = "seed" if row["origin"] == "seed" else f"{row['data_snapshot'] or 'synthetic'} ← {parent}"
     return {
-        "version": f"v{row['version']}", "created": row["created"],
+        "version": f"v{row['version']}", "created": row["created"], "lineage": lineage,
         "run": f"{row['run_name'] or '-'} ({(row['run_id'] or '-')[:8]})", "decision": row["decision"] or "not gated",
         "metric": metric, "scores": scores, "delta": _num(row["delta"], signed=True) + ci,
         "against": row["against"] or "-", "champion": champion, "aliases": ", ".join(row["aliases"]) or "-",

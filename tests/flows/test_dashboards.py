@@ -201,6 +201,7 @@ def test_a_stale_flow_run_of_the_same_run_is_marked_crashed(micro_run):
 
 
 def test_report_lists_the_registered_versions(micro_run):
+    from arborl.flows import report
     from arborl.flows.cli import app
 
     decision = micro_run.summary["registry"]["decision"]
@@ -212,6 +213,9 @@ def test_report_lists_the_registered_versions(micro_run):
     [row] = json.loads(res.output)
     assert row["version"] == "1" and row["decision"] == decision["decision"] and row["run_id"] == micro_run.run_id
     assert row["challenger"] == pytest.approx(decision["challenger"], abs=1e-5) and row["aliases"]
+    # lineage: the synthetic world (no data snapshot), started from the warm start (no parent version)
+    assert row["data_snapshot"] is None and row["parent_version"] is None
+    assert report.cells(row)["lineage"] == "synthetic ← -"
 
 
 def test_resume_rewrites_the_tables_without_duplicates(micro_run):

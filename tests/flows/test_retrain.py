@@ -145,3 +145,8 @@ def test_retrain_from_champion_on_the_latest_snapshot_with_lineage(tmp_path, sna
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     for version in (v1, v2, v3):
         assert all(k in client.get_model_version(name, version.version).tags for k in LINEAGE)
+    # `arborl report` shows the chain: the seed, then each week's snapshot and the version it started from
+    from arborl.flows.report import cells, registry_rows
+
+    rows = registry_rows(load_config(MICRO, overrides))
+    assert [cells(row)["lineage"] for row in rows] == ["seed", "2026-11-23 ← v1", "2026-11-30 ← v1"]
