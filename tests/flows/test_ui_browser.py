@@ -31,7 +31,7 @@ from tests.components.viewer.test_tree_html import browser  # noqa: F401  (the h
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs" / "micro.yaml"
-WAIT_S = 60
+WAIT_S = 120
 VIEWPORT = (1400, 1000)
 
 
@@ -135,19 +135,20 @@ def test_experiment_runs_page_lists_the_run_its_datasets_and_model(browser, micr
     shown = datasets(micro_store)
     assert set(shown) == {"train", "val", "test"}
     name = micro_store.cfg.registry.model_name
-    text = open_page(browser, f"{mlflow_ui}/#/experiments/{micro_store.experiment_id}/runs",
-                     micro_store.run.info.run_name, *shown.values(), name)
-    assert micro_store.cfg.tracking.experiment in text.splitlines()  # the experiment's name heads the page
     version = micro_store.summary["registry"]["version"]
-    assert re.search(rf"{re.escape(name)}\s+v{version}\b", text), text[:3000]  # the Models column
+    text = open_page(browser, f"{mlflow_ui}/#/experiments/{micro_store.experiment_id}/runs",
+                     micro_store.run.info.run_name, *shown.values(), name,
+                     pattern=rf"{re.escape(name)}\s+v{version}\b")  # the Models column
+    assert micro_store.cfg.tracking.experiment in text.splitlines()  # the experiment's name heads the page
 
 
 def test_run_page_shows_datasets_prefect_link_and_registered_model(browser, micro_store, mlflow_ui):  # noqa: F811
     shown = datasets(micro_store)
     url = run_url(mlflow_ui, micro_store.experiment_id, micro_store.run.info.run_id)
+    name = micro_store.cfg.registry.model_name
+    # the registered-models field loads after the rest of the page (it shows "None" until then)
     text = open_page(browser, url, "About this run", micro_store.run.info.run_id, "Datasets", shown["train"],
-                     "Registered models")
-    assert micro_store.cfg.registry.model_name in text.split("Registered models")[-1]
+                     "Registered models", pattern=rf"Registered models\s+{re.escape(name)}")
     assert f"/runs/flow-run/{micro_store.flow_run_id}" in text  # the Prefect flow run's address, as a run tag
     # the other two datasets sit behind "+2": a real click opens them
     assert shown["val"] not in text and shown["test"] not in text
@@ -160,9 +161,9 @@ def test_registered_model_and_version_pages(browser, micro_store, mlflow_ui, tmp
     version = micro_store.client.get_model_version(name, micro_store.summary["registry"]["version"])
     open_page(browser, f"{mlflow_ui}/#/models", "Registered Models", name)
 
-    text = open_page(browser, f"{mlflow_ui}/#/models/{name}", name, f"Version {version.version}", "Versions",
-                     "challenger")
-    assert micro_store.run.info.run_id in text  # the version's `arborl.run_id` tag
+    # the version's `arborl.run_id` tag names the run
+    open_page(browser, f"{mlflow_ui}/#/models/{name}", name, f"Version {version.version}", "Versions", "challenger",
+              micro_store.run.info.run_id)
     shot = browser.call("Page.captureScreenshot", format="png")["data"]
     png = base64.b64decode(shot)
     (tmp_path / f"mlflow-model-{name}.png").write_bytes(png)
