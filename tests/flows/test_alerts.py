@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,19 +15,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 
 from arborl.flows import alerts
+from tests.integration.servers import BIN, Service, free_port, running
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_env(home: Path, api_url: str | None = None) -> dict[str, str]:
@@ -52,38 +45,16 @@ def prefect_api(tmp_path):
     """A real `prefect server start` on 127.0.0.1 with a fresh SQLite database; killed in teardown."""
     home = tmp_path / "prefect-home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    log_file = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "WARNING", "--no-scheduler", "--no-late-runs"],
-        # the server renders `{{ flow_run|ui_url }}` from its own PREFECT_UI_URL
-        env={**_server_env(home), "PREFECT_UI_URL": f"http://127.0.0.1:{port}"},
-        stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prefect server exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prefect server not up in 90 s: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    server = Service("prefect server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                        str(port), "--log-level", "WARNING", "--no-scheduler", "--no-late-runs"],
+                     # the server renders `{{ flow_run|ui_url }}` from its own PREFECT_UI_URL
+                     tmp_path / "server.log", {**_server_env(home), "PREFECT_UI_URL": f"http://127.0.0.1:{port}"},
+                     tmp_path)
+    with running(server):
+        server.wait_http(f"{api_url}/health")
         yield api_url, home
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log_file.close()
 
 
 @pytest.fixture

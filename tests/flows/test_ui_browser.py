@@ -14,20 +14,17 @@ from __future__ import annotations
 import base64
 import os
 import re
-import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 
 from arborl.components.config import load_config
 from arborl.components.tracking import model_version_url, run_url
 from tests.components.viewer.test_tree_html import browser  # noqa: F401  (the headless Chromium fixture)
+from tests.integration.servers import BIN, Service, free_port, running
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -56,39 +53,14 @@ def micro_store(tmp_path_factory, prefect_server):
 @pytest.fixture(scope="module")
 def mlflow_ui(micro_store):
     """`mlflow server` on 127.0.0.1 over the micro run's SQLite store; yields its base address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    log_path = micro_store.tmp / "mlflow-server.log"
+    base = f"http://127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{micro_store.db}", "--workers", "1"],
-            cwd=micro_store.tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"mlflow server exited: {log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server not up in 90 s: {log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    server = Service("mlflow server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                                       base.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{micro_store.db}",
+                                       "--workers", "1"], micro_store.tmp / "mlflow-server.log", env, micro_store.tmp)
+    with running(server):
+        server.wait_http(f"{base}/health")
+        yield base
 
 
 def wait_text(page, *expected: str, pattern: str | None = None) -> str:
