@@ -196,7 +196,7 @@ class ModelConfig(Strict):
         "defines one).",
     )
     hidden_size: int = Field(128, ge=8, description="Hidden size of the tiny Llama.")
-    num_layers: int = Field(4, ge=1, description="Transformer layers.")
+    num_layers: int = Field(2, ge=1, description="Transformer layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
     intermediate_size: int = Field(512, ge=8, description="MLP width.")
     max_position_embeddings: int = Field(512, ge=32, description="Context window in tokens.")
@@ -215,7 +215,7 @@ class WarmstartConfig(Strict):
         "`model.path` as it is (the stage then only saves it as the run's iteration-0 model).",
     )
     num_demos: int = Field(6000, ge=1, description="Demonstration episodes generated from train questions.")
-    steps: int = Field(3000, ge=0, description="Optimizer steps of supervised warm start.")
+    steps: int = Field(2500, ge=0, description="Optimizer steps of supervised warm start.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per step.")
     lr: float = Field(2e-3, gt=0, lt=1, description="Peak AdamW learning rate (cosine decay).")
     early_answer_prob: float = Field(

@@ -11,7 +11,7 @@ import torch
 from arborl.components.config import ModelConfig, WarmstartConfig
 from arborl.components.envs.demos import demonstration
 from arborl.components.models import build_model, encode
-from arborl.components.training.warmstart import supervised_train, tokenize_demo
+from arborl.components.training.warmstart import pack_rows, packed_batch, supervised_train, tokenize_demo
 
 SEGMENTS = [
     ("<question> where was kai born ? </question>", False),
@@ -98,3 +98,39 @@ def test_zero_steps_is_a_no_op(tiny_model, tokenizer, demos):
     metrics = supervised_train(tiny_model, demos, WarmstartConfig(steps=0), tokenizer.pad_token_id, 0)
     assert math.isnan(metrics["loss_first"]) and metrics["steps"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters(), strict=True))
+
+
+def test_pack_rows_is_first_fit_decreasing_within_the_longest():
+    lengths = [5, 40, 20, 30, 10, 20, 5]
+    rows = pack_rows([([1] * n, [False] * n) for n in lengths])
+    assert [[lengths[i] for i in row] for row in rows] == [[40], [30, 10], [20, 20], [5, 5]]
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+
+
+def test_packed_batch_matches_separate_demos(tokenizer, demos):
+    """Independent reference: each demo alone through the model, unpadded, in float64. The packed batch's
+    mean trainable-token loss and its gradients equal the mean over those separate forward passes."""
+    short = [(ids[:12], trainable[:12]) for ids, trainable in demos[:3]]  # prefixes: several fit in a row
+    batch = demos + short + [demos[1]]  # a repeat, as the sampler draws with replacement
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                        tokenizer, 0).double()
+    total, count = 0.0, 0
+    for ids, trainable in batch:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(ids[1:])
+        keep = torch.tensor(trainable[1:])
+        total = total + torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+        count += int(keep.sum())
+    (total / count).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    ids, pos, mask, targets = packed_batch(batch, tokenizer.pad_token_id, torch.float64)
+    assert ids.shape[0] < len(batch) and ids.shape[1] == max(len(d[0]) for d in batch)
+    assert int((targets != -100).sum()) == count
+    logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(total / count), rel=1e-10)
+    for a, b in zip(reference, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
