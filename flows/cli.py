@@ -349,6 +349,21 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured 
 app.add_typer(bench_app, name="bench")
 
 
+def _print_bench(result: dict, title: str, as_json: bool) -> None:
+    """One JSON line, or a metric/value table."""
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 @bench_app.command("sampling")
 def bench_sampling(
     config: Optional[Path] = ConfigOpt,
@@ -396,17 +411,23 @@ def bench_training_cmd(
 
     cfg = _load(config, overrides)
     result = bench_training(cfg, workdir, warmstart_steps=warmstart_steps, repeats=repeats)
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-        return
-    from rich.table import Table
+    _print_bench(result, "arborl bench training", as_json)
 
-    table = Table(title="arborl bench training")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
+
+@bench_app.command("warmstart")
+def bench_warmstart_cmd(
+    config: Optional[Path] = ConfigOpt,
+    workdir: str = typer.Option("runs/bench-warmstart", help="Where the prepared world is kept (reused)."),
+    repeats: int = typer.Option(10, help="Timed batches per form (median reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """The warm start's packed rows vs the padded batch: tokens, forward+backward seconds, gradient agreement."""
+    from arborl.components.bench.warmstart import bench_warmstart
+
+    cfg = _load(config, overrides)
+    result = bench_warmstart(cfg, workdir, repeats=repeats)
+    _print_bench(result, "arborl bench warmstart", as_json)
 
 
 @app.command()

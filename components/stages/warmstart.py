@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.envs.demos import build_demonstrations
+from arborl.components.envs.demos import Segment, build_demonstrations
 from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
@@ -42,15 +42,20 @@ def given_model(cfg: Config, out: str) -> tuple[dict[str, str], dict[str, Any]]:
                             "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
 
 
-def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable | None = None
-               ) -> tuple[dict[str, str], dict[str, Any]]:
-    """Supervised training of a fresh (or `model.path`) policy on demonstrations of the world's train
-    questions; the model directory is `out`."""
-    world_uri = inputs["world"]
+def demonstrations(cfg: Config, world_uri: str) -> tuple[World, list[list[Segment]]]:
+    """The prepared world at `world_uri` and the warm start's demonstration episodes on its train questions."""
     facts = schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS).to_pylist()
     world = World.from_artifacts(storage.read_json(storage.join(world_uri, schemas.WORLD_FILE)), facts)
     episodes = build_demonstrations(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "train"),
                                     cfg.warmstart, cfg.run.seed)
+    return world, episodes
+
+
+def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable | None = None
+               ) -> tuple[dict[str, str], dict[str, Any]]:
+    """Supervised training of a fresh (or `model.path`) policy on demonstrations of the world's train
+    questions; the model directory is `out`."""
+    world, episodes = demonstrations(cfg, inputs["world"])
     if cfg.model.path:
         model, tokenizer = load_policy(cfg.model.path, device(cfg), cfg.storage.cache_max_gb)
     else:
