@@ -13,6 +13,8 @@ $(BIN)/arborl: pyproject.toml
 	# CPU torch first: with it present nothing pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The CPU attention kernel is compiled here, once, rather than inside the first run (it falls back if it can't).
+	$(BIN)/python -c "from arborl.components.sampling.engine.cpu_kernels import decode_attention; decode_attention()"
 	touch $(BIN)/arborl
 
 install: $(BIN)/arborl

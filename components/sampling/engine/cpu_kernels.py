@@ -2,11 +2,11 @@
 
 `decode_attention()` returns the kernel's module, or None where it cannot be built (no C++ compiler, or
 `ARBORL_CPU_KERNELS=0`); callers then use plain torch operations, which compute the same thing, slower. The
-build takes ~20 s once per CPU model and source version (torch caches it under `TORCH_EXTENSIONS_DIR`, by default
-~/.cache/torch_extensions) and is tuned for the CPU it runs on (`-march=native`; the build's name carries a hash of
-the CPU's model and flags, so a home directory shared by different machines never loads a build made for another
-CPU). OpenMP comes from the runtime torch already loaded, so the kernel shares torch's threads instead of starting
-a second pool.
+build takes ~20 s once per CPU model, checkout and source version (torch caches it under `TORCH_EXTENSIONS_DIR`,
+by default ~/.cache/torch_extensions; `make install` builds it) and is tuned for the CPU it runs on
+(`-march=native`; the build's name carries a hash of the CPU's model and flags, so a home directory shared by
+different machines never loads a build made for another CPU). OpenMP comes from the runtime torch already
+loaded, so the kernel shares torch's threads instead of starting a second pool.
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ def cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def build_name() -> str:
+    """The extension's name: per CPU (`cpu_tag`) and per checkout, since torch's build directory holds absolute
+    source paths and two checkouts sharing one name would rebuild over each other on every switch."""
+    checkout = hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:6]
+    return f"arborl_cpu_attention_{cpu_tag()}_{checkout}"
+
+
 def decode_attention() -> ModuleType | None:
     """The built kernel module (with `decode_attention(q, new_k, new_v, keys, values, column, bias)`), or None."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -67,7 +74,7 @@ def _build() -> ModuleType | None:
 
         _ninja_on_path()
         return load(
-            name=f"arborl_cpu_attention_{cpu_tag()}",
+            name=build_name(),
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
