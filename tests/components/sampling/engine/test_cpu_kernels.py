@@ -176,3 +176,13 @@ def test_the_switch_and_a_failed_build_fall_back_to_torch(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert cpu_kernels.decode_attention() is None
     assert "kernel unavailable (OSError: c++: command not found)" in caplog.text
+
+
+def test_build_name_is_per_cpu_and_per_checkout(monkeypatch, tmp_path):
+    """Two checkouts on one machine get two builds: torch's build directory holds absolute source paths, so a
+    shared name would make each checkout rebuild the other's."""
+    here = cpu_kernels.build_name()
+    assert here.startswith(f"arborl_cpu_attention_{cpu_kernels.cpu_tag()}_")
+    assert cpu_kernels.build_name() == here  # stable
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "cpu_attention.cpp")
+    assert cpu_kernels.build_name() != here
