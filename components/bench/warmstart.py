@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from arborl.components import storage
 from arborl.components.config import Config
@@ -23,7 +22,7 @@ from arborl.components.models import build_model, build_tokenizer
 from arborl.components.stages import STAGES
 from arborl.components.stages.base import device
 from arborl.components.stages.warmstart import demonstrations
-from arborl.components.training.warmstart import Demo, packed_batch, tokenize_demo
+from arborl.components.training.warmstart import Demo, masked_lm_loss, packed_batch, tokenize_demo
 
 
 def padded_batch(demos: list[Demo], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,8 +41,7 @@ def padded_batch(demos: list[Demo], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def _step(model, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    logits = model(**inputs).logits
-    F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+    masked_lm_loss(model(**inputs).logits, targets).backward()
     if targets.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start, [p.grad.detach().clone() for p in model.parameters()]

@@ -79,6 +79,11 @@ def packed_batch(demos: list[Demo], pad_id: int, dtype: torch.dtype = torch.floa
     return ids, pos, mask, targets
 
 
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (R, T, V) against targets (R, T), over the positions whose target is not -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def supervised_train(
     model: torch.nn.Module,
     demos: list[Demo],
@@ -109,8 +114,7 @@ def supervised_train(
         ids, pos, mask, targets = (t.to(device) for t in packed_batch(batch, pad_id, dtype))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss = masked_lm_loss(model(input_ids=ids, position_ids=pos, attention_mask=mask).logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
