@@ -319,13 +319,16 @@ class BudgetConfig(Strict):
         "and the sampling bench measure it for a policy (about 0.59 for the trained default policy).",
     )
     max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
-    token_stop: Literal["reach", "nearest"] = Field(
+    token_stop: Literal["reach", "nearest", "exact"] = Field(
         "reach",
         description="tokens_per_prompt: `reach` runs whole rounds until the prompt's generated tokens reach the "
         "budget (it ends at or over it, by up to one round); `nearest` sizes each round to the budget: it takes the "
         "round's branch points (chain mode: up to M new chains) in order while their predicted tokens bring the "
         "prompt nearer the budget and spend at most half of what is left, so a prompt ends within about half an "
-        "expansion of it, over or under (`arborl compare` uses it).",
+        "expansion of it, over or under; `exact` sizes rounds like `nearest` but spends the budget to the token: "
+        "each episode may generate only its share of what the prompt has left, a round keeps at least one branch "
+        "point while tokens are left, and an episode whose share runs out ends unanswered (finish reason `budget`, "
+        "counted as `budget_cuts`). `arborl compare` uses `exact`.",
     )
 
     @model_validator(mode="after")

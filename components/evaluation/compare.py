@@ -6,8 +6,9 @@ Budget rule (docs/design.md, Budget). A budget is B chain equivalents per prompt
 generated tokens of one sampled answer of that seed's warm-start policy (`val_generated_tokens_sampled` of its
 evaluation: the same agent loop, at evaluate.temperature), and both methods get the same budget of
 T = round(B · chain) generated tokens per prompt at every iteration (`budget.tokens_per_prompt` with
-`budget.token_stop: nearest`). Tree-GRPO starts the M trees `budget.plan` gives for B and grows them by rounds of
-up to N expansions per tree; GRPO starts as many chains and adds chains; each stops nearest T. A config with
+`budget.token_stop: exact`). Tree-GRPO starts the M trees `budget.plan` gives for B and grows them by rounds of
+up to N expansions per tree; GRPO starts as many chains and adds chains; each spends T to the token, its last
+episodes cut where their share of T runs out (`budget_cuts`). A config with
 `budget.tokens_per_prompt` and no sweep uses its T as it is. What each method actually spent per prompt
 (generated and prefilled tokens, tool calls, trajectories) is reported, with the token mismatch between them.
 """
@@ -27,7 +28,7 @@ from arborl.components.sampling.budget import plan, planned_chains
 
 METHODS = ("tree_grpo", "grpo")
 CHAIN_METRICS = ("val_generated_tokens_sampled", "test_generated_tokens_sampled")  # the chain unit, first found
-SPEND = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories")
+SPEND = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories", "budget_cuts")
 
 
 @dataclass
@@ -117,7 +118,7 @@ def base_config(cfg: Config, seed: int) -> Config:
 def method_config(cfg: Config, method: str, seed: int, tokens: int, chains: float | None = None,
                   name: str | None = None, warmstart_from: str | None = None) -> Config:
     """The config of one comparison run: a budget of `tokens` generated tokens per prompt met by
-    `budget.token_stop: nearest`, its own name and seed, no registry (compare runs are not candidates).
+    `budget.token_stop: exact`, its own name and seed, no registry (compare runs are not candidates).
     Tree-GRPO: the M/N/L of `tree_sampling(cfg, chains)`. GRPO: chain mode starting from as many chains, and the
     `grpo` estimator."""
     if method not in METHODS:
@@ -128,7 +129,7 @@ def method_config(cfg: Config, method: str, seed: int, tokens: int, chains: floa
     if warmstart_from is not None:
         data["run"]["warmstart_from"] = warmstart_from
     data["registry"]["enabled"] = False
-    data["budget"].update({"tokens_per_prompt": tokens, "chains_per_prompt": None, "token_stop": "nearest"})
+    data["budget"].update({"tokens_per_prompt": tokens, "chains_per_prompt": None, "token_stop": "exact"})
     data["sampling"].update({"trees_per_prompt": tree.trees_per_prompt,
                              "expansions_per_round": tree.expansions_per_round,
                              "expansion_rounds": tree.expansion_rounds})
@@ -152,7 +153,8 @@ def budget_rule(cfg: Config, chains: list[float | None], units: dict[int, float]
             ts = ", ".join(f"{token_budget(cfg, b, u)}" for _, u in sorted(units.items()))
             parts.append(f"B = {b:g}: T = round({b:g} x chain) = {ts} ({shape})")
     return ("Both methods get the same budget of T generated tokens per prompt at every iteration, met with "
-            "budget.token_stop=nearest (rounds sized to T). One chain = mean generated tokens of one sampled "
+            "budget.token_stop=exact (rounds sized to T, the last episodes cut where T runs out). One chain = mean "
+            "generated tokens of one sampled "
             f"answer of the seed's warm-start policy ({unit}). " + "; ".join(parts) + ".")
 
 
@@ -186,7 +188,7 @@ def spend(records: Sequence[RunRecord]) -> dict[str, float]:
                     continue
                 prompts += 1
                 for k in SPEND:
-                    totals[k] += s[k]
+                    totals[k] += s.get(k, 0)  # a run without exact budgets may lack budget_cuts
                 if target:
                     budgets.append(target)
                     deviations.append(abs(s["generated_tokens"] - target) / target)
@@ -313,7 +315,7 @@ def sweep_table(budgets: list[dict]) -> list[dict]:
                "difference": entry["difference"]["estimate"], "ci_low": entry["difference"]["ci_low"],
                "ci_high": entry["difference"]["ci_high"], "token_mismatch": entry["token_mismatch"]}
         for method, data in (("grpo", grpo), ("tree_grpo", tree)):
-            for k in ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories"):
+            for k in SPEND:
                 row[f"{method}_{k}"] = data["spend"][f"{k}_per_prompt"]
         rows.append(row)
     return rows

@@ -1,5 +1,7 @@
 """The Search-R1 agent loop over a batch of episodes: generate a turn, call the tool, append the
-observation, repeat until an answer, EOS, `max_turns` or the token caps end the episode.
+observation, repeat until an answer, EOS, `max_turns` or the token caps end the episode. An episode with an
+`allowance` (its share of an exact token budget, see `scheduler`) ends when it has generated that many tokens
+(finish reason `budget`): it has no answer and is rewarded as such, like a trajectory cut by `max_total_tokens`.
 
 Token in, token out: a turn's tokens are the ones the model sampled, an observation is tokenised alone and
 appended, and the history is never re-tokenised, so the loss mask covers exactly the model's own tokens. A turn
@@ -20,6 +22,7 @@ All live episodes advance together, so each turn is one batched generation call.
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,10 +58,15 @@ class Episode:
     turns_left: int
     steps: list[Step] = field(default_factory=list)
     seed: int | None = None  # own sampling stream (see module doc); None: the caller's shared generator
+    allowance: int | None = None  # most tokens it may generate in all (an exact token budget's share); None: no cap
 
     @property
     def done(self) -> bool:
         return bool(self.steps) and self.steps[-1].finish_reason is not None
+
+    @property
+    def generated(self) -> int:
+        return sum(len(s.action_ids) for s in self.steps)
 
     def context(self) -> list[int]:
         ids = list(self.prefix)
@@ -208,7 +216,8 @@ def run_turn(
     if not live:
         return False
     contexts = [e.context() for e in live]
-    budgets = [min(turn_cap, agent.max_total_tokens - len(c)) for c in contexts]
+    budgets = [min(turn_cap, agent.max_total_tokens - len(c), _allowance_left(e))
+               for e, c in zip(live, contexts, strict=True)]
     outs = backend.generate(contexts, budgets, stop_ids, temperature, greedy, _generators(live, generator),
                             **({"stop_strings": stop_strings} if stop_strings is not None else {}))
     searches = []
@@ -216,13 +225,22 @@ def run_turn(
         text = env.tokenizer.decode(out.tokens)
         if segment:
             _segment_step(ep, ctx, out, text, agent)
-        elif _tool_step(ep, ctx, out, text, env, agent):
+            searched = False
+        else:
+            searched = _tool_step(ep, ctx, out, text, env, agent)
+        if ep.allowance is not None and ep.generated >= ep.allowance and ep.steps[-1].finish_reason in (None, "length"):
+            ep.steps[-1].finish_reason = "budget"  # its share of the budget is spent: no observation, no more turns
+        elif searched:
             searches.append((ep, len(ctx)))
     if searches:
         found = env.observe_batch([protocol.search_query(ep.steps[-1].action_text) for ep, _ in searches])
         for (ep, n_ctx), (obs_text, obs_ids, error) in zip(searches, found, strict=True):
             _observe(ep.steps[-1], n_ctx, obs_text, obs_ids, agent, error)
     return True
+
+
+def _allowance_left(ep: Episode) -> float:
+    return math.inf if ep.allowance is None else ep.allowance - ep.generated
 
 
 def _fed(ctx: list[int], out) -> int:

@@ -16,6 +16,8 @@ Everything that trades trees against chains goes through it: `plan` turns a fixe
 Exact token budgets (`budget.tokens_per_prompt` with `budget.token_stop: nearest`): `predicted_costs` says what
 one more continuation from each branch point of a prompt's trees is expected to generate, from the continuations
 already there, and `fit_picks` keeps a round's branch points only while they bring the prompt nearer its budget.
+With `token_stop: exact` the prompt spends the budget to the token: `allowances` caps each pick at its share of
+what is left, and a round keeps at least one pick while anything is.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from arborl.components.config import BudgetConfig, SamplingConfig
 if TYPE_CHECKING:  # annotations only: the cost model needs no sampler
     from arborl.components.sampling.tree import Tree
 
-COUNTS = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories")
+COUNTS = ("generated_tokens", "prefilled_tokens", "tool_calls", "trajectories", "budget_cuts")
 
 
 def _node_counts(node) -> dict[str, int]:
@@ -39,6 +41,7 @@ def _node_counts(node) -> dict[str, int]:
         "prefilled_tokens": s.prefilled,
         "tool_calls": int(s.action == "search" and bool(s.obs_ids)),
         "trajectories": int(node.is_leaf),
+        "budget_cuts": int(s.finish_reason == "budget"),  # trajectories an exact token budget cut short
     }
 
 
@@ -121,6 +124,22 @@ def fit_picks(costs: list[float], left: float, share: float = ROUND_SHARE) -> in
         kept += 1
         spent += cost
     return kept
+
+
+def allowances(costs: list[float], left: int) -> list[int]:
+    """Split the `left` tokens of a prompt's exact budget among one round's picks, in proportion to their predicted
+    costs (each at least one token, at least one token each): whole tokens that sum to `left` (or to the pick count
+    where fewer tokens are left), the remainder going to the earliest picks. A round kept by `fit_picks` predicts
+    at most about half of `left`, so a pick is cut only when it runs to about twice its price, or in a prompt's last
+    round."""
+    if not costs:
+        return []
+    weights = [max(c, 1.0) for c in costs]
+    total = sum(weights)
+    shares = [max(1, int(left * w / total)) for w in weights]
+    for i in range(max(0, left - sum(shares))):
+        shares[i % len(shares)] += 1
+    return shares
 
 
 def prompt_counts(trees: list[Tree]) -> dict[str, dict]:

@@ -13,7 +13,7 @@ import random
 
 from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.sampling.agent import Episode, SearchEnv, frozen_heap, run_turn
-from arborl.components.sampling.budget import fit_picks, predicted_costs
+from arborl.components.sampling.budget import allowances, fit_picks, predicted_costs
 from arborl.components.sampling.expansion import make_policy
 from arborl.components.sampling.generation import GenerationBackend
 from arborl.components.sampling.rng import stable_seed
@@ -38,7 +38,10 @@ def sample_trees(
     each such round adds one more chain (a new tree) instead. `token_stop="nearest"` sizes the rounds to the
     budget instead (`budget.fit_picks`): a round keeps its branch points, taken from the trees in turn (chain
     mode: up to M new chains), while their predicted tokens (`budget.predicted_costs`) bring the prompt nearer it,
-    spending at most half of what is left, and the prompt stops when a round keeps none. Every random choice belongs to
+    spending at most half of what is left, and the prompt stops when a round keeps none. `token_stop="exact"` sizes
+    the rounds the same way but spends the budget to the token: where a round would keep no pick while tokens are
+    left it keeps the first, and each episode may generate only its share of what is left (`budget.allowances`), so
+    the last one is usually cut short (finish reason `budget`). Every random choice belongs to
     one tree and every episode samples from its own seed, so a prompt's trees are the same whichever other
     prompts are sampled with it (sharding relies on this).
 
@@ -53,52 +56,61 @@ def sample_trees(
     rngs: dict[tuple[str, int], random.Random] = {}
     chain_mode = sampling.expansion_rounds == 0
     rounds = sampling.expansion_rounds if tokens_per_prompt is None else max_rounds
-    if token_stop not in ("reach", "nearest"):
-        raise ValueError(f"token_stop must be 'reach' or 'nearest', not {token_stop!r}")
-    nearest = tokens_per_prompt is not None and token_stop == "nearest"
+    if token_stop not in ("reach", "nearest", "exact"):
+        raise ValueError(f"token_stop must be 'reach', 'nearest' or 'exact', not {token_stop!r}")
+    nearest = tokens_per_prompt is not None and token_stop in ("nearest", "exact")
+    exact = tokens_per_prompt is not None and token_stop == "exact"
 
     def tree_rng(tree: Tree) -> random.Random:
         key = (tree.prompt_id, tree.tree_id)
         return rngs.setdefault(key, random.Random(f"{seed}/{tree.prompt_id}/{tree.tree_id}"))
 
-    def episodes_for(picks: list[tuple[Tree, int, int]], expansion_round: int) -> list[Episode]:
-        """picks: (tree, node to branch from, index of the pick within its tree and round)."""
+    def episodes_for(picks: list[tuple[Tree, int, int]], expansion_round: int,
+                     caps: list[int | None] | None = None) -> list[Episode]:
+        """picks: (tree, node to branch from, index of the pick within its tree and round); caps: their allowances."""
         return [
             Episode(tree.prefix(node), agent.max_turns - (0 if node == ROOT else tree.nodes[node].depth),
-                    seed=stable_seed(seed, tree.prompt_id, tree.tree_id, expansion_round, k))
-            for tree, node, k in picks
+                    seed=stable_seed(seed, tree.prompt_id, tree.tree_id, expansion_round, k), allowance=cap)
+            for (tree, node, k), cap in zip(picks, caps or [None] * len(picks), strict=True)
         ]
 
     def generated(trees: list[Tree]) -> int:
         return sum(len(n.step.action_ids) for t in trees for n in t.nodes)
 
-    def next_picks(pid: str, r: int) -> list[tuple[Tree, int, int]]:
-        """Round r's branch points for prompt pid (none when its rounds or its token budget are done)."""
+    def next_picks(pid: str, r: int) -> tuple[list[tuple[Tree, int, int]], list[int] | None]:
+        """Round r's branch points for prompt pid (none when its rounds or its token budget are done), and under an
+        exact budget each one's allowance."""
         trees = by_prompt[pid]
         if r > rounds or (tokens_per_prompt is not None and generated(trees) >= tokens_per_prompt):
-            return []
+            return [], None
         left = tokens_per_prompt - generated(trees) if nearest else 0
         if chain_mode:  # under a token budget: more chains, new trees whose chain is their round 0
-            count = 1
+            count, costs = 1, [1.0]
             if nearest:
-                cost = max(predicted_costs(trees)[(0, ROOT)], 1.0)
-                count = fit_picks([cost] * sampling.trees_per_prompt, left)  # at most M per round
+                costs = [max(predicted_costs(trees)[(0, ROOT)], 1.0)] * sampling.trees_per_prompt  # at most M a round
+                count = max(fit_picks(costs, left), int(exact))
             new = [Tree(pid, len(trees) + i, trees[0].prompt_ids) for i in range(count)]
             trees += new
-            return [(tree, ROOT, 0) for tree in new]
+            return [(tree, ROOT, 0) for tree in new], allowances(costs[:count], left) if exact else None
         chosen = [policy.choose(tree, sampling.expansions_per_round, tree_rng(tree)) for tree in trees]
         if not nearest:
-            return [(tree, node, k) for tree, nodes in zip(trees, chosen, strict=True) for k, node in enumerate(nodes)]
+            return [(t, node, k) for t, nodes in zip(trees, chosen, strict=True) for k, node in enumerate(nodes)], None
         picks = [(tree, nodes[k], k) for k in range(sampling.expansions_per_round)
                  for tree, nodes in zip(trees, chosen, strict=True) if k < len(nodes)]
-        costs = predicted_costs(trees)
-        return picks[: fit_picks([costs[(t.tree_id, node)] for t, node, _ in picks], left)]
+        predicted = predicted_costs(trees)
+        costs = [predicted[(t.tree_id, node)] for t, node, _ in picks]
+        count = fit_picks(costs, left)
+        if exact:
+            count = min(max(count, 1), len(picks))
+            return picks[:count], allowances(costs[:count], left)
+        return picks[:count], None
 
     # per prompt: (its current round, that round's picks, their episodes)
     running: dict[str, tuple[int, list, list[Episode]]] = {}
     for pid, trees in by_prompt.items():
         picks = [(t, ROOT, 0) for t in trees]
-        running[pid] = (0, picks, episodes_for(picks, 0))
+        caps = allowances([1.0] * len(picks), tokens_per_prompt) if exact else None  # the M chains share T evenly
+        running[pid] = (0, picks, episodes_for(picks, 0, caps))
     with frozen_heap():
         while running:
             live = [e for _, _, eps in running.values() for e in eps]
@@ -107,9 +119,9 @@ def sample_trees(
                 r, picks, eps = running.pop(pid)
                 for (tree, node, _), ep in zip(picks, eps, strict=True):
                     tree.attach(node, ep.steps, 0 if chain_mode else r)
-                picks = next_picks(pid, r + 1)
+                picks, caps = next_picks(pid, r + 1)
                 if picks:
-                    running[pid] = (r + 1, picks, episodes_for(picks, 0 if chain_mode else r + 1))
+                    running[pid] = (r + 1, picks, episodes_for(picks, 0 if chain_mode else r + 1, caps))
     all_trees = [t for trees in by_prompt.values() for t in trees]
     if sampling.keep_leaves is not None:
         for tree in all_trees:

@@ -74,7 +74,7 @@ def test_method_configs_share_the_token_budget():
                          warmstart_from="runs/tiny-base-s5")
     grpo = method_config(cfg, "grpo", 5, 104, 8.0, name=run_name(cfg, "grpo", 5, 8.0))
     for c in (tree, grpo):
-        assert (c.budget.tokens_per_prompt, c.budget.chains_per_prompt, c.budget.token_stop) == (104, None, "nearest")
+        assert (c.budget.tokens_per_prompt, c.budget.chains_per_prompt, c.budget.token_stop) == (104, None, "exact")
         assert c.run.seed == 5 and not c.registry.enabled and c.sampling.trees_per_prompt == 4
     assert tree.run.name == "tiny-b8-tree_grpo-s5" and tree.run.warmstart_from == "runs/tiny-base-s5"
     assert (tree.sampling.expansion_rounds, tree.advantage.estimator) == (1, "tree")

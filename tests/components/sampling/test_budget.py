@@ -70,8 +70,10 @@ def test_budget_per_prompt_and_round():
     assert p0["chain_equivalents"] == pytest.approx(14 / 11)
     assert p1["chain_equivalents"] == pytest.approx(16 / 11)
     assert p0["rounds"] == [
-        {"round": 0, "generated_tokens": 6, "prefilled_tokens": 13, "tool_calls": 1, "trajectories": 1},
-        {"round": 1, "generated_tokens": 8, "prefilled_tokens": 13, "tool_calls": 0, "trajectories": 2},
+        {"round": 0, "generated_tokens": 6, "prefilled_tokens": 13, "tool_calls": 1, "trajectories": 1,
+         "budget_cuts": 0},
+        {"round": 1, "generated_tokens": 8, "prefilled_tokens": 13, "tool_calls": 0, "trajectories": 2,
+         "budget_cuts": 0},
     ]
     assert metrics["generated_tokens"] == 30 and metrics["trajectories"] == 4
     assert metrics["round1_generated_tokens"] == 8 and metrics["round0_prefilled_tokens"] == 13 + 33
@@ -184,7 +186,7 @@ def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer,
     assert metrics["generated_tokens_per_prompt"] >= target
 
 
-# --- exact token budgets (token_stop: nearest) ------------------------------------------------------------------
+# --- exact token budgets (token_stop: nearest, exact) -----------------------------------------------------------
 
 
 def test_predicted_costs_price_each_branch_point_by_its_continuations():
@@ -241,3 +243,43 @@ def test_nearest_token_budget_ends_near_it_either_side(policy, tokenizer, retrie
     assert abs(sum(spent["nearest"]) / len(prompts) / target - 1) < 0.1
     with pytest.raises(ValueError, match="token_stop"):
         sample_trees(backend, env, prompts[:1], sampling, agent, seed=0, tokens_per_prompt=target, token_stop="near")
+
+
+def test_allowances_split_what_is_left_in_proportion_to_the_predicted_costs():
+    from arborl.components.sampling.budget import allowances
+
+    assert allowances([5.0, 5.0], 20) == [10, 10]
+    assert allowances([2.0, 6.0], 17) == [5, 12]  # 4.25 and 12.75 floored; the one token over goes to the first
+    assert allowances([1.0, 1.0, 1.0], 10) == [4, 3, 3]
+    assert allowances([30.0], 3) == [3]  # a last pick gets all that is left, however dear
+    assert allowances([0.1, 9.0], 10) == [1, 9]  # at least one token each
+    assert allowances([], 10) == []
+
+
+@pytest.mark.parametrize("rounds", [1, 0])
+def test_exact_token_budget_spends_it_to_the_token(policy, tokenizer, retriever, questions, rounds):
+    """token_stop=exact: every prompt generates exactly the budget, trees (rounds = 1) and chains (0) alike; the
+    episodes its last share cut short end with finish reason `budget` and are counted as budget_cuts."""
+    from arborl.components.config import AgentConfig, SamplingConfig
+    from arborl.components.models import prompt_ids
+    from arborl.components.sampling.agent import SearchEnv
+    from arborl.components.sampling.engine import HFBackend
+    from arborl.components.sampling.scheduler import sample_trees
+
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:12]]
+    sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=2, expansion_rounds=rounds)
+    agent = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
+    env = SearchEnv(retriever, tokenizer)
+    for target in (9, 31, 150):  # below one chain, about two, many
+        trees = sample_trees(backend, env, prompts, sampling, agent, seed=0, tokens_per_prompt=target, max_rounds=30,
+                             token_stop="exact")
+        stats, metrics = budget(trees)
+        assert [s["generated_tokens"] for s in stats.values()] == [target] * len(prompts), target
+        cut = [n for t in trees for n in t.nodes if n.step.finish_reason == "budget"]
+        assert metrics["budget_cuts"] == len(cut) and all(n.is_leaf for n in cut)
+        if target == 9:
+            assert cut  # a chain is longer than 9 tokens: the first chains are cut
+        for t in trees:
+            for n in t.nodes:
+                assert n.step.finish_reason != "budget" or n.step.obs_ids == []  # a cut turn gets no observation
