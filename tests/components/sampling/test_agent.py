@@ -1,4 +1,5 @@
-"""components.sampling.agent in segment mode: tool-free nodes cut from one continuous generation."""
+"""components.sampling.agent: an episode's token allowance, and segment mode (tool-free nodes cut from one continuous
+generation)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,26 @@ def setup(policy, tokenizer, retriever, questions):
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions["train"][:6]]
     return backend, SearchEnv(retriever, tokenizer), prompts
+
+
+def test_an_allowance_cuts_the_episode_where_its_tokens_run_out(setup):
+    """The same greedy episodes with and without an allowance: capped ones are the uncapped ones cut after exactly
+    `allowance` generated tokens (finish reason `budget`, no observation); ones that end within it are unchanged."""
+    backend, env, prompts = setup
+    agent = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
+    free = [Episode(list(p), agent.max_turns) for p in prompts]
+    run_episodes(backend, env, free, agent, greedy=True)
+    cap = 7
+    capped = [Episode(list(p), agent.max_turns, allowance=cap) for p in prompts]
+    run_episodes(backend, env, capped, agent, greedy=True)
+    assert any(e.generated > cap for e in free)  # some are cut
+    for f, c in zip(free, capped, strict=True):
+        tokens = [t for s in f.steps for t in s.action_ids]
+        assert [t for s in c.steps for t in s.action_ids] == tokens[:cap]
+        if f.generated > cap:
+            assert c.generated == cap and c.steps[-1].finish_reason == "budget" and c.steps[-1].obs_ids == []
+        else:
+            assert [s.finish_reason for s in c.steps] == [s.finish_reason for s in f.steps]
 
 
 def _segment_agent(**kw) -> AgentConfig:
