@@ -319,6 +319,14 @@ class BudgetConfig(Strict):
         "and the sampling bench measure it for a policy (about 0.59 for the trained default policy).",
     )
     max_rounds: int = Field(16, ge=1, description="tokens_per_prompt: most expansion rounds per prompt.")
+    chain_unit: Literal["warmstart", "gold"] = Field(
+        "warmstart",
+        description="arborl compare: the tokens of one chain equivalent, which turn a budget of B chains into "
+        "T = round(B × unit) tokens. `warmstart`: the mean generated tokens of one sampled answer of the seed's "
+        "warm-start policy. `gold`: the mean generated tokens of a gold chain — one exact search per hop, then the "
+        "right answer — over the validation questions (the synthetic world only); use it where the warm start "
+        "rarely searches, so that its answers are much shorter than the chains RL learns.",
+    )
     token_stop: Literal["reach", "nearest", "exact"] = Field(
         "reach",
         description="tokens_per_prompt: `reach` runs whole rounds until the prompt's generated tokens reach the "

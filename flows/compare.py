@@ -28,6 +28,7 @@ from arborl.components.evaluation.compare import (
     token_budget,
 )
 from arborl.components.evaluation.evaluate import question_scores
+from arborl.components.stages.warmstart import gold_chain_unit
 from arborl.components.tracking import tracking_uri
 from arborl.flows.pipeline import iteration_dir, train_pipeline
 
@@ -73,7 +74,10 @@ def compare_pipeline(config: dict, seeds: int = 3, budgets: list[float] | None =
         base = base_config(cfg, cfg.run.seed + offset)  # the world and warm start every run of this seed reuses
         train_pipeline(base.model_dump(mode="json"))
         seed = base.run.seed
-        units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
+        if cfg.budget.chain_unit == "gold":
+            units[seed] = gold_chain_unit(base, storage.child(_root(base), "prepare"))
+        else:
+            units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
         for i, chains in enumerate(points):
             tokens = token_budget(cfg, chains, units[seed])
             for method in METHODS:

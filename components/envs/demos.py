@@ -82,3 +82,18 @@ def build_demonstrations(
                       warmstart.early_answer_prob, warmstart.sloppy_query_prob)
         for _ in range(warmstart.num_demos if count is None else count)
     ]
+
+
+def gold_chain_tokens(world: World, retriever: FTSRetriever, questions: list[dict], tokenizer) -> float:
+    """Mean generated tokens of a gold chain over `questions`: the demonstration that searches every hop with the
+    full name and never guesses early, counted in `tokenizer`'s tokens over its model-written segments only."""
+    if not questions:
+        raise ValueError("gold chain tokens: no questions")
+    fact_index = {f["text"]: (f["subject"], f["relation"], f["object"]) for f in world.fact_rows()}
+    entities_by_type = {kind: world.entities(kind) for kind in {t for _, _, t in RELATIONS.values()}}
+    rng = random.Random(0)  # unused: with both probabilities 0 a gold chain draws nothing
+    total = 0
+    for row in questions:
+        segments = demonstration(row, retriever, fact_index, entities_by_type, rng, 0.0, 0.0)
+        total += sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text, learn in segments if learn)
+    return total / len(questions)

@@ -4,7 +4,8 @@ how much signal its iterations carried.
 
 Budget rule (docs/design.md, Budget). A budget is B chain equivalents per prompt. Per seed, one chain is the mean
 generated tokens of one sampled answer of that seed's warm-start policy (`val_generated_tokens_sampled` of its
-evaluation: the same agent loop, at evaluate.temperature), and both methods get the same budget of
+evaluation: the same agent loop, at evaluate.temperature), or with `budget.chain_unit: gold` of a gold chain
+(`stages.warmstart.gold_chain_unit`), and both methods get the same budget of
 T = round(B · chain) generated tokens per prompt at every iteration (`budget.tokens_per_prompt` with
 `budget.token_stop: exact`). Tree-GRPO starts the M trees `budget.plan` gives for B and grows them by rounds of
 up to N expansions per tree; GRPO starts as many chains and adds chains; each spends T to the token, its last
@@ -152,10 +153,11 @@ def budget_rule(cfg: Config, chains: list[float | None], units: dict[int, float]
         else:
             ts = ", ".join(f"{token_budget(cfg, b, u)}" for _, u in sorted(units.items()))
             parts.append(f"B = {b:g}: T = round({b:g} x chain) = {ts} ({shape})")
+    what = ("a gold chain (one exact search per hop, then the answer) over the validation questions"
+            if cfg.budget.chain_unit == "gold" else "one sampled answer of the seed's warm-start policy")
     return ("Both methods get the same budget of T generated tokens per prompt at every iteration, met with "
             "budget.token_stop=exact (rounds sized to T, the last episodes cut where T runs out). One chain = mean "
-            "generated tokens of one sampled "
-            f"answer of the seed's warm-start policy ({unit}). " + "; ".join(parts) + ".")
+            f"generated tokens of {what} ({unit}). " + "; ".join(parts) + ".")
 
 
 # --- aggregation ---------------------------------------------------------------------------------------------------

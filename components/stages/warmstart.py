@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from arborl.components import schemas, storage
 from arborl.components.config import Config
-from arborl.components.envs.demos import Segment, build_demonstrations
+from arborl.components.envs.demos import Segment, build_demonstrations, gold_chain_tokens
 from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
@@ -42,10 +42,26 @@ def given_model(cfg: Config, out: str) -> tuple[dict[str, str], dict[str, Any]]:
                             "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
 
 
+def load_world(world_uri: str) -> World:
+    """The synthetic world prepared at `world_uri` (its world.json and facts)."""
+    facts = schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS).to_pylist()
+    return World.from_artifacts(storage.read_json(storage.join(world_uri, schemas.WORLD_FILE)), facts)
+
+
+def gold_chain_unit(cfg: Config, world_uri: str) -> float:
+    """`budget.chain_unit: gold`: mean generated tokens of a gold chain over the validation questions of the world
+    at `world_uri`, in the tokens of the model the warm start builds for it."""
+    if cfg.data.source != "synthetic" or cfg.model.path:
+        raise ValueError("budget.chain_unit 'gold' needs the synthetic world and its built model (data.source "
+                         "'synthetic', model.path null): use 'warmstart'")
+    world = load_world(world_uri)
+    return gold_chain_tokens(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "val"),
+                             build_tokenizer(vocabulary(world)))
+
+
 def demonstrations(cfg: Config, world_uri: str) -> tuple[World, list[list[Segment]]]:
     """The prepared world at `world_uri` and the warm start's demonstration episodes on its train questions."""
-    facts = schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS).to_pylist()
-    world = World.from_artifacts(storage.read_json(storage.join(world_uri, schemas.WORLD_FILE)), facts)
+    world = load_world(world_uri)
     episodes = build_demonstrations(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "train"),
                                     cfg.warmstart, cfg.run.seed)
     return world, episodes

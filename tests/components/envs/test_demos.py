@@ -207,3 +207,24 @@ def test_sloppy_four_hop_demos_drop_the_first_name_of_every_person_they_query(fo
             if person_query:  # a person's name is two words; the sloppy query keeps the surname only
                 about = query.removeprefix("the mentor of ").split(" was born in")[0].split(" works for")[0]
                 assert len(about.split()) == 1, query
+
+
+def test_gold_chain_tokens_count_the_model_words_of_noise_free_chains(world, questions, retriever, fact_index,
+                                                                      entities_by_type):
+    """The `gold` chain unit: with the world's word-level tokenizer a token is a word (tags included), so the unit
+    is the mean number of words the model writes in a noise-free demonstration: one search per hop, then the answer."""
+    from arborl.components.envs.demos import gold_chain_tokens
+    from arborl.components.envs.world import vocabulary
+    from arborl.components.models import build_tokenizer
+
+    rows = questions["val"]
+    expected = []
+    for q in rows:
+        segments = _demo(q, retriever, fact_index, entities_by_type, 0, 0.0, 0.0)
+        written = [text for text, trainable in segments if trainable]
+        assert len(written) == json.loads(q["extra_info"])["hops"] + 1
+        expected.append(sum(len(text.split()) for text in written))
+    unit = gold_chain_tokens(world, retriever, rows, build_tokenizer(vocabulary(world)))
+    assert unit == pytest.approx(sum(expected) / len(expected))
+    with pytest.raises(ValueError, match="no questions"):
+        gold_chain_tokens(world, retriever, [], build_tokenizer(vocabulary(world)))

@@ -87,6 +87,7 @@ def test_method_configs_share_the_token_budget():
     assert (base.run.name, base.run.seed, base.run.iterations, base.registry.enabled) == ("tiny-base-s3", 3, 0, False)
     rule = budget_rule(cfg, [2.0, 8.0], {0: 12.94, 1: 10.0})
     assert "round(8 x chain) = 104, 80" in rule and "seed 0: 12.94" in rule and "M=1" in rule
+    assert "warm-start policy" in rule and "gold chain" in budget_rule(_cfg(chain_unit="gold"), [2.0], {0: 22.3})
 
 
 def test_paired_difference_is_the_question_bootstrap_for_one_seed():

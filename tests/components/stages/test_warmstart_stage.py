@@ -63,3 +63,9 @@ def test_disabled_warm_start_needs_model_path():
         load_config(MICRO, ["warmstart.enabled=false"])
     assert "warmstart.enabled" in str(err.value) and "model.path" in str(err.value)
     assert str(MICRO) in str(err.value)
+
+
+def test_gold_chain_unit_needs_the_synthetic_world_and_its_built_model(given, no_world):
+    cfg = load_config(MICRO, [f"model.path={given}", "warmstart.enabled=false"])
+    with pytest.raises(ValueError, match="chain_unit 'gold' needs the synthetic world"):
+        warmstart.gold_chain_unit(cfg, no_world)
