@@ -119,7 +119,8 @@ def base_config(cfg: Config, seed: int) -> Config:
 def method_config(cfg: Config, method: str, seed: int, tokens: int, chains: float | None = None,
                   name: str | None = None, warmstart_from: str | None = None) -> Config:
     """The config of one comparison run: a budget of `tokens` generated tokens per prompt met by
-    `budget.token_stop: exact`, its own name and seed, no registry (compare runs are not candidates).
+    `budget.token_stop: exact` (`nearest` where the config asks for it), its own name and seed, no registry (compare
+    runs are not candidates).
     Tree-GRPO: the M/N/L of `tree_sampling(cfg, chains)`. GRPO: chain mode starting from as many chains, and the
     `grpo` estimator."""
     if method not in METHODS:
@@ -130,7 +131,8 @@ def method_config(cfg: Config, method: str, seed: int, tokens: int, chains: floa
     if warmstart_from is not None:
         data["run"]["warmstart_from"] = warmstart_from
     data["registry"]["enabled"] = False
-    data["budget"].update({"tokens_per_prompt": tokens, "chains_per_prompt": None, "token_stop": "exact"})
+    stop = "nearest" if cfg.budget.token_stop == "nearest" else "exact"  # never `reach`: it always overshoots T
+    data["budget"].update({"tokens_per_prompt": tokens, "chains_per_prompt": None, "token_stop": stop})
     data["sampling"].update({"trees_per_prompt": tree.trees_per_prompt,
                              "expansions_per_round": tree.expansions_per_round,
                              "expansion_rounds": tree.expansion_rounds})
@@ -155,9 +157,11 @@ def budget_rule(cfg: Config, chains: list[float | None], units: dict[int, float]
             parts.append(f"B = {b:g}: T = round({b:g} x chain) = {ts} ({shape})")
     what = ("a gold chain (one exact search per hop, then the answer) over the validation questions"
             if cfg.budget.chain_unit == "gold" else "one sampled answer of the seed's warm-start policy")
+    stop = ("budget.token_stop=nearest (rounds sized to T, ending within about half a pick of it)"
+            if cfg.budget.token_stop == "nearest" else
+            "budget.token_stop=exact (rounds sized to T, the last episodes cut where T runs out)")
     return ("Both methods get the same budget of T generated tokens per prompt at every iteration, met with "
-            "budget.token_stop=exact (rounds sized to T, the last episodes cut where T runs out). One chain = mean "
-            f"generated tokens of {what} ({unit}). " + "; ".join(parts) + ".")
+            f"{stop}. One chain = mean generated tokens of {what} ({unit}). " + "; ".join(parts) + ".")
 
 
 # --- aggregation ---------------------------------------------------------------------------------------------------

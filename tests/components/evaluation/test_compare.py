@@ -81,6 +81,7 @@ def test_method_configs_share_the_token_budget():
     assert grpo.run.name == "tiny-b8-grpo-s5" and grpo.run.warmstart_from is None
     assert (grpo.sampling.expansion_rounds, grpo.advantage.estimator) == (0, "grpo")  # M chains, then more
     assert method_config(cfg, "grpo", 0, 50).run.name == "tiny-grpo-s0"
+    assert method_config(_cfg(token_stop="nearest"), "grpo", 0, 50).budget.token_stop == "nearest"
     with pytest.raises(ValueError, match="unknown method"):
         method_config(cfg, "ppo", 0, 50)
     base = base_config(cfg, 3)
