@@ -68,7 +68,7 @@ NODES = _schema(
         pa.field("text", pa.string(), nullable=False),
         pa.field("action", pa.string(), nullable=False),  # search / answer / invalid
         pa.field("is_leaf", pa.bool_(), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=True),  # leaves: answer / eos / max_turns / length
+        pa.field("finish_reason", pa.string(), nullable=True),  # leaves: answer / eos / max_turns / length / budget
         pa.field("policy_version", pa.int32(), nullable=False),
     ],
 )
