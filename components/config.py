@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -333,16 +334,53 @@ class BudgetConfig(Strict):
         "budget (it ends at or over it, by up to one round); `nearest` sizes each round to the budget: it takes the "
         "round's branch points (chain mode: up to M new chains) in order while their predicted tokens bring the "
         "prompt nearer the budget and spend at most half of what is left, so a prompt ends within about half an "
-        "expansion of it, over or under; `exact` sizes rounds like `nearest` but spends the budget to the token: "
-        "each episode may generate only its share of what the prompt has left, a round keeps at least one branch "
-        "point while tokens are left, and an episode whose share runs out ends unanswered (finish reason `budget`, "
-        "counted as `budget_cuts`). `arborl compare` uses `exact`.",
+        "expansion of it, over or under; `exact` (opt-in) sizes rounds like `nearest` but spends the budget to the "
+        "token: each episode may generate only its share of what the prompt has left, a round keeps at least one "
+        "branch point while tokens are left, and an episode whose share runs out is cut (finish reason `budget`, "
+        "counted as `budget_cuts`). A pool-cut trajectory is never scored as a failure: label leaves it out of "
+        "group statistics and the loss, like DAPO's overlong filter.",
     )
+    protocol: Literal["shape", "tokens"] = Field(
+        "shape",
+        description="arborl compare's equal-cost rule. `shape` (default, as in Tree-GRPO's paper): a budget of B "
+        "chains only chooses the shapes, B independent chains for GRPO and `budget.shapes[B]` (else `plan`) for "
+        "Tree-GRPO; no episode is ever cut for a pool, every trajectory has the same root-relative caps "
+        "(agent.max_turns, max_tokens_per_turn, max_total_tokens), and each method's realized cost is reported. "
+        "`tokens`: both methods get T = round(B × chain unit) generated tokens per prompt, met with `token_stop` "
+        "(`nearest` where set, else `exact`).",
+    )
+    shapes: dict[float, list[int]] = Field(
+        default_factory=lambda: {2.0: [1, 2, 1], 4.0: [2, 2, 1], 8.0: [4, 2, 1], 16.0: [4, 5, 1]},
+        description="arborl compare, protocol `shape`: Tree-GRPO's (M, N, L) per budget of B chains, against B "
+        "chains for GRPO. The default is the paper's table (its ≈8 row also lists (2, 6, 1)); a budget not listed "
+        "takes the shape of `plan`.",
+    )
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _shape_items(cls, value: Any) -> Any:
+        """YAML and JSON give budgets as numbers or strings ("2.0" after a dump) and shapes as lists."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, shape in value.items():
+            try:
+                budget = float(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"budget.shapes: {key!r} is no budget (a number of chains)") from None
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in shape):
+                raise ValueError(f"budget.shapes: {key!r}: {shape!r} is no [M, N, L] of three integers")
+            out[budget] = list(shape)
+        return out
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetConfig:
         if self.tokens_per_prompt is not None and self.chains_per_prompt is not None:
             raise ValueError("set at most one of budget.tokens_per_prompt and budget.chains_per_prompt")
+        for b, shape in self.shapes.items():
+            if not math.isfinite(b) or b <= 0 or min(shape) < 1:
+                raise ValueError(f"budget.shapes: {b:g}: {list(shape)} must map a positive budget to (M, N, L) >= 1")
         return self
 
 

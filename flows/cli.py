@@ -489,12 +489,14 @@ def compare(
     config: Optional[Path] = ConfigOpt,
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (run.seed, run.seed+1, ...)."),
     budgets: Optional[str] = typer.Option(
-        None, "--budgets", help="Sweep: budgets in chain equivalents per prompt, e.g. 2,4,8; each becomes the same "
-        "generated-token budget per prompt for both methods (default: the config's one budget)."),
+        None, "--budgets", help="Sweep: budgets in chains per prompt, e.g. 2,4,8: B chains for GRPO against "
+        "budget.shapes[B] for Tree-GRPO (budget.protocol tokens: the same generated-token budget for both; default: "
+        "the config's one budget)."),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
-    """Tree-GRPO vs GRPO at an equal generated-token budget per prompt over several seeds (and budgets): final test
-    EM with paired intervals, what each method spent, and its signal (terminal tables, compare.json, MLflow plots)."""
+    """Tree-GRPO vs GRPO at equal cost over several seeds (and budgets): by default a budget of B chains picks the
+    shapes (budget.protocol); the primary metric and final greedy test EM with paired intervals, what each method
+    realized per prompt, and its signal (terminal tables, compare.json, MLflow plots)."""
     from rich.table import Table
 
     from arborl.components.evaluation.compare import parse_budgets
@@ -508,7 +510,7 @@ def compare(
     _prefect_env()
     from arborl.components.run_lock import LockHeld
     from arborl.components.tracking import TrackingUnavailable
-    from arborl.flows.compare import METHOD_COLUMNS, SWEEP_COLUMNS, compare_pipeline, rows, sweep_rows
+    from arborl.flows.compare import METHOD_COLUMNS, SWEEP_COLUMNS, compare_pipeline, markdown, rows, sweep_rows
 
     try:
         result = compare_pipeline(cfg.model_dump(mode="json"), seeds, sweep)
@@ -525,13 +527,10 @@ def compare(
         for method_row in rows(entry):
             table.add_row(*method_row)
         console.print(table)
-    sweep_table = Table(title="Tree-GRPO vs GRPO at equal generated tokens per prompt (seed means)")
-    for col in SWEEP_COLUMNS:
-        sweep_table.add_column(col)
-    for row in sweep_rows(result):
-        sweep_table.add_row(*row)
-    console.print(sweep_table)
-    console.print(result["budget_rule"])
+    console.print("Tree-GRPO vs GRPO at equal cost (seed means), as Markdown:", soft_wrap=True)
+    for line in markdown(SWEEP_COLUMNS, sweep_rows(result)):  # plain lines: wide, and ready for docs
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    console.print(result["budget_rule"], soft_wrap=True, markup=False)
     console.print(f"compare.json: {result['out']}   MLflow run: {result['mlflow_run_id']}")
 
 

@@ -1,7 +1,7 @@
-"""`arborl compare`: Tree-GRPO and GRPO at an equal generated-token budget per prompt, over seeds and a sweep of
-budgets — per seed one `train_pipeline` subflow that makes the world and warm start (`<name>-base-s<seed>`), then
-one per budget and method — then compare.json, an MLflow run with the sweep's plots, and a Prefect markdown table.
-The budget rule and the statistics are in components/evaluation/compare.py."""
+"""`arborl compare`: Tree-GRPO and GRPO at equal cost, over seeds and a sweep of budgets — per seed one
+`train_pipeline` subflow that makes the world and warm start (`<name>-base-s<seed>`), then one per budget and
+method — then compare.json, an MLflow run with the sweep's plots, and a Prefect markdown table. The equal-cost rule
+(`budget.protocol`) and the statistics are in components/evaluation/compare.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from arborl.components.config import Config
 from arborl.components.evaluation.compare import (
     METHODS,
     RunRecord,
+    add_interpolations,
     base_config,
     budget_rule,
     chain_tokens,
@@ -26,6 +27,7 @@ from arborl.components.evaluation.compare import (
     sweep,
     sweep_table,
     token_budget,
+    uses_tokens,
 )
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.stages.warmstart import gold_chain_unit
@@ -58,6 +60,11 @@ def _record(cfg: Config, summary: dict) -> RunRecord:
     out = storage.child(root, "warmstart_eval") if last == 0 else storage.child(iteration_dir(root, last), "eval")
     rows = schemas.read(_manifest(out)["outputs"]["eval"], schemas.EVAL).to_pylist()
     rec.test_em = question_scores(rows, "em", split="test")
+    for row in summary["history"]:  # the evaluations after the warm start: the primary metric's points
+        if "test_em" in row:
+            out = storage.child(iteration_dir(root, row["iteration"]), "eval")
+            rows = schemas.read(_manifest(out)["outputs"]["eval"], schemas.EVAL).to_pylist()
+            rec.sampled_test_em[row["iteration"]] = question_scores(rows, "em_sampled", split="test")
     return rec
 
 
@@ -74,17 +81,19 @@ def compare_pipeline(config: dict, seeds: int = 3, budgets: list[float] | None =
         base = base_config(cfg, cfg.run.seed + offset)  # the world and warm start every run of this seed reuses
         train_pipeline(base.model_dump(mode="json"))
         seed = base.run.seed
-        if cfg.budget.chain_unit == "gold":
-            units[seed] = gold_chain_unit(base, storage.child(_root(base), "prepare"))
-        else:
-            units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
+        if any(uses_tokens(cfg, b) for b in points):  # a chain unit turns budgets into token pools
+            if cfg.budget.chain_unit == "gold":
+                units[seed] = gold_chain_unit(base, storage.child(_root(base), "prepare"))
+            else:
+                units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
         for i, chains in enumerate(points):
-            tokens = token_budget(cfg, chains, units[seed])
+            tokens = token_budget(cfg, chains, units[seed]) if uses_tokens(cfg, chains) else None
             for method in METHODS:
                 name = run_name(cfg, method, seed, chains if budgets else None)
                 run_cfg = method_config(cfg, method, seed, tokens, chains, name=name, warmstart_from=_root(base))
                 runs[i][method].append(_record(run_cfg, train_pipeline(run_cfg.model_dump(mode="json"))))
     entries = [compare_budget(chains, by_method) for chains, by_method in zip(points, runs, strict=True)]
+    add_interpolations(entries, runs)
     result = {"budget_rule": budget_rule(cfg, points, units), "chain_tokens": {str(s): u for s, u in units.items()},
               "budgets": entries, "table": sweep_table(entries)}
     out = storage.child(cfg.run.output_root, f"{cfg.run.name}-compare")
@@ -103,12 +112,13 @@ def _log_to_mlflow(cfg: Config, result: dict) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)  # created by the runs above
     run_id = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-compare").info.run_id
     for entry, row in zip(result["budgets"], result["table"], strict=True):
-        step = int(round(row["tokens_per_prompt"]))  # the sweep's x axis: token budget per prompt
         prefix = "" if entry["chains"] is None else f"b{entry['chains']:g}/"
         for method, data in entry["methods"].items():
             em = data["final_test_em"]
             for key in ("mean", "ci_low", "ci_high"):
                 client.log_metric(run_id, f"{prefix}{method}/final_test_em_{key}", em[key])
+                if data.get("primary"):
+                    client.log_metric(run_id, f"{prefix}{method}/primary_{key}", data["primary"][key])
             for key, value in data["spend"].items():
                 client.log_metric(run_id, f"{prefix}{method}/{key}", value)
             for key in ("zero_spread_prompt_frac", "zero_spread_tree_frac", "informative_set_frac",
@@ -120,11 +130,15 @@ def _log_to_mlflow(cfg: Config, result: dict) -> str:
             for point in data["curve"]:
                 client.log_metric(run_id, f"{prefix}{method}/test_em_vs_tokens", point["test_em"],
                                   step=int(point["generated_tokens"]))
-            client.log_metric(run_id, f"{method}/test_em_vs_budget", em["mean"], step=step)
-        client.log_metric(run_id, "difference_vs_budget", row["difference"], step=step)
+            # the sweep's x axis: what the method realized, in generated tokens per prompt
+            realized = int(round(data["spend"]["generated_tokens_per_prompt"]))
+            client.log_metric(run_id, f"{method}/test_em_vs_realized_tokens", em["mean"], step=realized)
+        for key in ("difference", "ci_low", "ci_high", "primary_difference", "primary_ci_low", "primary_ci_high"):
+            if row.get(key) is not None:
+                client.log_metric(run_id, f"{prefix}{key}", row[key])
         client.log_metric(run_id, f"{prefix}token_mismatch", row["token_mismatch"])
     client.log_figure(run_id, plot_curves(result["budgets"]), "em_vs_generated_tokens.png")
-    client.log_figure(run_id, plot_budgets(result["table"]), "em_vs_budget.png")
+    client.log_figure(run_id, plot_budgets(result["table"]), "em_vs_realized_tokens.png")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "compare.json"
         path.write_bytes(storage.read_bytes(result["out"]))
@@ -134,23 +148,42 @@ def _log_to_mlflow(cfg: Config, result: dict) -> str:
 
 
 def _budget(row: dict) -> str:
-    tokens = f"{row['tokens_per_prompt']:.0f} tokens"
-    return tokens if row["chains"] is None else f"{row['chains']:g} chains ({tokens})"
+    if row["chains"] is None:
+        return f"{row['tokens_per_prompt']:.0f} tokens"
+    if row["tokens_per_prompt"]:
+        return f"{row['chains']:g} chains ({row['tokens_per_prompt']:.0f} tokens)"
+    return f"{row['chains']:g} chains"
+
+
+def _interval(row: dict, key: str, low: str, high: str) -> str:
+    if row.get(key) is None:
+        return "—"
+    return f"{row[key]:+.3f} [{row[low]:+.3f}, {row[high]:+.3f}]"
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def sweep_rows(result: dict) -> list[list[str]]:
-    """Sweep table rows: budget, GRPO EM, Tree-GRPO EM, difference [paired 95% CI], generated tokens per prompt of
-    each (and their mismatch), prefilled tokens and tool calls per prompt of each."""
-    return [[_budget(r), f"{r['grpo_em']:.3f}", f"{r['tree_grpo_em']:.3f}",
-             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+    """Sweep table rows: budget; each method's primary metric and their paired difference; each method's final
+    greedy EM and their paired difference; Tree-GRPO interpolated at GRPO's realized tokens (final greedy EM);
+    realized generated tokens, tool calls and trajectories per prompt of each."""
+    return [[_budget(r), f"{_num(r.get('grpo_primary'))} / {_num(r.get('tree_grpo_primary'))}",
+             _interval(r, "primary_difference", "primary_ci_low", "primary_ci_high"),
+             f"{r['grpo_em']:.3f} / {r['tree_grpo_em']:.3f}",
+             _interval(r, "difference", "ci_low", "ci_high"),
+             _interval(r, "interpolated_final_estimate", "interpolated_final_ci_low", "interpolated_final_ci_high"),
              f"{r['grpo_generated_tokens']:.1f} / {r['tree_grpo_generated_tokens']:.1f} ({r['token_mismatch']:+.1%})",
-             f"{r['grpo_prefilled_tokens']:.0f} / {r['tree_grpo_prefilled_tokens']:.0f}",
-             f"{r['grpo_tool_calls']:.2f} / {r['tree_grpo_tool_calls']:.2f}"]
+             f"{r['grpo_tool_calls']:.2f} / {r['tree_grpo_tool_calls']:.2f}",
+             f"{r['grpo_trajectories']:.2f} / {r['tree_grpo_trajectories']:.2f}"]
             for r in result["table"]]
 
 
-SWEEP_COLUMNS = ("budget / prompt", "GRPO EM", "Tree-GRPO EM", "Tree − GRPO [paired 95% CI]",
-                 "generated tokens / prompt, GRPO / Tree", "prefilled tokens / prompt", "tool calls / prompt")
+SWEEP_COLUMNS = ("budget / prompt", "primary, GRPO / Tree", "Tree − GRPO primary [paired 95% CI]",
+                 "final greedy EM, GRPO / Tree", "Tree − GRPO final [paired 95% CI]",
+                 "Tree at GRPO's tokens − GRPO, final", "generated tokens / prompt, GRPO / Tree",
+                 "tool calls / prompt", "trajectories / prompt")
 
 
 def rows(entry: dict) -> list[list[str]]:
@@ -171,16 +204,16 @@ METHOD_COLUMNS = ("method", "final test EM [95% CI over seeds]", "per seed", "ge
                   "zero-spread prompts / trees", "informative sibling sets", "tokens with advantage ≠ 0")
 
 
-def _markdown(header: tuple[str, ...], body: list[list[str]]) -> list[str]:
+def markdown(header: tuple[str, ...], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
 def _publish(result: dict) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    lines = ["## Tree-GRPO vs GRPO at equal generated tokens per prompt", ""]
-    lines += _markdown(SWEEP_COLUMNS, sweep_rows(result))
+    lines = ["## Tree-GRPO vs GRPO at equal cost", ""]
+    lines += markdown(SWEEP_COLUMNS, sweep_rows(result))
     for entry, row in zip(result["budgets"], result["table"], strict=True):
-        lines += ["", f"### {_budget(row)}", ""] + _markdown(METHOD_COLUMNS, rows(entry))
+        lines += ["", f"### {_budget(row)}", ""] + markdown(METHOD_COLUMNS, rows(entry))
     lines += ["", result["budget_rule"]]
     create_markdown_artifact(key="arborl-compare", markdown="\n".join(lines), description="Tree-GRPO vs GRPO")

@@ -30,6 +30,8 @@ from arborl.flows.progress import Reporter, get_reporter
 
 RUN_CONFIG_FILE = "config.json"  # the resolved config, at the run's root
 SUMMARY_FILE = "summary.json"  # what `train_pipeline` returns, at the run's root
+SEARCH_COLLAPSE_TAG = "arborl.search_collapse"
+MECHANISM_KEYS = ("tool_calls_per_trajectory", "first_step_answer_frac", "truncated_frac", "pool_cut_frac")
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
                 "test_tool_calls_sampled")
 
@@ -136,6 +138,21 @@ class RunContext:
     dash: Dashboards
     reporter: Reporter
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    warm_tool_calls: float | None = None  # the warm start's sampled tool calls per answer (test split)
+    search_collapse: int | None = None  # the first iteration whose trajectories searched under half of that
+
+    def watch_search(self, it: int, sample_metrics: dict) -> None:
+        """The red flag of a policy that stops searching: tool calls per sampled trajectory below half the warm
+        start's. The first time, a warning line and the MLflow tag `arborl.search_collapse`."""
+        calls = sample_metrics.get("tool_calls_per_trajectory")
+        ref = self.warm_tool_calls
+        if self.search_collapse is not None or calls is None or not ref or calls >= 0.5 * ref:
+            return
+        self.search_collapse = it
+        logs.log.warning("iteration %d: %.2f tool calls per sampled trajectory, under half the warm start's %.2f: "
+                         "the policy is learning to stop searching", it, calls, ref)
+        self.tracker.set_tags({SEARCH_COLLAPSE_TAG: f"iteration {it}: {calls:.2f} tool calls per trajectory, "
+                                                    f"warm start {ref:.2f}"})
 
     def record(self, result: dict, step: int, prefix: str) -> dict:
         """Count a stage result's seconds and log its metrics at `step` (not again for a stage a resumed
@@ -177,6 +194,7 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
     iter_dir = iteration_dir(ctx.root, it)
     sampled = ctx.record(_sample(cfg, {"model": model, "world": world}, storage.child(iter_dir, "sample"), it), it,
                          "sample/")
+    ctx.watch_search(it, sampled["metrics"])
     dash.progress(it, 0.5)
     verified = ctx.record(_stage("verify", cfg, {"nodes": sampled["out"], "world": world},
                                  storage.child(iter_dir, "verify"), step=it), it, "verify/")
@@ -192,7 +210,8 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
     dash.progress(it, 1.0)
     row = {"iteration": it, "reward_mean": verified["metrics"]["reward_mean"], "loss": trained["metrics"]["loss"],
            "trajectories": sampled["metrics"]["trajectories"],
-           "generated_tokens": sampled["metrics"]["generated_tokens"]}
+           "generated_tokens": sampled["metrics"]["generated_tokens"],
+           **{k: sampled["metrics"][k] for k in MECHANISM_KEYS if k in sampled["metrics"]}}
     evaluation = None
     if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
         evaluation = evaluate(ctx, it, model, world, storage.child(iter_dir, "eval"))
@@ -260,6 +279,7 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
         ctx.dash.datasets(world)
         warm_model = model
         warm_eval = evaluate(ctx, 0, model, world, storage.child(root, "warmstart_eval"))
+        ctx.warm_tool_calls = warm_eval.get("test_tool_calls_sampled")
         last_eval, last_eval_iter = warm_eval, 0
         history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
@@ -284,6 +304,7 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
             "config_hash": cfg.section_hash(),
             "lineage": lineage,
             "history": history,
+            "search_collapse": ctx.search_collapse,
         }
         if cfg.registry.enabled and tracker.enabled:
             retention.protect(root, model)  # before registering: a registered model is never pruned

@@ -1,5 +1,5 @@
-"""label: advantages per leaf and per-node token weights (A⁺, A⁻, multiplicity) → advantages.parquet;
-sibling-subtree preference pairs → preferences.parquet; the per-depth granularity report → granularity.json;
+"""label: advantages per leaf (leaves an exact token pool cut are left out) and per-node token weights (A⁺, A⁻,
+multiplicity) → advantages.parquet; sibling-subtree preference pairs → preferences.parquet; the per-depth granularity report → granularity.json;
 a tree viewer → trees.html. Its metrics include how much signal the iteration carries (`advantages.signal`):
 zero-spread groups, informative sibling sets, trainable tokens with non-zero advantage."""
 
@@ -13,8 +13,30 @@ from arborl.components.advantages.preferences import build_forest, granularity, 
 from arborl.components.advantages.registry import label_advantages
 from arborl.components.advantages.signal import signal_metrics
 from arborl.components.config import Config
+from arborl.components.sampling.mechanism import POOL_CUT
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
 from arborl.components.viewer.tree_html import build_html
+
+
+def without_pool_cuts(nodes: list[dict], rewards: list[dict]) -> tuple[list[dict], list[dict], int]:
+    """(nodes, rewards, count) without the leaves an exact token pool cut (finish reason `budget`, only under the
+    opt-in `budget.token_stop: exact`) and without the nodes that then have no leaf below them. A pool-cut
+    trajectory says nothing about its actions, only that its prompt's pool ran out, so it joins no group statistic
+    and no loss term (like DAPO's overlong filter); a tree or prompt group left with one member gets no advantage."""
+    key = lambda n: (n["prompt_id"], n["tree_id"], n["node_id"])  # noqa: E731
+    by_key = {key(n): n for n in nodes}
+    cut = {k for k, n in by_key.items() if n["is_leaf"] and n["finish_reason"] == POOL_CUT}
+    if not cut:
+        return nodes, rewards, 0
+    alive: set = set()
+    for k, n in by_key.items():
+        if n["is_leaf"] and k not in cut:
+            while k is not None and k not in alive:
+                alive.add(k)
+                parent = by_key[k]["parent_id"]
+                k = None if parent is None else (k[0], k[1], parent)
+    kept_rewards = [r for r in rewards if (r["prompt_id"], r["tree_id"], r["leaf_id"]) not in cut]
+    return [n for n in nodes if key(n) in alive], kept_rewards, len(cut)
 
 
 def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -23,6 +45,8 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
     nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
     rewards = schemas.read(storage.join(inputs["rewards"], schemas.REWARDS_FILE), schemas.REWARDS).to_pylist()
     est = cfg.advantage.estimator
+    all_nodes = nodes
+    nodes, rewards, excluded = without_pool_cuts(nodes, rewards)
     leaf_rewards = {(r["prompt_id"], r["tree_id"], r["leaf_id"]): r["reward"] for r in rewards}
     parents = {(n["prompt_id"], n["tree_id"], n["node_id"]): n["parent_id"] for n in nodes}
     labels = label_advantages(est, parents, leaf_rewards, cfg.advantage.eps)  # per leaf or per node (registry)
@@ -32,11 +56,17 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
          "multiplicity": w[2], "leaf_advantage": leaf_adv.get(k), "estimator": est}
         for k, w in sorted(weights.items())
     ]
+    rows += [  # nodes only pool-cut trajectories pass through: in no loss term
+        {"prompt_id": n["prompt_id"], "tree_id": n["tree_id"], "node_id": n["node_id"], "adv_pos": 0.0,
+         "adv_neg": 0.0, "multiplicity": 0, "leaf_advantage": None, "estimator": est}
+        for n in all_nodes if (n["prompt_id"], n["tree_id"], n["node_id"]) not in weights
+    ]
     uri = storage.join(out, schemas.ADVANTAGES_FILE)
     schemas.write(rows, schemas.ADVANTAGES, uri)
     nonzero = [a for a in signal.values() if a != 0.0]
     metrics = {  # over leaves for per-leaf estimators, over nodes for per-node ones
         "leaves": len(leaf_rewards),
+        "pool_cut_excluded": excluded,
         "nonzero_advantage_frac": len(nonzero) / max(len(signal), 1),
         "advantage_abs_mean": sum(abs(a) for a in signal.values()) / max(len(signal), 1),
     }

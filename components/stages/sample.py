@@ -22,6 +22,7 @@ from arborl.components.config import Config
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.budget import plan, prompt_counts, summarize
+from arborl.components.sampling.mechanism import mechanism_metrics
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import Tree, node_rows
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
@@ -101,6 +102,7 @@ def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dic
     bad = [{"prompt_id": pid, "reason": s["bad"]} for pid, s in sorted(stats.items(), key=lambda kv: kv[1]["position"])
            if s.get("bad")]
     metrics.update(extra)
+    metrics.update(mechanism_metrics(rows))
     metrics.update({"nodes": len(rows), "bad_prompts": bad, "bad_prompt_count": len(bad),
                     "bad_prompt_fraction": len(bad) / max(len(stats), 1)})
     return {"nodes": nodes_uri, "prompt_stats": stats_uri}, metrics

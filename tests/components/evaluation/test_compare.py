@@ -9,11 +9,13 @@ import pytest
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import (
     RunRecord,
+    add_interpolations,
     aggregate,
     base_config,
     budget_rule,
     chain_tokens,
     compare_budget,
+    interpolated_difference,
     method_config,
     paired_difference,
     parse_budgets,
@@ -62,14 +64,38 @@ def test_token_budget_and_chain_unit():
 
 
 def test_tree_shape_follows_the_plan_of_each_budget():
-    shapes = {b: tree_sampling(_cfg(), b) for b in (2.0, 4.0, 8.0)}
+    shapes = {b: tree_sampling(_cfg(protocol="tokens"), b) for b in (2.0, 4.0, 8.0)}
     assert [(s.trees_per_prompt, s.expansions_per_round, s.expansion_rounds) for s in shapes.values()] == [
         (1, 2, 1), (2, 2, 1), (4, 2, 1)]
     assert tree_sampling(_cfg(tokens_per_prompt=100), None) == _cfg().sampling
 
 
+def test_shape_protocol_gives_the_papers_shapes_and_no_token_pool():
+    cfg = _cfg()  # budget.protocol: shape is the default
+    shapes = {b: tree_sampling(cfg, b) for b in (2.0, 4.0, 8.0, 16.0)}
+    assert [(s.trees_per_prompt, s.expansions_per_round, s.expansion_rounds) for s in shapes.values()] == [
+        (1, 2, 1), (2, 2, 1), (4, 2, 1), (4, 5, 1)]  # Tree-GRPO's paper, against 2, 4, 8, 16 chains
+    assert tree_sampling(cfg, 6.0).trees_per_prompt == 3  # a budget not listed: budget.plan's shape
+    assert tree_sampling(_cfg(shapes={8: [2, 6, 1]}), 8.0).expansions_per_round == 6
+    for b, (m, n, rounds) in ((2.0, (1, 2, 1)), (8.0, (4, 2, 1))):
+        tree = method_config(cfg, "tree_grpo", 1, None, b)
+        grpo = method_config(cfg, "grpo", 1, None, b)
+        for c in (tree, grpo):  # no pool: nothing is ever cut for a budget
+            budget = c.budget
+            assert (budget.tokens_per_prompt, budget.chains_per_prompt, budget.token_stop) == (None, None, "reach")
+        assert (tree.sampling.trees_per_prompt, tree.sampling.expansions_per_round,
+                tree.sampling.expansion_rounds, tree.advantage.estimator) == (m, n, rounds, "tree")
+        assert (grpo.sampling.trees_per_prompt, grpo.sampling.expansion_rounds, grpo.advantage.estimator) == (
+            int(b), 0, "grpo")  # B independent chains
+    with pytest.raises(ValueError, match="budget of chains"):
+        method_config(cfg, "grpo", 0, None, None)
+    rule = budget_rule(cfg, [2.0, 8.0], {})
+    assert "only chooses the shapes" in rule and "(1, 2, 1), GRPO 2 chains" in rule and "(4, 2, 1), GRPO 8" in rule
+    assert "round(" not in rule and "Primary metric" in rule
+
+
 def test_method_configs_share_the_token_budget():
-    cfg = _cfg()
+    cfg = _cfg(protocol="tokens")
     tree = method_config(cfg, "tree_grpo", 5, 104, 8.0, name=run_name(cfg, "tree_grpo", 5, 8.0),
                          warmstart_from="runs/tiny-base-s5")
     grpo = method_config(cfg, "grpo", 5, 104, 8.0, name=run_name(cfg, "grpo", 5, 8.0))
@@ -81,14 +107,15 @@ def test_method_configs_share_the_token_budget():
     assert grpo.run.name == "tiny-b8-grpo-s5" and grpo.run.warmstart_from is None
     assert (grpo.sampling.expansion_rounds, grpo.advantage.estimator) == (0, "grpo")  # M chains, then more
     assert method_config(cfg, "grpo", 0, 50).run.name == "tiny-grpo-s0"
-    assert method_config(_cfg(token_stop="nearest"), "grpo", 0, 50).budget.token_stop == "nearest"
+    assert method_config(_cfg(protocol="tokens", token_stop="nearest"), "grpo", 0, 50).budget.token_stop == "nearest"
     with pytest.raises(ValueError, match="unknown method"):
         method_config(cfg, "ppo", 0, 50)
     base = base_config(cfg, 3)
     assert (base.run.name, base.run.seed, base.run.iterations, base.registry.enabled) == ("tiny-base-s3", 3, 0, False)
     rule = budget_rule(cfg, [2.0, 8.0], {0: 12.94, 1: 10.0})
     assert "round(8 x chain) = 104, 80" in rule and "seed 0: 12.94" in rule and "M=1" in rule
-    assert "warm-start policy" in rule and "gold chain" in budget_rule(_cfg(chain_unit="gold"), [2.0], {0: 22.3})
+    assert "warm-start policy" in rule
+    assert "gold chain" in budget_rule(_cfg(protocol="tokens", chain_unit="gold"), [2.0], {0: 22.3})
 
 
 def test_paired_difference_is_the_question_bootstrap_for_one_seed():
@@ -188,3 +215,47 @@ def test_curve_and_aggregate():
     assert em["ci_high"] - 0.5 == pytest.approx(12.7062 * 0.1, rel=1e-4)  # t(0.975, 1) · sd / sqrt(2)
     assert res["generated_tokens_per_prompt"] == pytest.approx(220 / 20)
     assert res["curve"][-1] == {"iteration": 2, "generated_tokens": 220, "test_em": pytest.approx(0.5)}
+
+
+def test_primary_metric_averages_sampled_em_over_the_evaluations():
+    """Hand-made per-question sampled EM at iterations 10 and 20: a question's score is its mean over both, the
+    run's primary metric the mean over questions, and the paired difference pairs questions within a seed."""
+    cfg = _cfg()
+    a = _record(0, "tree_grpo", {"q": 1.0, "r": 0.0}, [100], [LABEL], 0.5)
+    b = _record(0, "grpo", {"q": 0.0, "r": 0.0}, [100], [LABEL], 0.0)
+    a.sampled_test_em = {10: {"q": 0.5, "r": 0.25}, 20: {"q": 1.0, "r": 0.75}}
+    b.sampled_test_em = {10: {"q": 0.25, "r": 0.0}, 20: {"q": 0.25, "r": 0.5}}
+    assert a.primary_scores() == {"q": 0.75, "r": 0.5} and a.primary() == pytest.approx(0.625)
+    assert b.primary() == pytest.approx(0.25)
+    assert RunRecord(0, {}, cfg).primary_scores() == {}
+    assert question_differences([a], [b], "primary") == {0: [0.5, 0.25]}
+    entry = compare_budget(2.0, {"tree_grpo": [a], "grpo": [b]}, resamples=200)
+    assert entry["primary_difference"]["estimate"] == pytest.approx(0.375)
+    assert entry["methods"]["tree_grpo"]["primary"]["mean"] == pytest.approx(0.625)
+    (row,) = sweep_table([entry])
+    assert row["primary_difference"] == pytest.approx(0.375) and row["tree_grpo_primary"] == pytest.approx(0.625)
+    assert row["primary_ci_low"] <= 0.375 <= row["primary_ci_high"]
+
+
+def test_tree_em_interpolated_at_grpo_realized_tokens():
+    """Tree-GRPO realized 100 and 200 tokens per prompt at two budgets; GRPO realized 150 at the second: the
+    interpolated Tree score is the midpoint, per question, minus GRPO's. Outside the trees' range there is none."""
+    t_lo = _record(0, "tree_grpo", {"a": 0.0, "b": 1.0}, [100], [LABEL], 0.5)
+    t_hi = _record(0, "tree_grpo", {"a": 1.0, "b": 1.0}, [200], [LABEL], 1.0)
+    g_lo = _record(0, "grpo", {"a": 0.0, "b": 0.0}, [60], [LABEL], 0.0)
+    g_hi = _record(0, "grpo", {"a": 0.0, "b": 1.0}, [150], [LABEL], 0.5)
+    got = interpolated_difference([(100.0, [t_lo]), (200.0, [t_hi])], 150.0, [g_hi], resamples=200)
+    assert got["estimate"] == pytest.approx(((0.5 - 0.0) + (1.0 - 1.0)) / 2) and got["tokens"] == 150.0
+    assert got["ci_low"] <= got["estimate"] <= got["ci_high"]
+    at_end = interpolated_difference([(100.0, [t_lo]), (200.0, [t_hi])], 200.0, [g_hi], resamples=200)
+    assert at_end["estimate"] == pytest.approx(0.5)  # exactly the upper budget's scores
+    assert interpolated_difference([(100.0, [t_lo]), (200.0, [t_hi])], 60.0, [g_lo]) is None
+    entries = [compare_budget(b, runs, resamples=200) for b, runs in
+               ((2.0, {"tree_grpo": [t_lo], "grpo": [g_lo]}), (4.0, {"tree_grpo": [t_hi], "grpo": [g_hi]}))]
+    add_interpolations(entries, [{"tree_grpo": [t_lo], "grpo": [g_lo]}, {"tree_grpo": [t_hi], "grpo": [g_hi]}],
+                       resamples=200)
+    assert entries[0]["tree_at_grpo_tokens"]["final"] is None  # GRPO's 60 tokens: below the trees' 100
+    assert entries[1]["tree_at_grpo_tokens"]["final"]["estimate"] == pytest.approx(0.25)
+    rows = sweep_table(entries)
+    assert rows[0]["interpolated_final_estimate"] is None
+    assert rows[1]["interpolated_final_estimate"] == pytest.approx(0.25)

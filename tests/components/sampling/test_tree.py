@@ -395,3 +395,51 @@ def test_prefilled_tokens_are_what_the_model_was_fed(setup, trees):
             repeated += len(counts) > 1
     assert repeated  # the M trees of a prompt start from one context
     assert sum(len(call) for call in calls) == sum(len(t.nodes) for t in trees)  # one row per node
+
+class _Recording:
+    """Wraps a backend and records each turn's context and token cap, to read back what an episode was allowed."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def clear_cache(self):
+        self.inner.clear_cache()
+
+    def generate(self, contexts, max_new_tokens, *args, **kwargs):
+        self.calls += [(tuple(c), cap) for c, cap in zip(contexts, max_new_tokens, strict=True)]
+        return self.inner.generate(contexts, max_new_tokens, *args, **kwargs)
+
+
+def test_an_expansion_from_depth_d_has_exactly_what_its_path_had_left(setup):
+    """Caps count from the root for chains and branches alike: a continuation from a node at depth d gets the turns
+    (max_turns − d) and the tokens (max_total_tokens − its prefix, per turn at most max_tokens_per_turn) that the
+    chain through that node had left at the same point, and no pool cuts it."""
+    backend, env, prompts = setup
+    agent = AgentConfig(max_turns=3, max_tokens_per_turn=12, max_total_tokens=70)  # tight: the caps bind
+    rec = _Recording(backend)
+    sampling = SamplingConfig(trees_per_prompt=2, expansions_per_round=4, expansion_rounds=2)
+    trees = sample_trees(rec, env, prompts, sampling, agent, seed=3)
+    caps = dict(rec.calls)  # a context always gets the same cap: it depends on the context alone
+    assert len(caps) == len(set(rec.calls))
+    branched = 0
+    for tree in trees:
+        for node in tree.nodes:
+            context = tree.prefix(node.parent_id if node.parent_id is not None else ROOT)
+            expected = min(agent.max_tokens_per_turn, agent.max_total_tokens - len(context))
+            assert caps[tuple(context)] == expected  # the turn's token cap, root-relative
+            assert len(node.step.action_ids) <= expected
+            assert node.depth <= agent.max_turns
+            if node.is_leaf:
+                assert node.step.finish_reason != "budget"  # no pool here
+                assert len(tree.prefix(node.node_id)) <= agent.max_total_tokens
+                if node.step.finish_reason == "max_turns":
+                    assert node.depth == agent.max_turns  # turns count from the root, not from the branch point
+            if node.expansion_round > 0 and node.parent_id is not None and \
+                    tree.nodes[node.parent_id].expansion_round == 0:
+                branched += 1
+                # the round-0 chain through the same parent continued from the very same context
+                sibling = next(c for c in tree.nodes[node.parent_id].children
+                               if tree.nodes[c].expansion_round == 0)
+                assert tree.prefix(node.parent_id) == context and tree.nodes[sibling].depth == node.depth
+    assert branched > 0  # expansions from intermediate steps were exercised
+    assert any(n.step.finish_reason in ("max_turns", "length") for t in trees for n in t.leaves())

@@ -123,3 +123,47 @@ def test_label_metrics_measure_the_signal(inputs, tmp_path, estimator):
         assert (m["trainable_tokens"], m["nonzero_adv_tokens"], m["nonzero_adv_unique_token_frac"]) == (6, 5, 0.8)
     else:  # per node: only a/0/1 and a/0/2 (±1) of the 5 nodes
         assert (m["trainable_tokens"], m["nonzero_adv_tokens"], m["nonzero_adv_token_frac"]) == (5, 2, 0.4)
+
+
+def _cut(row: dict) -> dict:
+    return {**row, "finish_reason": "budget", "action": "search", "text": "<search> half"}
+
+
+def test_pool_cut_trajectories_join_no_group_and_no_loss(tmp_path):
+    """Under the opt-in exact token pool, a trajectory cut because its prompt's pool ran out (finish reason
+    `budget`) is left out of every group statistic and of the loss: the advantages equal those of the same trees
+    with the cut leaves (and the nodes only they pass through) removed by hand, and those nodes weigh nothing."""
+    from arborl.components.training.packing import build_units
+
+    # c: tree 0 = s → {right (1.0), cut}; tree 1 = s' → cut (s' is on no other path); tree 2 = a wrong answer (0.2)
+    kept = [node("c", 0, 0, None, 1, False, "<search> x </search>"),
+            node("c", 0, 1, 0, 2, True, "<answer> r </answer>"), node("c", 2, 0, None, 1, True, "<answer> w </answer>")]
+    cut = [_cut(node("c", 0, 2, 0, 2, True, "")), node("c", 1, 0, None, 1, False, "<search> y </search>"),
+           _cut(node("c", 1, 1, 0, 2, True, ""))]
+    reward = lambda t, n, r: {"prompt_id": "c", "tree_id": t, "leaf_id": n, "reward": r, "correct": r == 1.0,  # noqa: E731
+                              "f1": r, "verifier": "test", "details": "{}", "error": None}
+    kept_rewards = [reward(0, 1, 1.0), reward(2, 0, 0.2)]
+    prompts = [dict(PROMPTS[0], prompt_id="c")]
+    cfg = Config.model_validate({"advantage": {"estimator": "tree"}})
+    runs = {}
+    for name, nodes, rewards in (("all", kept + cut, kept_rewards + [reward(0, 2, 0.0), reward(1, 1, 0.0)]),
+                                 ("reference", kept, kept_rewards)):
+        root = tmp_path / name
+        inputs = {"nodes": artifact(root, "sample", nodes, schemas.NODES),
+                  "rewards": artifact(root, "verify", rewards, schemas.REWARDS),
+                  "world": artifact(root, "prepare", prompts, schemas.PROMPTS)}
+        res = label.run(cfg, inputs, str(root / "label"))
+        runs[name] = (res, {(a["tree_id"], a["node_id"]): a for a in
+                            schemas.read(res.outputs["advantages"], schemas.ADVANTAGES).to_pylist()})
+    (res, got), (ref_res, ref) = runs["all"], runs["reference"]
+    assert res.metrics["pool_cut_excluded"] == 2 and ref_res.metrics["pool_cut_excluded"] == 0
+    assert res.metrics["leaves"] == 2
+    for key, row in ref.items():
+        for col in ("adv_pos", "adv_neg", "multiplicity", "leaf_advantage"):
+            assert got[key][col] == pytest.approx(row[col]), (key, col)
+    assert ref[(0, 1)]["leaf_advantage"] > 0 > ref[(2, 0)]["leaf_advantage"]  # A_inter still ranks right over wrong
+    for key in ((0, 2), (1, 0), (1, 1)):  # only pool-cut trajectories pass through them: in no loss term
+        assert got[key]["multiplicity"] == 0 and got[key]["leaf_advantage"] is None
+    leaf_adv = {("c", t, n): a["leaf_advantage"] for (t, n), a in got.items() if a["leaf_advantage"] is not None}
+    units = build_units({"c": [5, 6]}, kept + cut, leaf_adv)
+    assert [(u.key, u.leaf_ids) for u in units] == [(("c", 0), [1]), (("c", 2), [0])]  # tree 1 trains nothing
