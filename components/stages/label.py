@@ -1,7 +1,8 @@
 """label: advantages per leaf (leaves an exact token pool cut are left out) and per-node token weights (A⁺, A⁻,
 multiplicity) → advantages.parquet; sibling-subtree preference pairs → preferences.parquet; the per-depth
-granularity report → granularity.json; a tree viewer → trees.html. Its metrics include how much signal the iteration carries (`advantages.signal`):
-zero-spread groups, informative sibling sets, trainable tokens with non-zero advantage."""
+granularity report → granularity.json; a tree viewer → trees.html. Its metrics include how much signal the
+iteration carries (`advantages.signal`): zero-spread groups, informative sibling sets, trainable tokens with non-zero
+advantage."""
 
 from __future__ import annotations
 
