@@ -405,6 +405,12 @@ class VerifyConfig(Strict):
         10.0, gt=0, description="Seconds one reward call may take (verl and math: per response; TRL: per batch); "
         "past it the responses get reward 0 with the error.",
     )
+    max_error_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="Reward errors (a call that raises, times out, or returns None, NaN or no number) above this "
+        "fraction of a stage's responses fail verify and evaluation, naming the callable, the count and the first "
+        "error with its row; fewer give one warning line and the `errors` / `error_fraction` metrics.",
+    )
     correct_threshold: float = Field(
         1.0, description="A user callable's response counts as correct when its reward >= this (a verl dict's "
         "'acc' decides instead, when present).",

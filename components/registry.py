@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -125,6 +127,23 @@ def _client(cfg: Config):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+WEIGHTS_TAG = "arborl.weights_sha256"  # on a registered version: the digest of the weights it was registered from
+
+
+def weights_digest(model_uri: str) -> str:
+    """One digest of a model directory's weights and tokenizer (its training state left out), from its stage
+    manifest's file digests where it has one, else from the files themselves."""
+    from arborl.components import stage_keys
+
+    manifest = storage.read_manifest(model_uri)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        files = stage_keys.file_digests(model_uri)
+    kept = {rel: meta["sha256"] for rel, meta in sorted(files.items())
+            if rel.split("/")[0] not in storage.TRAINING_STATE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def run_versions(client, name: str, run_id: str) -> list:
     """The versions of registered model `name` made from MLflow run `run_id`, oldest first."""
     found = client.search_model_versions(f"run_id='{run_id}'")
@@ -183,7 +202,10 @@ def register_final_model(
 
     client = _client(cfg)
     name = cfg.registry.model_name
-    existing = run_versions(client, name, run_id)
+    digest = weights_digest(model_uri)
+    # a version this run registered from these very weights (one whose tags were not written yet counts: a crash
+    # between registering and tagging); other weights are another version
+    existing = [v for v in run_versions(client, name, run_id) if v.tags.get(WEIGHTS_TAG, digest) == digest]
     if existing:
         version = str(existing[-1].version)
     else:
@@ -207,7 +229,7 @@ def register_final_model(
         version = str(info.registered_model_version)
         failpoint("registry.after_register")  # crash-safety tests: a kill between registering and the alias
     tags = {"arborl.run_id": run_id, "arborl.config_hash": cfg.section_hash(), "arborl.model_uri": model_uri,
-            **(extra_tags or {})}
+            WEIGHTS_TAG: digest, **(extra_tags or {})}
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))})
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
@@ -381,6 +403,9 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
     challenger_version = str(challenger.version)
     champion_version = str(champion.version) if champion is not None else None
     world, run_root = tags.get("arborl.world"), tags.get("arborl.run_root")
+    if run_root and not storage.contains(cfg.run.output_root, run_root):
+        raise ValueError(f"registered model {name!r} v{challenger.version}: its tag arborl.run_root={run_root!r} lies "
+                         f"outside run.output_root={cfg.run.output_root!r}; nothing is written there")
     if champion_version == challenger_version:
         decision = GateDecision(REJECT, f"v{challenger_version} is already {CHAMPION}", cfg.registry.gate_metric,
                                 cfg.registry.margin, 0)

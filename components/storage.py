@@ -1,12 +1,12 @@
 """Artifacts addressed by URI (local path or s3://...) through fsspec: atomic writes and stage manifests.
 
 A stage writes `_stage.json` (its marker) first, its files next and `_manifest.json` last. A directory with
-the marker but no manifest is a half artifact: it is wiped before the same stage runs again. A manifest whose
-inputs and config hash match the current call means the stage is done and is skipped.
+the marker but no manifest is a half artifact: it is wiped before the same stage runs again.
 
 A stage owns only what it created: `prepare_output` refuses (`OutputNotOwned`, nothing deleted) an output
 location that is an existing file, holds files of no stage or of another stage, or overlaps the stage's
-inputs. `child` derives a path under a root and refuses one that would leave it (`OutsideRoot`).
+inputs. `child` derives a path under a root and refuses one that would leave it (`OutsideRoot`). When a finished
+output may be skipped is decided by its content-chained key (components/stage_keys.py).
 """
 
 from __future__ import annotations
@@ -394,20 +394,6 @@ def read_manifest(out_uri: str) -> dict | None:
     return read_json(uri)
 
 
-def completed(out_uri: str, *, stage: str, inputs: dict[str, str], config_hash: str) -> dict | None:
-    """The manifest of a finished stage at `out_uri` if it was made from these inputs and config, else None."""
-    manifest = read_manifest(out_uri)
-    if manifest is None:
-        return None
-    same = (
-        manifest.get("stage") == stage
-        and manifest.get("inputs") == inputs
-        and manifest.get("config_hash") == config_hash
-        and manifest.get("code_version") == CODE_VERSION
-    )
-    return manifest if same else None
-
-
 def prepare_output(out_uri: str, *, stage: str, inputs: dict[str, str] | None = None,
                    keep: tuple[str, ...] = ()) -> None:
     """Make `out_uri` ready for `stage` to write: refuse it (`check_output`) unless it is new, empty or this
@@ -435,13 +421,18 @@ def write_manifest(
     outputs: dict[str, Any],
     metrics: dict[str, Any],
     started: float,
+    key: str | None = None,
+    files: dict[str, dict] | None = None,
 ) -> dict:
-    """Write `_manifest.json` last; its presence marks the stage output as complete."""
+    """Write `_manifest.json` last; its presence marks the stage output as complete. `key` and `files`: the
+    stage's content-chained cache key and its files' sizes and digests (components/stage_keys.py)."""
     manifest = {
         "stage": stage,
         "inputs": inputs,
         "config_hash": config_hash,
         "code_version": CODE_VERSION,
+        "key": key,
+        "files": files,
         "outputs": outputs,
         "metrics": metrics,
         "seconds": round(time.time() - started, 3),

@@ -13,10 +13,15 @@ lower those variables to fail sooner.
 Links: `run_url` / `model_version_url` give MLflow UI addresses when tracking is an http(s) server (else the
 `runs:/` or `models:/` URI); `git_commit` names the code a run was made with. `Tracker.log_datasets` records
 the prompts as MLflow dataset inputs, `Tracker.start_system_metrics` MLflow's `system/*` metrics.
+
+A rerun of the same run root resumes its MLflow run only when the config is the same (`arborl.config_hash`);
+after a config change the run's params would describe the old config, so a new MLflow run is made, tagged
+`arborl.supersedes` with the old one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -31,6 +36,9 @@ from arborl.components.config import Config
 
 RUN_ID_FILE = "_mlflow_run.json"
 RUN_ROOT_TAG = "arborl.run_root"  # on every MLflow run: the output directory it tracks
+CONFIG_HASH_TAG = "arborl.config_hash"  # on every MLflow run: the config it was made with (its params)
+SUPERSEDES_TAG = "arborl.supersedes"  # on a run of a root whose config changed: the earlier MLflow run
+log = logging.getLogger("arborl.tracking")
 HEALTH_TIMEOUT_S = 5.0  # connect and read timeout of the tracking server's health check (one try)
 
 
@@ -186,26 +194,36 @@ class Tracker:
             exp_id = exp.experiment_id
         marker = storage.join(run_root, RUN_ID_FILE)
         previous = storage.read_json(marker)["run_id"] if storage.exists(marker) else None
+        config_hash = cfg.section_hash()
+        superseded = None  # an earlier MLflow run of this root made with another config: never resumed
         if previous is not None:
             try:
                 run = self.client.get_run(previous)
                 if run.info.lifecycle_stage == "active":
-                    self.run_id, self.resumed = previous, True
-                    self.client.update_run(previous, status="RUNNING")
+                    if run.data.tags.get(CONFIG_HASH_TAG, config_hash) == config_hash:
+                        self.run_id, self.resumed = previous, True
+                        self.client.update_run(previous, status="RUNNING")
+                    else:
+                        superseded = previous
             except Exception:  # the tracking store was reset: start a fresh run
                 self.run_id = None
-        if self.run_id is None and "'" not in run_root:
+        if self.run_id is None and superseded is None and "'" not in run_root:
             # a run created just before a crash, whose id never reached the marker (a finished run is never adopted)
             found = self.client.search_runs(
-                [exp_id], filter_string=f"tags.`{RUN_ROOT_TAG}` = '{run_root}' and attributes.status != 'FINISHED'",
+                [exp_id], filter_string=f"tags.`{RUN_ROOT_TAG}` = '{run_root}' and attributes.status != 'FINISHED' "
+                f"and tags.`{CONFIG_HASH_TAG}` = '{config_hash}'",
                 order_by=["attributes.start_time DESC"], max_results=1)
             if found:
                 self.run_id, self.resumed = found[0].info.run_id, True
                 self.client.update_run(self.run_id, status="RUNNING")
                 storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
         if self.run_id is None:
-            run = self.client.create_run(exp_id, run_name=cfg.run.name,
-                                         tags={"arborl.config_hash": cfg.section_hash(), RUN_ROOT_TAG: run_root})
+            tags = {CONFIG_HASH_TAG: config_hash, RUN_ROOT_TAG: run_root}
+            if superseded is not None:  # its params and metrics describe the old config: a new run, linked to it
+                tags[SUPERSEDES_TAG] = superseded
+                log.warning("%s: the config changed since MLflow run %s; stages whose inputs or settings changed "
+                            "rerun, and tracking goes to a new MLflow run", run_root, superseded)
+            run = self.client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
             self.run_id = run.info.run_id
             storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from arborl.components import retention, storage
+from arborl.components import retention, stage_keys, storage
 from arborl.components.config import Config
 from arborl.components.orchestration import make_executor
 from arborl.components.registry import PROMOTE
@@ -121,7 +121,7 @@ def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
     for stage, uri, inputs, sections, config_hash in (
             ("prepare", world, {}, prepare_stage.SECTIONS, prepare_stage.config_hash(cfg)),
             ("warmstart", model, {"world": world}, warm, cfg.section_hash(*warm))):
-        if storage.completed(uri, stage=stage, inputs=inputs, config_hash=config_hash) is None:
+        if stage_keys.completed(uri, stage=stage, inputs=inputs, config_hash=config_hash) is None:
             raise ValueError(f"run.warmstart_from={source_root!r}: {uri} holds no finished {stage} output made "
                              f"with this config's {'/'.join(sections)} settings and seed")
     return world, model

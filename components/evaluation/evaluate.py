@@ -18,7 +18,7 @@ from arborl.components.config import AgentConfig, VerifyConfig
 from arborl.components.evaluation.metrics import bootstrap_ci, pass_at_k
 from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from arborl.components.sampling.generation import GenerationBackend
-from arborl.components.verification.scoring import sample_from_prompt, score_samples
+from arborl.components.verification.scoring import check_reward_errors, sample_from_prompt, score_samples
 
 # Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
 QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled")
@@ -47,17 +47,28 @@ def evaluate_policy(
     seed: int,
     pass_k: tuple[int, ...] = (1,),
     bootstrap: int = 1000,
+    max_tool_error_fraction: float = 0.1,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Rows of the `eval` table and summary metrics (see `summarize`). Samples per question = max(pass_k)."""
+    """Rows of the `eval` table and summary metrics (see `summarize`). Samples per question = max(pass_k).
+
+    An evaluation judged on broken tools or rewards would look valid and be wrong: more episodes with a tool error
+    (the retriever down, malformed answers) than `max_tool_error_fraction`, or more reward errors than
+    `verify.max_error_fraction`, raise (`ToolErrors`, `scoring.RewardErrors`) naming the first one; fewer are
+    counted in the metrics `tool_errors` and `reward_errors`."""
     n_samples = max(pass_k)
     rows: list[dict] = []
+    tool_errors = reward_errors = 0
     gen = torch.Generator(device=backend.device).manual_seed(seed)
     for mode, repeats in (("greedy", 1), ("sampled", n_samples)):
         jobs = [(r, i) for i in range(repeats) for r in prompt_rows]
         episodes = [Episode(env.prompt_ids(r), agent.max_turns) for r, _ in jobs]
         run_episodes(backend, env, episodes, agent, temperature, greedy=(mode == "greedy"), generator=gen)
         texts = [response_text(ep.steps) for ep in episodes]
+        tool_errors += check_tool_errors(jobs, episodes, max_tool_error_fraction, mode)
         scores = score_samples([sample_from_prompt(r, text) for (r, _), text in zip(jobs, texts, strict=True)], verify)
+        reward_errors += check_reward_errors(
+            [((r["prompt_id"], mode, i), o.verifier, o.error) for (r, i), o in zip(jobs, scores, strict=True)],
+            verify.max_error_fraction, f"evaluate ({mode})")
         for (r, sample_idx), ep, text, score in zip(jobs, episodes, texts, scores, strict=True):
             rows.append(
                 {
@@ -77,7 +88,23 @@ def evaluate_policy(
                     "text": text,
                 }
             )
-    return rows, summarize(rows, pass_k, bootstrap, seed)
+    return rows, {**summarize(rows, pass_k, bootstrap, seed), "tool_errors": tool_errors,
+                  "reward_errors": reward_errors}
+
+
+class ToolErrors(RuntimeError):
+    """More evaluation episodes met a tool error than allowed: their scores would measure the tool, not the model."""
+
+
+def check_tool_errors(jobs: list[tuple[dict, int]], episodes: list[Episode], max_fraction: float, mode: str) -> int:
+    """Count the episodes that met a tool error; raise `ToolErrors` above `max_fraction`, naming the first."""
+    failed = [(r["prompt_id"], i, next(s.tool_error for s in ep.steps if s.tool_error))
+              for (r, i), ep in zip(jobs, episodes, strict=True) if any(s.tool_error for s in ep.steps)]
+    if failed and len(failed) / max(len(episodes), 1) > max_fraction:
+        pid, i, error = failed[0]
+        raise ToolErrors(f"evaluate ({mode}): {len(failed)} of {len(episodes)} episodes met a tool error, more than "
+                         f"sampling.max_bad_fraction={max_fraction}; first, question {pid!r} (sample {i}): {error}")
+    return len(failed)
 
 
 def question_scores(rows: list[dict], metric: str, split: str | None = None) -> dict[str, float]:

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 
-from arborl.components import schemas, storage
+from arborl.components import schemas, stage_keys, storage
 from arborl.components.config import Config
 from arborl.components.envs.http_retriever import HTTPRetriever
 from arborl.components.envs.retriever import FTSRetriever, Retriever
@@ -42,7 +42,8 @@ def run_stage(
     writer: bool = True,
     **params: Any,
 ) -> StageResult:
-    """Run `work` unless `out` already holds a manifest for the same inputs, config sections and params.
+    """Run `work` unless `out` already holds a finished output with the same key — its inputs' identities (their
+    keys and file digests), config sections and params (`stage_keys`) — and intact files.
 
     `work` is the stage's work with its arguments bound (e.g. `partial(verify_leaves, cfg, inputs, out)`): it
     writes its files under `out` and returns (output URIs, metrics); the manifest is written last.
@@ -55,12 +56,11 @@ def run_stage(
     """
     storage.check_output(out, stage=stage, inputs=inputs, contents=False)
     config_hash = cfg.section_hash(*sections, **params)
-    done = storage.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
+    done = stage_keys.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
     if done is not None:
         return StageResult(stage, out, done["outputs"], done["metrics"], done["seconds"], skipped=True)
-    for name, uri in inputs.items():
-        if storage.read_manifest(uri) is None:
-            raise FileNotFoundError(f"stage {stage!r}: input {name!r} at {uri} is missing or incomplete (no manifest)")
+    stage_keys.check_inputs(stage, inputs)  # before anything of `out` is wiped
+    key = stage_keys.stage_key(stage, config_hash, inputs)
     if writer:
         storage.prepare_output(out, stage=stage, inputs=inputs, keep=keep)
     started = time.time()
@@ -70,7 +70,8 @@ def run_stage(
     if not writer:
         return StageResult(stage, out, outputs, metrics, round(time.time() - started, 3))
     manifest = storage.write_manifest(
-        out, stage=stage, inputs=inputs, config_hash=config_hash, outputs=outputs, metrics=metrics, started=started
+        out, stage=stage, inputs=inputs, config_hash=config_hash, outputs=outputs, metrics=metrics, started=started,
+        key=key, files=stage_keys.file_digests(out),
     )
     return StageResult(stage, out, outputs, metrics, manifest["seconds"])
 

@@ -25,7 +25,7 @@ def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[st
     prompts = [p for split in splits for p in load_prompts(world_uri, split)]
     return evaluate_policy(backend, env, prompts, cfg.agent, cfg.verify, cfg.evaluate.temperature,
                            seed=evaluation_seed(cfg), pass_k=tuple(cfg.evaluate.pass_k),
-                           bootstrap=cfg.evaluate.bootstrap)
+                           bootstrap=cfg.evaluate.bootstrap, max_tool_error_fraction=cfg.sampling.max_bad_fraction)
 
 
 def evaluate_outputs(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, float]]:

@@ -12,7 +12,9 @@ from typing import Any
 from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
-from arborl.components.verification.scoring import sample_from_prompt, score_samples
+from arborl.components.verification.scoring import RewardErrors, check_reward_errors, sample_from_prompt, score_samples
+
+__all__ = ["RewardErrors", "leaf_responses", "run", "verify_leaves"]
 
 
 def leaf_responses(nodes: list[dict]) -> list[tuple[str, int, int, str]]:
@@ -54,6 +56,8 @@ def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[s
         row = {"reward": o.reward, "correct": o.correct, "f1": o.f1, "error": o.error,
                "details": json.dumps(o.details, default=str)}
         rows.append({"prompt_id": pid, "tree_id": tid, "leaf_id": leaf, "verifier": o.verifier, **row})
+    check_reward_errors([((r["prompt_id"], r["tree_id"], r["leaf_id"]), r["verifier"], r["error"]) for r in rows],
+                        cfg.verify.max_error_fraction, f"verify ({inputs['nodes']})")
     uri = storage.join(out, schemas.REWARDS_FILE)
     schemas.write(rows, schemas.REWARDS, uri)
     n = max(len(rows), 1)
@@ -64,6 +68,7 @@ def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[s
         "reward_mean": sum(r["reward"] for r in rows) / n,
         "correct_mean": sum(r["correct"] for r in rows) / n,
         "errors": sum(r["error"] is not None for r in rows),
+        "error_fraction": sum(r["error"] is not None for r in rows) / n,
         **{f"leaves/{_metric_name(v)}": c for v, c in sorted(per_leaves.items())},
         **{f"errors/{_metric_name(v)}": per_errors[v] for v in sorted(per_leaves)},
     }

@@ -9,6 +9,7 @@ that is not a finite reward gives those responses reward 0 with the error text, 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +18,31 @@ from arborl.components.config import VerifyConfig
 from arborl.components.verification.rewards import Builtin, Outcome, failed, judged, resolve_reward
 from arborl.components.verification.timeouts import call_with_timeout
 from arborl.components.verification.user_rewards import TRL_OPTIONAL, VERL, UserReward, call_trl, call_verl
+
+log = logging.getLogger("arborl.verify")
+
+
+class RewardErrors(ValueError):
+    """More reward calls failed than `verify.max_error_fraction` allows: the stage fails rather than train or
+    judge on zeros."""
+
+
+def check_reward_errors(scored: Sequence[tuple[Any, str, str | None]], max_fraction: float, where: str) -> int:
+    """(row, verifier, error or None) per scored response: raise `RewardErrors` when the errored fraction is above
+    `max_fraction`, naming the callable(s), the count and the first error with its row; below it, one warning
+    line when there are any. Returns the count."""
+    failed_rows = [(row, verifier, error) for row, verifier, error in scored if error is not None]
+    if not failed_rows:
+        return 0
+    row, verifier, error = failed_rows[0]
+    by = sorted({v for _, v, _ in failed_rows})
+    text = (f"{where}: {len(failed_rows)} of {len(scored)} reward calls failed ({', '.join(by)}); first, row "
+            f"{row}: {error}")
+    if len(failed_rows) / max(len(scored), 1) > max_fraction:
+        raise RewardErrors(f"{text}. More than verify.max_error_fraction={max_fraction}: fix the reward, or raise "
+                           "the threshold to accept that many zero rewards")
+    log.warning("%s (within verify.max_error_fraction=%s: those responses score 0)", text, max_fraction)
+    return len(failed_rows)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arborl.components import retention, storage
+from arborl.components import retention, stage_keys, storage
 from arborl.components.models import load_policy, save_policy
 from arborl.components.storage import ArtifactError
 from arborl.components.training.lora import BASE_FILE
@@ -25,7 +25,8 @@ def _train_output(uri: Path, model, tokenizer, iteration: int) -> str:
     storage.write_bytes(str(uri / "optimizer.pt"), data.getvalue())
     storage.write_json(str(uri / storage.MARKER), {"stage": "train"})
     storage.write_manifest(str(uri), stage="train", inputs={"model": f"m{iteration - 1}"}, config_hash="h",
-                           outputs={"model": str(uri)}, metrics={"loss": float(iteration)}, started=time.time())
+                           outputs={"model": str(uri)}, metrics={"loss": float(iteration)}, started=time.time(),
+                           key=stage_keys.stage_key("train", "h", {}), files=stage_keys.file_digests(str(uri)))
     return str(uri)
 
 
@@ -45,7 +46,7 @@ def test_keeps_last_k_and_protected_and_prunes_the_rest(run, tmp_path):
     assert done == {"weights": [run[2], run[3]], "training_state": [run[1], run[2], run[3], run[4]]}
     for i in (2, 3):  # pruned: a manifest marked pruned (the stage is still done) and nothing else
         assert _files(run[i]) == {storage.MANIFEST, storage.MARKER}
-        manifest = storage.completed(run[i], stage="train", inputs={"model": f"m{i - 1}"}, config_hash="h")
+        manifest = stage_keys.completed(run[i], stage="train", inputs={}, config_hash="h")
         assert manifest is not None and manifest["metrics"] == {"loss": float(i)}
         assert manifest["pruned"]["weights"] and manifest["pruned"]["keep_iterations"] == 2
         with pytest.raises(ArtifactError, match=rf"{run[i]}: its weights were deleted .*run.keep_iterations=2"):

@@ -8,7 +8,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components import schemas, stage_keys, storage
 from arborl.components.config import Config, config_from_dict
 from arborl.components.stages.base import run_stage
 
@@ -108,9 +108,9 @@ class Body:
         return {"data": uri}, {"calls": self.calls}
 
 
-def _input(tmp_path, name: str = "world") -> str:
+def _input(tmp_path, name: str = "world", cfg: Config | None = None) -> str:
     uri = str(tmp_path / name)
-    run_stage("prepare", Config(), {}, uri, ("world",), Body(uri))
+    run_stage("prepare", cfg or Config(), {}, uri, ("world",), Body(uri))
     return uri
 
 
@@ -138,7 +138,8 @@ def test_run_stage_runs_once_then_skips(tmp_path):
 
 def test_run_stage_reruns_when_config_section_params_or_inputs_change(tmp_path):
     world = _input(tmp_path, "world")
-    other_world = _input(tmp_path, "world2")
+    other_world = _input(tmp_path, "world2", config_from_dict({"world": {"num_people": 50}}))  # another world
+    same_world = _input(tmp_path, "world3")  # the same world at another place
     out = str(tmp_path / "out")
     body = Body(out)
 
@@ -156,7 +157,8 @@ def test_run_stage_reruns_when_config_section_params_or_inputs_change(tmp_path):
     # params changed
     run_stage("train", changed, {"world": world}, out, ("train",), body, iteration=2)
     assert body.calls == 3
-    # inputs changed
+    # inputs changed: an input is what it holds, not where it is
+    assert run_stage("train", changed, {"world": same_world}, out, ("train",), body, iteration=2).skipped
     run_stage("train", changed, {"world": other_world}, out, ("train",), body, iteration=2)
     assert body.calls == 4
     # another stage's output at the same place is not this stage's to replace
@@ -222,21 +224,6 @@ def test_input_without_manifest_is_an_error_naming_it(tmp_path):
     assert body.calls == 0
 
 
-def test_completed_checks_every_field(tmp_path):
-    out = str(tmp_path / "o")
-    storage.makedirs(out)
-    assert storage.completed(out, stage="s", inputs={}, config_hash="h") is None
-    storage.write_manifest(out, stage="s", inputs={"a": "x"}, config_hash="h", outputs={}, metrics={}, started=0.0)
-    assert storage.completed(out, stage="s", inputs={"a": "x"}, config_hash="h") is not None
-    assert storage.completed(out, stage="t", inputs={"a": "x"}, config_hash="h") is None
-    assert storage.completed(out, stage="s", inputs={"a": "y"}, config_hash="h") is None
-    assert storage.completed(out, stage="s", inputs={"a": "x"}, config_hash="g") is None
-    manifest = storage.read_json(storage.manifest_uri(out))
-    manifest["code_version"] = "0.0.0"
-    storage.write_json(storage.manifest_uri(out), manifest)
-    assert storage.completed(out, stage="s", inputs={"a": "x"}, config_hash="h") is None
-
-
 # --- S3 through a local moto server ------------------------------------------------------------------
 
 
@@ -264,11 +251,16 @@ def test_s3_round_trip(s3_bucket, tmp_path):
 
     # manifests
     assert storage.read_manifest(storage.join(base, "stage")) is None
-    storage.write_manifest(storage.join(base, "stage"), stage="s", inputs={"a": "b"}, config_hash="h",
-                           outputs={"o": "x"}, metrics={"m": 1.5}, started=0.0)
-    manifest = storage.read_manifest(storage.join(base, "stage"))
+    stage = storage.join(base, "stage")
+    storage.write_json(storage.join(stage, "out.json"), {"v": 1})
+    storage.write_manifest(stage, stage="s", inputs={}, config_hash="h", outputs={"o": "x"}, metrics={"m": 1.5},
+                           started=0.0, key=stage_keys.stage_key("s", "h", {}), files=stage_keys.file_digests(stage))
+    manifest = storage.read_manifest(stage)
     assert manifest["stage"] == "s" and manifest["metrics"] == {"m": 1.5}
-    assert storage.completed(storage.join(base, "stage"), stage="s", inputs={"a": "b"}, config_hash="h")
+    assert set(manifest["files"]) == {"out.json"} and manifest["files"]["out.json"]["size"] > 0
+    assert stage_keys.completed(stage, stage="s", inputs={}, config_hash="h")
+    storage.write_json(storage.join(stage, "out.json"), {"v": 2})  # changed behind the manifest's back
+    assert stage_keys.completed(stage, stage="s", inputs={}, config_hash="h") is None
 
     # directories: upload, then fetch a local copy
     src = tmp_path / "model"
@@ -482,7 +474,7 @@ def test_non_json_file_and_manifest_name_the_file(tmp_path):
     out.mkdir()
     (out / storage.MANIFEST).write_bytes(b"\x80\x04not json")
     with pytest.raises(storage.ArtifactError) as err:
-        storage.completed(str(out), stage="s", inputs={}, config_hash="h")
+        stage_keys.completed(str(out), stage="s", inputs={}, config_hash="h")
     assert str(out / storage.MANIFEST) in str(err.value) and "not a JSON file" in str(err.value)
     assert isinstance(err.value, ValueError)  # callers that catch ValueError still do
 

@@ -193,3 +193,37 @@ def test_keep_iterations_prunes_old_models_and_a_resumed_run_does_not_retrain_th
     done = manifests(run_root)
     again = train_pipeline(cfg.model_dump(mode="json"))  # finished: everything is skipped
     assert manifests(run_root) == done and again["final"] == summary["final"]
+
+
+def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_weights(tmp_path, prefect_server):
+    """A rerun of the same run.name after `verify.reward` changed: verify reruns, and so do label, train and evaluate
+    downstream of it (their inputs' URIs are the same, their contents are not); prepare, the warm start and sample
+    are skipped. The new weights get their own MLflow run (its params are the new config's) and their own
+    registered version, tagged with their digest; no version is registered twice from the same weights."""
+    from arborl.components.registry import WEIGHTS_TAG, weights_digest
+    from arborl.flows.pipeline import train_pipeline
+
+    first_cfg = micro(tmp_path, "run.iterations=1", "run.eval_every=1")
+    first = train_pipeline(first_cfg.model_dump(mode="json"))
+    run_root = tmp_path / "runs" / "micro"
+    before = manifests(run_root)
+    weights_before = weights_digest(str(run_root / "iter_001" / "train"))
+    changed = micro(tmp_path, "run.iterations=1", "run.eval_every=1", "verify.reward.default=qa_f1")
+    second = train_pipeline(changed.model_dump(mode="json"))
+    after = manifests(run_root)
+    redone = {k for k in before if after[k] != before[k]}
+    # evaluations score with the reward too, so the warm start's is redone as well
+    assert redone == {f"iter_001/{s}" for s in ("verify", "label", "train", "eval")} | {"warmstart_eval"}
+    assert weights_digest(str(run_root / "iter_001" / "train")) != weights_before
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    new_run = client.get_run(second["mlflow_run_id"])
+    assert new_run.data.params["verify.reward.default"] == "qa_f1"
+    assert new_run.data.tags["arborl.supersedes"] == first["mlflow_run_id"]
+    versions = client.search_model_versions("name='arborl-micro'")
+    digests = [v.tags[WEIGHTS_TAG] for v in versions]
+    assert len(versions) == 2 and len(set(digests)) == 2  # one version per weights
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.tags[WEIGHTS_TAG] == weights_digest(str(run_root / "iter_001" / "train"))
+    assert newest.run_id == second["mlflow_run_id"]

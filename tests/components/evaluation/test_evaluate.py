@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,35 @@ def test_question_scores_and_summarize_from_stored_rows(evaluated):
     assert len(em) == 8 and sum(em.values()) / 8 == pytest.approx(m["test_em"])
     sampled = question_scores(rows, "em_sampled", split="test")
     assert sum(sampled.values()) / 8 == pytest.approx(m["test_em_sampled"])
-    assert summarize(rows, (1, 2, 4), 200, 5) == m  # the same rows read back give the same metrics
+    # the same rows read back give the same metrics (the error counts come from the calls, not the rows)
+    assert {**summarize(rows, (1, 2, 4), 200, 5), "tool_errors": 0, "reward_errors": 0} == m
     with pytest.raises(ValueError, match="unknown per-question metric"):
         question_scores(rows, "bleu")
+
+
+def test_an_evaluation_on_a_broken_tool_or_reward_fails_instead_of_scoring(policy, tokenizer, retriever, questions,
+                                                                          monkeypatch):
+    """A retriever that errors on every query, or a reward that raises, would give valid-looking zeros: above the
+    thresholds the evaluation raises, naming the first failure."""
+    from arborl.components.envs.retriever import RetrieverError
+    from arborl.components.evaluation.evaluate import ToolErrors
+    from arborl.components.verification.scoring import RewardErrors
+
+    class Down:
+        def search(self, query):
+            raise RetrieverError("connection refused (retrieval server down)")
+
+    backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = questions["test"][:6]
+    agent = AgentConfig()
+    rows, metrics = evaluate_policy(backend, SearchEnv(Down(), tokenizer), prompts, agent, VerifyConfig(),
+                                    temperature=1.0, seed=5, max_tool_error_fraction=1.0)
+    assert metrics["tool_errors"] > 0  # the test policy searches, and every search failed
+    with pytest.raises(ToolErrors, match=r"episodes met a tool error, more than .*connection refused"):
+        evaluate_policy(backend, SearchEnv(Down(), tokenizer), prompts, agent, VerifyConfig(), temperature=1.0,
+                        seed=5, max_tool_error_fraction=0.0)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "verification"))
+    broken = VerifyConfig(reward={"default": "user_reward_fns:verl_raises"})
+    with pytest.raises(RewardErrors, match=r"evaluate \(greedy\): 6 of 6 reward calls failed .*boom in the reward"):
+        evaluate_policy(backend, SearchEnv(retriever, tokenizer), prompts, agent, broken,
+                        temperature=1.0, seed=5)

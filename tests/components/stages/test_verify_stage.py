@@ -110,7 +110,7 @@ def test_verl_gets_reward_model_ground_truth(tmp_path, fns):
 def test_failing_callables_cost_their_leaves_not_the_stage(tmp_path, fns):
     rows, metrics = run_verify(tmp_path, {"reward": {"default": "qa_em_format", "nq": "user_reward_fns:verl_hangs",
                                                      "gsm8k": "user_reward_fns:trl_wrong_length"},
-                                          "timeout_s": 0.2})
+                                          "timeout_s": 0.2, "max_error_fraction": 1.0})
     hang = "CallTimeout: user_reward_fns:verl_hangs did not return within 0.2 s (verify.timeout_s)"
     assert [r["error"] for k, r in sorted(rows.items()) if k[0] != "m"] == [hang] * 3
     assert all(r["reward"] == 0.0 and r["details"] == "{}" for r in rows.values())
@@ -118,3 +118,30 @@ def test_failing_callables_cost_their_leaves_not_the_stage(tmp_path, fns):
                                         "2 completions")
     assert metrics["errors"] == 5 and metrics["errors/user_reward_fns:verl_hangs"] == 3
     assert metrics["errors/user_reward_fns:trl_wrong_length"] == 2
+
+
+@pytest.mark.parametrize("fn, first", [
+    ("verl_raises", "RuntimeError: boom in the reward"),
+    ("verl_none", "NoneType ('None'), not a number"),
+    ("verl_string", "'high'"),
+    ("verl_inf", "inf"),
+])
+def test_a_reward_that_fails_fails_the_stage_naming_it(tmp_path, fns, fn, first):
+    """Above verify.max_error_fraction the stage fails — never a run trained on zeros — naming the callable, the
+    count and the first error with its row; nothing is written."""
+    spec = f"user_reward_fns:{fn}"
+    with pytest.raises(verify.RewardErrors) as err:
+        run_verify(tmp_path, {"reward": {"default": spec}})
+    text = str(err.value)
+    assert f"5 of 5 reward calls failed ({spec})" in text and "first, row ('a', 0, 1)" in text and first in text
+    assert "verify.max_error_fraction=0.01" in text
+    assert not (tmp_path / "verify" / "_manifest.json").exists()
+
+
+def test_reward_errors_within_the_budget_warn_once_and_are_counted(tmp_path, fns, caplog):
+    # gsm8k's two leaves fail (2 of 5), allowed by a budget of 0.5
+    rows, metrics = run_verify(tmp_path, {"reward": {"default": "qa_em_format", "gsm8k": "user_reward_fns:verl_raises"},
+                                          "max_error_fraction": 0.5})
+    assert metrics["errors"] == 2 and metrics["error_fraction"] == pytest.approx(0.4)
+    warnings = [r for r in caplog.records if "reward calls failed" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 5" in warnings[0].getMessage()

@@ -88,6 +88,10 @@ def verl_no_score(data_source, solution_str, ground_truth, extra_info=None):
     return {"acc": 1.0}
 
 
+def verl_none(data_source, solution_str, ground_truth, extra_info=None):
+    return None
+
+
 # --- neither signature -------------------------------------------------------------------------------------------
 
 
