@@ -813,17 +813,52 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str) -> N
 
 
 class _YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `1e-3` (no dot) as a number as YAML 1.2 does, not as a string."""
+    """PyYAML's safe loader with YAML 1.2's core scalars instead of YAML 1.1's: integers are decimal digits only
+    (no sexagesimal `1:30` = 90, no octal `010` = 8, no `0x10`), booleans are only true/false (not yes/no/on/off),
+    floats include `1e-3` without a dot; and a mapping that repeats a key is an error rather than the last one
+    silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
-_YAMLLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                                                              "tag:yaml.org,2002:bool")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+_YAMLLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10))
+INT_LIMIT = 2**63  # integers are 64-bit signed where they go (seeds, counts): anything larger is refused
 
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a safe loader)
+
+
+def _check_ints(data: Any, source: str, path: str = "") -> None:
+    """Refuse an integer outside the 64-bit signed range, naming its key."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _check_ints(value, source, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _check_ints(value, source, f"{path}[{i}]")
+    elif isinstance(data, int) and not isinstance(data, bool) and not -INT_LIMIT <= data < INT_LIMIT:
+        raise ConfigError(f"{source}: key {path!r}: {data} is outside the 64-bit integer range")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -851,7 +886,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path) if path is not None else DEFAULT_CONFIG
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if str(path).endswith(".json"):
         try:
             data = json.loads(text)
@@ -886,6 +924,7 @@ def _read_uri(uri: str) -> str:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    _check_ints(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -355,3 +355,30 @@ def test_run_name_must_be_a_plain_name(name):
 @pytest.mark.parametrize("name", ["tiny", "micro-2", "exp_3.seed0", "A.b-C_9", "...x"])
 def test_run_name_plain_names_pass(name):
     assert config_from_dict({"run": {"name": name}}).run.name == name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.iterations=1:30", "run.iterations"),  # YAML 1.1 would read 90
+    ("run.iterations=0x10", "run.iterations"),  # YAML 1.1 would read 16
+    ("tracking.enabled=yes", "tracking.enabled"),  # YAML 1.1 would read true
+    ("run.seed=99999999999999999999999", "outside the 64-bit integer range"),
+])
+def test_yaml_surprises_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DEFAULT_CONFIG, [override])
+
+
+def test_yaml_1_2_numbers():
+    assert load_config(DEFAULT_CONFIG, ["run.iterations=010"]).run.iterations == 10  # decimal, not octal
+    assert load_config(DEFAULT_CONFIG, ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_a_duplicate_key_or_non_utf8_file_is_a_named_error(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("run:\n  iterations: 3\n  iterations: 4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: duplicate key 'iterations' \(first at line 2\)"):
+        load_config(dup)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 16"):
+        load_config(latin)
