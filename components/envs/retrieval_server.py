@@ -13,10 +13,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from arborl.components import storage
@@ -70,9 +71,17 @@ def load_corpus(uri: str) -> Corpus:
     return Corpus(ids, contents)
 
 
+MAX_TOPK = 1000  # documents per query a request may ask for
+MAX_QUERIES = 4096  # queries in one request
+MAX_QUERY_CHARS = 4096  # characters in one query
+MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused before it is read
+
+
 class RetrieveRequest(BaseModel):
-    queries: list[str] = Field(description="Queries, answered in order.")
-    topk: int | None = Field(None, ge=1, description="Documents per query; null uses the server's default.")
+    queries: list[Annotated[str, Field(max_length=MAX_QUERY_CHARS)]] = Field(
+        max_length=MAX_QUERIES, description="Queries, answered in order.")
+    topk: int | None = Field(None, ge=1, le=MAX_TOPK,
+                             description="Documents per query; null uses the server's default.")
     return_scores: bool = Field(False, description="Wrap each document as {document, score}.")
 
 
@@ -80,6 +89,16 @@ def build_app(corpus: Corpus, topk: int = 3) -> FastAPI:
     """The FastAPI app serving `corpus` with FTSRetriever's ranking (phrase matches, then bm25)."""
     index = FTSRetriever(corpus.contents, top_k=topk)
     app = FastAPI(title="arborl retrieval server")
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """Refuse a body over MAX_BODY_BYTES by its declared length, before reading it (413)."""
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if length is None and request.method == "POST":
+            return JSONResponse({"detail": "a POST needs a Content-Length"}, status_code=411)
+        return await call_next(request)
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -61,9 +61,20 @@ def test_retrieve_without_scores_and_the_default_topk(server):
                                 {"id": "d3", "contents": "alice works for acme corp"}]]}  # topk 2: the default
 
 
-@pytest.mark.parametrize("payload", [{"queries": ["a"], "topk": 0}, {"queries": "a"}, {}])
+@pytest.mark.parametrize("payload", [{"queries": ["a"], "topk": 0}, {"queries": "a"}, {},
+                                     {"queries": ["a"], "topk": 10**21}, {"queries": ["a"], "topk": 1001},
+                                     {"queries": ["a"] * 4097}, {"queries": ["a" * 4097]}])
 def test_bad_requests_are_client_errors(server, payload):
     assert httpx.post(f"{server.url}/retrieve", json=payload).status_code == 422
+
+
+def test_a_body_over_the_limit_is_refused_unread(server):
+    from arborl.components.envs.retrieval_server import MAX_BODY_BYTES
+
+    big = json.dumps({"queries": ["x" * 1000] * (MAX_BODY_BYTES // 1000 + 10)})
+    res = httpx.post(f"{server.url}/retrieve", content=big, headers={"content-type": "application/json"})
+    assert res.status_code == 413 and "request body over" in res.json()["detail"]
+    assert httpx.post(f"{server.url}/retrieve", json={"queries": ["acme"], "topk": 1}).status_code == 200
 
 
 @pytest.mark.parametrize(("line", "problem"), [
