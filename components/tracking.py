@@ -55,6 +55,35 @@ def _writable_dir(directory: Path, uri: str) -> None:
         raise TrackingUnavailable(f"MLflow tracking store {uri}: directory {directory} is not writable")
 
 
+def _open_sqlite_store(uri: str, db: Path) -> None:
+    """Create or migrate a SQLite store's schema once, under a file lock beside it, so that runs starting at the
+    same moment on a fresh root do not race to create its tables; a damaged database is a named error."""
+    import fcntl
+
+    import sqlalchemy.exc
+    from mlflow import MlflowClient
+
+    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if db.exists() and db.stat().st_size == 0:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {uri}: database {db} is empty (0 bytes), a truncated store; restore it from a "
+                "backup, or move it away to start a new store (the runs it held are then gone from tracking)")
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates or migrates the schema
+        except sqlalchemy.exc.DatabaseError as exc:
+            reason = str(exc.orig) if getattr(exc, "orig", None) is not None else type(exc).__name__
+            raise TrackingUnavailable(
+                f"MLflow tracking store {uri}: database {db} cannot be read ({reason}); restore it from a backup, or "
+                "move it away to start a new store") from None
+        except Exception as exc:  # mlflow wraps some SQLite errors in its own exceptions
+            if "malformed" in str(exc) or "not a database" in str(exc):
+                raise TrackingUnavailable(
+                    f"MLflow tracking store {uri}: database {db} is damaged ({str(exc).splitlines()[0]}); restore "
+                    "it from a backup, or move it away to start a new store") from None
+            raise
+
+
 def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
     """Fail fast (`TrackingUnavailable`, naming the URL) when the tracking store at `uri` cannot be used.
 
@@ -96,6 +125,7 @@ def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             _writable_dir(db.parent, uri)
             if db.exists() and not os.access(db, os.R_OK | os.W_OK):
                 raise TrackingUnavailable(f"MLflow tracking store {uri}: database {db} is not writable")
+            _open_sqlite_store(uri, db)
     elif scheme in ("", "file") and uri and not uri.startswith("databricks"):
         _writable_dir(Path(parts.path if scheme == "file" else uri), uri)
 

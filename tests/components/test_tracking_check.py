@@ -85,3 +85,26 @@ def test_sqlite_and_file_stores_need_a_writable_directory(tmp_path):
     with pytest.raises(TrackingUnavailable, match="cannot create directory"):
         check_tracking_uri((blocker / "mlruns").as_uri())
     check_tracking_uri("postgresql://user@127.0.0.1:1/db")  # not checked here
+
+
+def test_sqlite_store_created_once_by_processes_starting_together_and_damage_is_named(tmp_path):
+    """Three processes open a fresh SQLite store at the same moment: its schema is made once, under a lock, and
+    all three get on. A truncated or emptied database is an error that says what to do, not a raw traceback or a
+    silently new store."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    code = f"from arborl.components.tracking import check_tracking_uri; check_tracking_uri({uri!r}); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 3])
+    with pytest.raises(TrackingUnavailable, match=rf"database {db} cannot be read \(database disk image is malformed"):
+        check_tracking_uri(uri)
+    db.write_bytes(b"")
+    with pytest.raises(TrackingUnavailable, match=r"is empty \(0 bytes\), a truncated store; restore it"):
+        check_tracking_uri(uri)
