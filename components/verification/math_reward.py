@@ -1,6 +1,7 @@
 """The `math` reward: the response's final answer checked against the gold answers with `math-verify`.
 
-The answer is the content of the last `<answer>…</answer>` block, else of the last `\\boxed{…}`. Gold and
+The answer is the content of the last `<answer>…</answer>` block, else of the last `\\boxed{…}`, else what follows
+GSM8K's last `####`; a gold written as GSM8K's worked solution counts by what follows its `####`. Gold and
 answer are parsed by math-verify (LaTeX and plain expressions, so `\\frac{1}{2}`, `1/2` and `0.5` agree) and
 compared symbolically and numerically. math-verify's own timeouts use SIGALRM, which only works in the main
 thread, so they are switched off here: the caller bounds the call (`timeouts.call_with_timeout`).
@@ -48,13 +49,25 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def final_hashes(text: str) -> str | None:
+    """GSM8K's final answer: what follows the last `####` (up to the line's end), or None when there is none."""
+    if "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip().splitlines()
+    answer = tail[0].strip().replace(",", "") if tail else ""
+    return answer or None
+
+
 def extract_math_answer(response: str) -> tuple[str | None, str | None]:
-    """(answer, where it came from: "answer" or "boxed"), or (None, None) when the response has neither."""
+    """(answer, where it came from: "answer", "boxed" or "hashes"), or (None, None) when the response has none."""
     answer = extract_answer(response)
     if answer is not None:
         return answer, "answer"
     boxed = last_boxed(response)
-    return (boxed, "boxed") if boxed is not None else (None, None)
+    if boxed is not None:
+        return boxed, "boxed"
+    hashes = final_hashes(response)
+    return (hashes, "hashes") if hashes is not None else (None, None)
 
 
 def load_math_verify() -> None:
@@ -77,4 +90,5 @@ def math_equal(answer: str, golds: list[str]) -> bool:
     parsed = parse_math(answer)
     if not parsed:
         return False
+    golds = [final_hashes(g) or g for g in golds]  # a GSM8K gold is its worked solution ending in `#### 72`
     return any(verify(gold, parsed, timeout_seconds=None) for gold in map(parse_math, golds) if gold)

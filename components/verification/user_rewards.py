@@ -15,12 +15,16 @@ with a ValueError naming the import path. This module imports no config, so the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from arborl.components.verification.timeouts import call_with_timeout
@@ -47,16 +51,37 @@ class UserReward:
         return dict(values) if self.params is None else {k: v for k, v in values.items() if k in self.params}
 
 
+def _load_file(file: str) -> Any:
+    """The module of a Python file (relative to the working directory), loaded once under a name derived from its
+    absolute path; FileNotFoundError naming it when it is not there."""
+    source = Path(file).expanduser().resolve()
+    if not source.is_file():
+        raise FileNotFoundError(f"no file {source}")
+    name = "arborl_user_" + hashlib.sha256(str(source).encode()).hexdigest()[:16]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: pickling its functions by reference needs it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def import_callable(path: str) -> Callable[..., Any]:
-    """The object at `package.module:function` (or dotted `package.module.function`); ValueError naming the
-    path when the module cannot be imported, lacks the name, or the object is not callable."""
-    module_name, sep, attr = path.partition(":")
+    """The object at `package.module:function` (or dotted `package.module.function`), or at `path/to/file.py:function`
+    (a file, relative to the working directory); ValueError naming the path when the module cannot be imported,
+    lacks the name, or the object is not callable."""
+    module_name, sep, attr = path.rpartition(":") if path.partition(":")[0].endswith(".py") else path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"{path!r} is not an import path; write 'package.module:function'")
+        raise ValueError(f"{path!r} is not an import path; write 'package.module:function' or 'file.py:function'")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _load_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a config error naming the path
         raise ValueError(f"cannot import module {module_name!r} of {path!r} ({type(exc).__name__}: {exc})") from None
     for part in attr.split("."):

@@ -61,3 +61,18 @@ def test_math_equal(answer, golds, equal):
 def test_math_equal_works_off_the_main_thread():
     """math-verify's SIGALRM timeouts are off, so the check runs in a worker thread (stages may run in one)."""
     assert call_with_timeout(math_equal, 30.0, "math", "\\frac{3}{4}", ["0.75"]) is True
+
+
+def test_gsm8k_final_answers_after_hashes():
+    """GSM8K writes its final answer after `####`, in the worked solution that is its gold and in responses that
+    follow it: both are read by what follows the last `####`."""
+    from arborl.components.config import VerifyConfig
+    from arborl.components.verification.scoring import Sample, score_samples
+
+    assert extract_math_answer("48/2 = 24 clips in May\n#### 72") == ("72", "hashes")
+    assert extract_math_answer("no final answer here") == (None, None)
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert math_equal("72", [gold]) and not math_equal("71", [gold])
+    out = score_samples([Sample("so 72 in all\n#### 72", [gold], "gsm8k"), Sample("#### 70", [gold], "gsm8k")],
+                        VerifyConfig(reward={"default": "math"}))
+    assert [o.reward for o in out] == [1.0, 0.0] and out[0].details["answer_from"] == "hashes"

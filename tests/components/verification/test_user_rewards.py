@@ -27,6 +27,18 @@ def test_both_path_forms_import(reward_fns):
     assert import_callable("os.path:join") is import_callable("os.path.join")
 
 
+def test_a_file_path_imports_without_pythonpath(tmp_path, monkeypatch):
+    (tmp_path / "my rewards").mkdir()
+    (tmp_path / "my rewards" / "score.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    fn = import_callable("my rewards/score.py:compute_score")
+    assert fn("nq", "x", {}) == 0.5 and import_callable(str(tmp_path / "my rewards/score.py:compute_score")) is fn
+    assert load_user_reward("my rewards/score.py:compute_score").style == VERL
+    with pytest.raises(ValueError, match=r"cannot import module 'gone.py' .*FileNotFoundError: no file"):
+        import_callable("gone.py:compute_score")
+
+
 @pytest.mark.parametrize(
     ("path", "style", "params"),
     [
