@@ -14,6 +14,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from arborl.components import retention, stage_keys, storage
 from arborl.components.config import Config
+from arborl.components.error_policy import is_transient
 from arborl.components.orchestration import make_executor
 from arborl.components.registry import PROMOTE
 from arborl.components.run_lock import RunLock
@@ -36,7 +37,16 @@ SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_
                 "test_tool_calls_sampled")
 
 
-@task(name="stage", retries=1, retry_delay_seconds=2)
+def _retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a stage only on a transient failure (components/error_policy.py)."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # noqa: BLE001 - the task's own exception, re-raised by Prefect
+        return is_transient(exc)
+    return False
+
+
+@task(name="stage", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
 def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
     from prefect.context import TaskRunContext
 
@@ -70,7 +80,7 @@ def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, *, step: in
     return run_stage_task.with_options(name=name, task_run_name=label)(name, cfg, inputs, out, params)
 
 
-@task(name="sample-merge", retries=1, retry_delay_seconds=2)
+@task(name="sample-merge", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
 def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) -> dict:
     return asdict(sample_stage.merge(cfg, shards, out, iteration))
 
