@@ -16,6 +16,7 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tree-GRPO training pipeline for LLM agents.")
 console = Console(log_path=False)
+err_console = Console(stderr=True, log_path=False)  # errors: one line each on stderr
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/tiny.yaml).")
 OverridesArg = typer.Argument(None, help="Overrides such as run.iterations=5 sampling.expansion_rounds=0.")
@@ -104,6 +105,7 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
 
     Holds the run root's lock throughout: a second `arborl run` of the same root exits at once (code 3)."""
     cfg = _load(config, overrides)
+    _preflight(cfg)  # a missing model, a template without the assistant turn, a retriever that is down: seconds
     ctx.with_resource(_locked(_run_root(cfg), f"arborl run {config or 'configs/tiny.yaml'}"))
     _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
@@ -240,12 +242,28 @@ def merge_shards(
                                    "outputs": result.outputs, "metrics": result.metrics}))
 
 
+def _preflight(cfg) -> None:
+    """What the run needs from outside its config (components/preflight.py): each problem one line on stderr,
+    then exit 2."""
+    from arborl.components.preflight import preflight
+
+    problems = preflight(cfg)
+    for problem in problems:
+        err_console.print(f"[red]preflight:[/red] {escape(problem)}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
+
+
 @app.command("config")
-def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+                check: bool = typer.Option(False, "--check", help="Also run the preflight: the model directory and "
+                                           "its chat template, the retriever, the data files (seconds).")) -> None:
     """Validate a config and print it resolved, with overrides applied."""
     import yaml
 
     cfg = _load(config, overrides)
+    if check:
+        _preflight(cfg)
     sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
