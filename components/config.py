@@ -405,6 +405,13 @@ class VerifyConfig(Strict):
         10.0, gt=0, description="Seconds one reward call may take (verl and math: per response; TRL: per batch); "
         "past it the responses get reward 0 with the error.",
     )
+    reward_input: Literal["response", "prompt_and_response"] = Field(
+        "response",
+        description="What a verl callable's `solution_str` holds: the response (every model turn, retrieved text "
+        "and corrective observations included) or the prompt text followed by it, as Search-R1's reward manager "
+        "passes it (its `compute_score_em` needs that: it skips the example <answer> in the prompt's instructions). "
+        "TRL callables always get prompts and completions apart.",
+    )
     max_error_fraction: float = Field(
         0.01, ge=0, le=1,
         description="Reward errors (a call that raises, times out, or returns None, NaN or no number) above this "

@@ -119,7 +119,8 @@ def _error_text(reward: UserReward, exc: Exception) -> str:
 
 def _verl(reward: UserReward, s: Sample, cfg: VerifyConfig) -> Outcome:
     try:
-        score, acc, details = call_verl(reward, s.data_source, s.response, s.ground_truth, s.extra_info,
+        solution = s.prompt + s.response if cfg.reward_input == "prompt_and_response" else s.response
+        score, acc, details = call_verl(reward, s.data_source, solution, s.ground_truth, s.extra_info,
                                         cfg.timeout_s)
         return judged(s.response, score, _correct(score, acc, cfg), cfg, details)
     except Exception as exc:

@@ -110,8 +110,9 @@ def _signature_style(fn: Callable[..., Any], path: str) -> tuple[str, frozenset[
         style, supplied = TRL, set(TRL_ARGS)
     elif "solution_str" in named and "completions" not in named:
         style, supplied = VERL, set(VERL_ARGS)
-        if not var_kw and not {"data_source", "ground_truth"} <= named:
-            raise ValueError(f"{path!r} {sig}: a verl reward takes data_source, solution_str and ground_truth")
+        if not var_kw and "ground_truth" not in named:
+            raise ValueError(f"{path!r} {sig}: a verl reward takes solution_str and ground_truth (and may take "
+                             "data_source and extra_info)")
     else:
         raise ValueError(f"{path!r} {sig} has neither reward signature: expected {expected}")
     unsupplied = sorted(required - supplied)

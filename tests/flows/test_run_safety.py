@@ -150,3 +150,28 @@ def test_compare_refuses_a_method_run_another_writer_holds(tmp_path, prefect_ser
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def test_two_different_runs_at_once_on_a_fresh_root_both_finish(tmp_path, prefect_server):
+    """Two `arborl run` of different run names start together on a fresh output root: both share the new SQLite
+    tracking store, whose schema is made once under its lock, and both finish (no `duplicate column` or `no such
+    index` from two processes creating it at once)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "200"}
+    root = tmp_path / "runs"
+    procs, logs = [], []
+    for name in ("first", "second"):
+        log = tmp_path / f"{name}.log"
+        logs.append(log)
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "arborl.flows.cli", "run", "--config", MICRO, f"run.output_root={root}",
+                 f"run.name={name}", "run.iterations=1", "registry.enabled=false"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
+    codes = [proc.wait(timeout=900) for proc in procs]
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("arborl").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["first", "second"]
+    assert all(r.info.status == "FINISHED" for r in runs)

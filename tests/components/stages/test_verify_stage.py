@@ -145,3 +145,16 @@ def test_reward_errors_within_the_budget_warn_once_and_are_counted(tmp_path, fns
     assert metrics["errors"] == 2 and metrics["error_fraction"] == pytest.approx(0.4)
     warnings = [r for r in caplog.records if "reward calls failed" in r.getMessage()]
     assert len(warnings) == 1 and "2 of 5" in warnings[0].getMessage()
+
+
+def test_search_r1_rewards_port_unchanged_with_the_prompt_in_solution_str(tmp_path, fns):
+    """Search-R1's compute_score_em takes (solution_str, ground_truth, ...) without data_source and expects the
+    prompt before the response (its instructions show one example <answer>). With verify.reward_input
+    prompt_and_response it scores as in Search-R1; with the response alone the single answer is not read."""
+    example = "Answer inside <answer> and </answer>, e.g. <answer> Beijing </answer>. "
+    prompts = [dict(p, prompt=example + p["prompt"]) for p in PROMPTS]
+    spec = {"default": "user_reward_fns:search_r1_style_em"}
+    rows, _ = run_verify(tmp_path / "full", {"reward": spec, "reward_input": "prompt_and_response"}, prompts)
+    assert rows["a", 0, 1]["reward"] == 1.0 and rows["a", 0, 2]["reward"] == 0.0 and rows["b", 0, 0]["reward"] == 0.0
+    rows, _ = run_verify(tmp_path / "alone", {"reward": spec, "max_error_fraction": 1.0}, prompts)
+    assert rows["a", 0, 1]["reward"] == 0.0  # one <answer> in the response alone: Search-R1's function skips it

@@ -4,6 +4,7 @@ sys.path with the `reward_fns` fixture). `CALLS` records every call's keyword ar
 from __future__ import annotations
 
 import math
+import re
 import threading
 from typing import Any
 
@@ -86,6 +87,17 @@ def verl_inf(data_source, solution_str, ground_truth, extra_info=None):
 
 def verl_no_score(data_source, solution_str, ground_truth, extra_info=None):
     return {"acc": 1.0}
+
+
+def search_r1_style_em(solution_str, ground_truth, method="strict", format_score=0.0, score=1.0):
+    """Shaped like Search-R1's `compute_score_em`: no data_source; the answer is the last <answer> block, and only
+    when there are at least two, because the solution string it expects starts with the prompt, whose instructions
+    show one example answer."""
+    found = re.findall(r"<answer>(.*?)</answer>", solution_str, re.DOTALL)
+    if len(found) <= 1:
+        return 0.0
+    answer = found[-1].strip().lower()
+    return score if answer in [t.lower() for t in ground_truth["target"]] else format_score
 
 
 def verl_none(data_source, solution_str, ground_truth, extra_info=None):
