@@ -232,12 +232,12 @@ def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_wei
 def test_a_policy_that_stops_searching_is_flagged_once(tmp_path, caplog):
     """Tool calls per sampled trajectory below half the warm start's: one warning line and the MLflow tag
     `arborl.search_collapse` (a real SQLite-backed MLflow run); above it, nothing."""
+    import logging
+
     from arborl.components.tracking import Tracker
     from arborl.flows.dashboards import Dashboards
     from arborl.flows.pipeline import SEARCH_COLLAPSE_TAG, RunContext
     from arborl.flows.progress import get_reporter
-
-    import logging
 
     logging.getLogger("arborl").addHandler(caplog.handler)  # Prefect's logging setup may stop propagation
     cfg = micro(tmp_path)
