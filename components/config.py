@@ -412,6 +412,16 @@ class VerifyConfig(Strict):
         "passes it (its `compute_score_em` needs that: it skips the example <answer> in the prompt's instructions). "
         "TRL callables always get prompts and completions apart.",
     )
+    workers: int = Field(
+        16, ge=1, le=1024,
+        description="Reward calls run at once (verl callables and timed built-ins, per response), in a bounded "
+        "pool of threads; each call is still bounded by timeout_s.",
+    )
+    breaker: int = Field(
+        20, ge=0,
+        description="Circuit breaker: this many reward calls failing in a row (errors or timeouts) fail the stage "
+        "at once instead of waiting out every response; 0 turns it off.",
+    )
     max_error_fraction: float = Field(
         0.01, ge=0, le=1,
         description="Reward errors (a call that raises, times out, or returns None, NaN or no number) above this "

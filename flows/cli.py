@@ -448,6 +448,19 @@ def bench_warmstart_cmd(
     _print_bench(result, "arborl bench warmstart", as_json)
 
 
+@bench_app.command("rewards")
+def bench_rewards_cmd(
+    responses: int = typer.Option(1000, help="Responses scored by each side."),
+    delay_s: float = typer.Option(0.05, help="Seconds each reward call waits."),
+    workers: int = typer.Option(16, help="verify.workers of the pooled side."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+) -> None:
+    """Verify's reward calls one at a time vs the bounded pool (verify.workers), on a reward that waits."""
+    from arborl.components.bench.rewards import bench_rewards
+
+    _print_bench(bench_rewards(responses, delay_s, workers), "arborl bench rewards", as_json)
+
+
 @app.command()
 def promote(
     ctx: typer.Context,

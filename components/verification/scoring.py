@@ -2,7 +2,9 @@
 rest); the verify stage and evaluation both call `score_samples`.
 
 Built-ins run per response; verl callables per response and TRL callables once per batch (all the responses
-that use them), each call bounded by `verify.timeout_s`. A call that raises, times out or returns something
+that use them), each call bounded by `verify.timeout_s`. Per-response calls that may be slow (verl callables, the
+timed `math`) run `verify.workers` at a time in a thread pool, and `verify.breaker` failures in a row stop the
+scoring at once (`RewardErrors`). A call that raises, times out or returns something
 that is not a finite reward gives those responses reward 0 with the error text, never an exception.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -146,6 +149,40 @@ def _trl(reward: UserReward, batch: list[Sample], cfg: VerifyConfig) -> list[Out
             for s, (v, err) in zip(batch, values, strict=True)]
 
 
+def _pooled(call: Callable[[Sample], Outcome], batch: list[Sample], cfg: VerifyConfig, spec: str) -> list[Outcome]:
+    """`call` on every sample, `verify.workers` at a time, in order. The circuit breaker: `verify.breaker` calls
+    failing in a row (in the order they finish) raise `RewardErrors` at once, naming the callable and the last
+    error; the calls still queued are not started."""
+    if len(batch) <= 1 or cfg.workers == 1:
+        outcomes = []
+        streak = 0
+        for s in batch:
+            outcomes.append(call(s))
+            streak = streak + 1 if outcomes[-1].error is not None else 0
+            _trip(streak, outcomes[-1], cfg, spec, len(batch))
+        return outcomes
+    out: list[Outcome | None] = [None] * len(batch)
+    streak = 0
+    with ThreadPoolExecutor(max_workers=min(cfg.workers, len(batch)), thread_name_prefix="reward") as pool:
+        futures = {pool.submit(call, s): i for i, s in enumerate(batch)}
+        try:
+            for future in as_completed(futures):
+                outcome = out[futures[future]] = future.result()
+                streak = streak + 1 if outcome.error is not None else 0
+                _trip(streak, outcome, cfg, spec, len(batch))
+        except RewardErrors:
+            for future in futures:
+                future.cancel()
+            raise
+    return [o for o in out if o is not None]
+
+
+def _trip(streak: int, last: Outcome, cfg: VerifyConfig, spec: str, total: int) -> None:
+    if cfg.breaker and streak >= cfg.breaker:
+        raise RewardErrors(f"{spec}: {streak} reward calls in a row failed (verify.breaker={cfg.breaker}, of "
+                           f"{total} responses); the last: {last.error}")
+
+
 def score_samples(samples: Sequence[Sample], cfg: VerifyConfig) -> list[Outcome]:
     """One Outcome per sample, in order, `verifier` set to the spec that scored it (see the module docstring).
 
@@ -164,9 +201,12 @@ def score_samples(samples: Sequence[Sample], cfg: VerifyConfig) -> list[Outcome]
         if isinstance(reward, Builtin):
             if reward.setup is not None:
                 reward.setup()
-            scored = [_builtin(reward, samples[i], cfg) for i in idx]
+            if reward.timed:
+                scored = _pooled(lambda s, r=reward: _builtin(r, s, cfg), [samples[i] for i in idx], cfg, spec)
+            else:  # plain Python on short strings: a pool would only add overhead
+                scored = [_builtin(reward, samples[i], cfg) for i in idx]
         elif reward.style == VERL:
-            scored = [_verl(reward, samples[i], cfg) for i in idx]
+            scored = _pooled(lambda s, r=reward: _verl(r, s, cfg), [samples[i] for i in idx], cfg, spec)
         else:
             scored = _trl(reward, [samples[i] for i in idx], cfg)
         for i, o in zip(idx, scored, strict=True):

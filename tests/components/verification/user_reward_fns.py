@@ -100,6 +100,21 @@ def search_r1_style_em(solution_str, ground_truth, method="strict", format_score
     return score if answer in [t.lower() for t in ground_truth["target"]] else format_score
 
 
+RUNNING = {"now": 0, "most": 0}
+_LOCK = threading.Lock()
+
+
+def verl_counts_concurrency(data_source, solution_str, ground_truth, extra_info=None):
+    """Scores 1 after a short wait, recording how many calls ran at once."""
+    with _LOCK:
+        RUNNING["now"] += 1
+        RUNNING["most"] = max(RUNNING["most"], RUNNING["now"])
+    threading.Event().wait(0.02)
+    with _LOCK:
+        RUNNING["now"] -= 1
+    return 1.0
+
+
 def verl_none(data_source, solution_str, ground_truth, extra_info=None):
     return None
 
