@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -107,6 +108,12 @@ def check_tool_errors(jobs: list[tuple[dict, int]], episodes: list[Episode], max
     return len(failed)
 
 
+def metric_safe(name: str) -> str:
+    """`name` as part of an MLflow metric key, which allows letters, digits, `_ - . : /` and spaces: anything else
+    becomes `_` (a data_source such as `nq@2024?v=1` gives `nq_2024_v_1`)."""
+    return re.sub(r"[^\w\-.:/ ]", "_", name)
+
+
 def question_scores(rows: list[dict], metric: str, split: str | None = None) -> dict[str, float]:
     """{prompt_id: score} for one of QUESTION_METRICS: `em` is the greedy EM, `em_sampled` the mean EM
     over that question's samples."""
@@ -175,7 +182,7 @@ def summarize(rows: list[dict], pass_k: tuple[int, ...] = (1,), bootstrap: int =
         groups: dict[str, list[dict]] = defaultdict(list)
         for q in qs:
             groups[f"hop{q['hops']}"].append(q)
-            groups[f"src_{q['data_source']}"].append(q)
+            groups[f"src_{metric_safe(q['data_source'])}"].append(q)
         for group, members in sorted(groups.items()):
             for name in names:
                 if name in ("em", "em_sampled") or name.startswith("pass_at_"):

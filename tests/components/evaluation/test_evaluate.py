@@ -98,3 +98,22 @@ def test_an_evaluation_on_a_broken_tool_or_reward_fails_instead_of_scoring(polic
     with pytest.raises(RewardErrors, match=r"evaluate \(greedy\): 6 of 6 reward calls failed .*boom in the reward"):
         evaluate_policy(backend, SearchEnv(retriever, tokenizer), prompts, agent, broken,
                         temperature=1.0, seed=5)
+
+
+def test_a_data_source_with_odd_characters_gives_valid_metric_keys(tmp_path):
+    """MLflow refuses some characters in metric names; a data_source's breakdown key is made safe, and a real
+    SQLite-backed MLflow run takes every metric of the summary."""
+    from mlflow import MlflowClient
+
+    from arborl.components.evaluation.evaluate import metric_safe
+
+    assert metric_safe("nq@2024?v=1") == "nq_2024_v_1" and metric_safe("hotpot/qa dev") == "hotpot/qa dev"
+    rows = [{"prompt_id": f"q{i}", "split": "test", "data_source": "nq@2024?v=1", "hops": 1, "mode": mode,
+             "sample": 0, "reward": 1.0, "em": 1.0, "f1": 1.0, "answer": "a", "valid_format": True, "tool_calls": 1,
+             "generated_tokens": 5, "text": "t"} for i in range(3) for mode in ("greedy", "sampled")]
+    metrics = summarize(rows, (1,), 50, 0)
+    assert "test_em_src_nq_2024_v_1" in metrics
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("x")).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run, f"eval/{key}", float(value))
