@@ -62,3 +62,36 @@ def test_the_model_stays_in_the_runs_experiment_and_nothing_lands_in_the_working
     assert (location / "model" / "model.safetensors").exists()
     assert not (cwd / "mlruns").exists() and not (cwd / "mlflow.db").exists()
     assert list(cwd.iterdir()) == []
+
+
+def test_a_version_is_tagged_with_its_weights_and_other_weights_are_another_version(tracked_run, tmp_path,
+                                                                                    tokenizer, tiny_model):
+    """The same run registering other weights at the same place (a rerun after a change) gets a new version, each
+    tagged with the digest of the weights it was registered from; the same weights come back as the same one."""
+    import torch
+
+    from arborl.components.registry import WEIGHTS_TAG, weights_digest
+
+    cfg, run_id, model_dir, client, _ = tracked_run
+    first = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5})
+    digest = weights_digest(model_dir)
+    assert client.get_model_version(cfg.registry.model_name, first).tags[WEIGHTS_TAG] == digest
+    assert register_final_model(cfg, run_id, model_dir, {"test_em": 0.5}) == first
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(1.0)
+    save_policy(tiny_model, tokenizer, model_dir)
+    assert weights_digest(model_dir) != digest
+    second = register_final_model(cfg, run_id, model_dir, {"test_em": 0.6})
+    assert second != first
+    assert client.get_model_version(cfg.registry.model_name, second).tags[WEIGHTS_TAG] == weights_digest(model_dir)
+
+
+def test_promote_refuses_a_run_root_outside_the_output_root(tracked_run, tmp_path):
+    from arborl.components.registry import promote
+
+    cfg, run_id, model_dir, client, _ = tracked_run
+    version = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5},
+                                   extra_tags={"arborl.run_root": str(tmp_path / "elsewhere")})
+    with pytest.raises(ValueError, match=r"arborl.run_root=.*elsewhere.* lies outside run.output_root"):
+        promote(cfg)
+    assert not (tmp_path / "elsewhere").exists() and version == "1"
