@@ -15,6 +15,7 @@ an id seen before in its split makes the row bad.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -24,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arborl.components import storage
+
+log = logging.getLogger("arborl.data")
 
 REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
 OPTIONAL_COLUMNS = ("ability", "extra_info")
@@ -201,7 +204,11 @@ def describe_bad(bad: list[dict], shown: int = SHOWN_BAD_ROWS) -> str:
 
 
 def check_bad_rows(result: ReadResult, max_fraction: float) -> None:
-    """ValueError naming the first bad rows when more than `max_fraction` of all rows read are bad."""
+    """ValueError naming the first bad rows when more than `max_fraction` of all rows read are bad; otherwise one
+    warning line naming them, when there are any."""
     if result.bad and len(result.bad) > max_fraction * result.total:
         raise ValueError(f"{len(result.bad)} of {result.total} data rows are unusable, more than "
                          f"data.max_bad_fraction={max_fraction}: {describe_bad(result.bad)}")
+    if result.bad:  # never dropped silently
+        log.warning("%d of %d data rows are unusable and left out (within data.max_bad_fraction=%s): %s",
+                    len(result.bad), result.total, max_fraction, describe_bad(result.bad))
