@@ -17,9 +17,69 @@ from rich.markup import escape
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tree-GRPO training pipeline for LLM agents.")
 console = Console(log_path=False)
 err_console = Console(stderr=True, log_path=False)  # errors: one line each on stderr
+for _name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables", migrations
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+DEBUG = {"on": False}  # --debug: full tracebacks on the console
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of a failure.")) -> None:
+    DEBUG["on"] = debug
+
+
+USER_INPUT_EXIT, INTERNAL_EXIT = 2, 1
+
+
+@contextlib.contextmanager
+def exit_on_errors(what: str):
+    """One error policy for a command: a failure prints one line on stderr (what failed, the message, a hint) and
+    exits 2 for the user's input (config, data, model, reward code, an unreadable artifact), 3 for a conflict
+    (another writer's lock, an output location that is not this stage's), 1 for anything else. The traceback goes
+    to the stage's log (Prefect) and, with `arborl --debug`, to the console."""
+    from arborl.components.config import ConfigError
+    from arborl.components.evaluation.evaluate import ToolErrors
+    from arborl.components.run_lock import LockHeld
+    from arborl.components.storage import ArtifactError, OutputNotOwned
+    from arborl.components.verification.scoring import RewardErrors
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure gets its line and exit code
+        if DEBUG["on"]:
+            err_console.print_exception()
+        if isinstance(exc, (LockHeld, OutputNotOwned)):
+            code, kind = LOCKED_EXIT, "conflict"
+        elif isinstance(exc, (ConfigError, ArtifactError, RewardErrors, ToolErrors, FileNotFoundError, KeyError,
+                              ValueError)):
+            code, kind = USER_INPUT_EXIT, "input"
+        else:
+            code, kind = INTERNAL_EXIT, "internal error"
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        hint = "" if DEBUG["on"] else " (the traceback: arborl --debug ..., or the stage's log in Prefect)"
+        err_console.print(f"[red]{what} failed ({kind}):[/red] {escape(type(exc).__name__)}: {escape(message)}"
+                          f"{hint}", soft_wrap=True)
+        raise typer.Exit(code) from None
+
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/tiny.yaml).")
 OverridesArg = typer.Argument(None, help="Overrides such as run.iterations=5 sampling.expansion_rounds=0.")
+
+
+def _quiet_prefect_console() -> None:
+    """Prefect prints a failed task's and flow's traceback on the console; the command prints one line instead
+    (`exit_on_errors`), and the traceback stays in the flow run's logs (and on the console with --debug)."""
+    if DEBUG["on"]:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # before Prefect sets up logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect"):  # where Prefect already set up its logging in this process
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL)
 
 
 def _prefect_env() -> None:
@@ -118,6 +178,7 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     reporter = RichReporter(console)
     set_reporter(reporter)
     ctx.with_resource(console_logging(console))  # stage lines above the progress bars
+    _quiet_prefect_console()
     try:
         from arborl.components.config import DEFAULT_CONFIG
 
@@ -128,6 +189,10 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     except SnapshotError as exc:  # data.snapshot_root / data.snapshot name no usable snapshot: the URI is named
         console.print(f"[red]run failed:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except Exception:
+        reporter.close()
+        with exit_on_errors("run"):
+            raise
     finally:
         reporter.close()
     root = f"{cfg.run.output_root.rstrip('/')}/{cfg.run.name}"

@@ -175,3 +175,28 @@ def test_two_different_runs_at_once_on_a_fresh_root_both_finish(tmp_path, prefec
     runs = client.search_runs([client.get_experiment_by_name("arborl").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["first", "second"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_reward_that_always_raises_fails_the_run_once_with_one_line(tmp_path, prefect_server):
+    """A reward callable that raises on every call: the run fails at the warm start's evaluation, before anything
+    is trained or registered, once — a deterministic error is not retried — and `arborl run` exits 2 with one
+    stderr line naming the callable, the count and the first error."""
+    calls = tmp_path / "calls.txt"
+    reward = tmp_path / "broken_reward.py"
+    reward.write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write('x')\n"
+        "    raise RuntimeError('judge unreachable')\n")
+    res = runner.invoke(app, ["run", "--config", MICRO, f"run.output_root={tmp_path / 'runs'}", "run.iterations=1",
+                              f"verify.reward.default={reward}:compute_score", "verify.breaker=0"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("run failed (input): RewardErrors: evaluate (greedy): 20 of 20 reward calls failed")
+    assert f"({reward}:compute_score)" in _flat(res.stderr) and "judge unreachable" in res.stderr
+    assert len(calls.read_text()) == 20  # the 20 val + test questions, once: the stage was not retried
+    assert not (tmp_path / "runs" / "micro" / "warmstart_eval" / "_manifest.json").exists()
+    assert not (tmp_path / "runs" / "micro" / "iter_001").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert client.search_registered_models() == []
