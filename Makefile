@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: run test install lint clean
+.PHONY: run test test-fast install lint clean
 
 $(BIN)/arborl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ run: install
 
 test: install
 	$(BIN)/pytest -q $(ARGS)
+
+test-fast: install  # the unit tier: no flow, server, browser or container tests
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

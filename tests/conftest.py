@@ -1,0 +1,24 @@
+"""The `slow` tier: flow, server, browser and container tests (every test under tests/flows and tests/integration,
+and any test that starts a Prefect server, a browser or a container) are marked `slow`, so that `make test-fast`
+(`pytest -m "not slow"`) leaves them out. `make test`, what CI runs, is the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SLOW_DIRS = {"flows", "integration"}
+SLOW_FIXTURES = {"prefect_server", "browser", "chromium", "container_image"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            top = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if top in SLOW_DIRS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                "browser" in item.name or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
