@@ -85,9 +85,16 @@ def check_data(cfg: Config) -> list[str]:
     from arborl.components import storage
     from arborl.components.data.verl_parquet import REQUIRED_COLUMNS
 
+    from arborl.components.data.snapshots import SnapshotError, data_files, resolve_snapshot
+
+    try:  # a snapshot folder (data.snapshot_root) or the files as given
+        files = data_files(resolve_snapshot(cfg).data)
+    except SnapshotError as exc:
+        return [f"data.snapshot: {exc}"]
     problems = []
-    for key in ("train_files", "val_files", "test_files"):
-        for uri in getattr(cfg.data, key):
+    for split, uris in files.items():
+        key = f"{split}_files"
+        for uri in uris:
             if not storage.exists(uri):
                 problems.append(f"data.{key}: {uri!r}: no such file")
                 continue
