@@ -83,9 +83,8 @@ def check_data(cfg: Config) -> list[str]:
     import pyarrow.parquet as pq
 
     from arborl.components import storage
-    from arborl.components.data.verl_parquet import REQUIRED_COLUMNS
-
     from arborl.components.data.snapshots import SnapshotError, data_files, resolve_snapshot
+    from arborl.components.data.verl_parquet import REQUIRED_COLUMNS
 
     try:  # a snapshot folder (data.snapshot_root) or the files as given
         files = data_files(resolve_snapshot(cfg).data)
