@@ -102,7 +102,7 @@ def _load(config: Optional[Path | str], overrides: Optional[list[str]]):
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        err_console.print(f"[red]config error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
