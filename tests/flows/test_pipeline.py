@@ -229,7 +229,7 @@ def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_wei
     assert newest.run_id == second["mlflow_run_id"]
 
 
-def test_a_policy_that_stops_searching_is_flagged_once(tmp_path, caplog):
+def test_a_policy_that_stops_searching_is_flagged_once(tmp_path):
     """Tool calls per sampled trajectory below half the warm start's: one warning line and the MLflow tag
     `arborl.search_collapse` (a real SQLite-backed MLflow run); above it, nothing."""
     import logging
@@ -239,20 +239,34 @@ def test_a_policy_that_stops_searching_is_flagged_once(tmp_path, caplog):
     from arborl.flows.pipeline import SEARCH_COLLAPSE_TAG, RunContext
     from arborl.flows.progress import get_reporter
 
-    logging.getLogger("arborl").addHandler(caplog.handler)  # Prefect's logging setup may stop propagation
-    cfg = micro(tmp_path)
-    tracker = Tracker(cfg, str(tmp_path / "runs" / "micro"))
-    ctx = RunContext(cfg, str(tmp_path / "runs" / "micro"), tracker, Dashboards(tracker, cfg), get_reporter(),
-                     warm_tool_calls=2.0)
-    ctx.watch_search(1, {"tool_calls_per_trajectory": 1.2})
-    assert ctx.search_collapse is None
-    ctx.watch_search(2, {"tool_calls_per_trajectory": 0.9})
-    ctx.watch_search(3, {"tool_calls_per_trajectory": 0.1})
-    assert ctx.search_collapse == 2
-    warnings = [r.getMessage() for r in caplog.records if "stop searching" in r.getMessage()]
-    assert warnings == ["iteration 2: 0.90 tool calls per sampled trajectory, under half the warm start's 2.00: "
-                        "the policy is learning to stop searching"]
-    tags = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.tags
-    assert tags[SEARCH_COLLAPSE_TAG] == "iteration 2: 0.90 tool calls per trajectory, warm start 2.00"
-    tracker.finish()
-    logging.getLogger("arborl").removeHandler(caplog.handler)
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    logger, lines = logging.getLogger("arborl.flows"), Lines()
+    saved = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)  # whatever an earlier command set
+    try:
+        cfg = micro(tmp_path)
+        tracker = Tracker(cfg, str(tmp_path / "runs" / "micro"))
+        ctx = RunContext(cfg, str(tmp_path / "runs" / "micro"), tracker, Dashboards(tracker, cfg), get_reporter(),
+                         warm_tool_calls=2.0)
+        ctx.watch_search(1, {"tool_calls_per_trajectory": 1.2})
+        assert ctx.search_collapse is None
+        ctx.watch_search(2, {"tool_calls_per_trajectory": 0.9})
+        ctx.watch_search(3, {"tool_calls_per_trajectory": 0.1})
+        assert ctx.search_collapse == 2
+        assert [line for line in lines.lines if "stop searching" in line] == [
+            "iteration 2: 0.90 tool calls per sampled trajectory, under half the warm start's 2.00: "
+            "the policy is learning to stop searching"]
+        tags = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.tags
+        assert tags[SEARCH_COLLAPSE_TAG] == "iteration 2: 0.90 tool calls per trajectory, warm start 2.00"
+        tracker.finish()
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(saved)

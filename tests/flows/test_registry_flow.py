@@ -81,7 +81,7 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     def register(model: str) -> str:
         run_id = client.create_run(exp).info.run_id
         tags = {"arborl.world": world, "arborl.warmstart_model": models["random"],
-                "arborl.run_root": str(tmp_path / "gated")}
+                "arborl.run_root": str(tmp_path / "runs" / "gated")}  # inside run.output_root
         return register_final_model(gate_cfg, run_id, model, {"test_em": 0.0}, tags)
 
     def champion() -> str | None:
