@@ -203,12 +203,14 @@ def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_wei
     from arborl.components.registry import WEIGHTS_TAG, weights_digest
     from arborl.flows.pipeline import train_pipeline
 
-    first_cfg = micro(tmp_path, "run.iterations=1", "run.eval_every=1")
+    # its own model name: the rejected-challenger events of another test's arborl-micro v2 are not mixed up with it
+    first_cfg = micro(tmp_path, "run.iterations=1", "run.eval_every=1", "registry.model_name=arborl-rerun")
     first = train_pipeline(first_cfg.model_dump(mode="json"))
     run_root = tmp_path / "runs" / "micro"
     before = manifests(run_root)
     weights_before = weights_digest(str(run_root / "iter_001" / "train"))
-    changed = micro(tmp_path, "run.iterations=1", "run.eval_every=1", "verify.reward.default=qa_f1")
+    changed = micro(tmp_path, "run.iterations=1", "run.eval_every=1", "registry.model_name=arborl-rerun",
+                    "verify.reward.default=qa_f1")
     second = train_pipeline(changed.model_dump(mode="json"))
     after = manifests(run_root)
     redone = {k for k in before if after[k] != before[k]}
@@ -221,7 +223,7 @@ def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_wei
     new_run = client.get_run(second["mlflow_run_id"])
     assert new_run.data.params["verify.reward.default"] == "qa_f1"
     assert new_run.data.tags["arborl.supersedes"] == first["mlflow_run_id"]
-    versions = client.search_model_versions("name='arborl-micro'")
+    versions = client.search_model_versions("name='arborl-rerun'")
     digests = [v.tags[WEIGHTS_TAG] for v in versions]
     assert len(versions) == 2 and len(set(digests)) == 2  # one version per weights
     newest = max(versions, key=lambda v: int(v.version))
