@@ -523,6 +523,7 @@ def plot_budgets(table: list[dict]):
                            yerr=[[r[key] - r[low] for _, r in rows], [r[high] - r[key] for _, r in rows]],
                            marker="o", capsize=4, color=f"C{j + 2}", linestyle="none", label=name)
     right.axhline(0.0, color="grey", linewidth=1)
+    right.set_xlim(-0.5, len(table) - 0.5)
     right.set_xticks(pos, labels)
     right.set_xlabel("budget (chains per prompt)")
     right.set_title("Tree-GRPO − GRPO, paired 95% interval")
