@@ -252,22 +252,22 @@ def stage(
 
     try:  # before the lock, which lives inside --out: a location this stage may not write is left untouched
         check_output(out, stage=name, inputs=given)
-    except OutputNotOwned as exc:
-        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    except OutputNotOwned as exc:  # a conflict: the location holds something this stage does not own
+        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes --out: it holds the lock
         ctx.with_resource(_locked(out, f"arborl stage {name}"))
     try:
         result = STAGES[name](cfg, given, out, **params)
-    except OutputNotOwned as exc:  # a usage error, like a bad config: nothing was written or deleted
-        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    except OutputNotOwned as exc:  # a conflict: nothing was written or deleted
+        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
     except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
         console.print(f"[red]stage {name}: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        console.print(f"[red]stage {name} failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # the inputs or the config: the user's to fix
+        err_console.print(f"[red]stage {name} failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(USER_INPUT_EXIT) from None
     console.print_json(json.dumps({"stage": name, "out": result.out, "skipped": result.skipped,
                                    "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}))
 
@@ -288,21 +288,21 @@ def merge_shards(
     inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}
     try:  # before the lock, which lives inside --out
         check_output(out, stage="sample", inputs=inputs)
-    except OutputNotOwned as exc:
-        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    except OutputNotOwned as exc:  # a conflict: the location holds something this stage does not own
+        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
     ctx.with_resource(_locked(out, "arborl merge-shards"))
     try:
         result = merge(cfg, shards, out, iteration)
-    except OutputNotOwned as exc:
-        console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    except OutputNotOwned as exc:  # a conflict: the location holds something this stage does not own
+        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(LOCKED_EXIT) from None
     except ArtifactError as exc:
         console.print(f"[red]merge-shards: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        console.print(f"[red]merge-shards failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+        err_console.print(f"[red]merge-shards failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(USER_INPUT_EXIT) from None
     console.print_json(json.dumps({"stage": "sample", "out": result.out, "skipped": result.skipped,
                                    "outputs": result.outputs, "metrics": result.metrics}))
 

@@ -62,7 +62,7 @@ def test_stages_run_one_by_one_on_uris(tmp_path):
 def test_stage_with_missing_input_fails_clearly(tmp_path):
     res = runner.invoke(app, ["stage", "sample", "--config", MICRO, "--in", f"model={tmp_path / 'nope'}",
                               "--in", f"world={tmp_path / 'nope2'}", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # the user's input
     assert "model" in res.output and "nope" in res.output
 
 
@@ -96,9 +96,9 @@ def test_sample_shards_from_the_command_line_merge_to_the_unsharded_output(tmp_p
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     refused = runner.invoke(app, ["merge-shards", *parts, *cfg, "--out", str(notes)])
-    assert refused.exit_code == 2 and "existing file" in refused.output and notes.read_text() == "mine"
+    assert refused.exit_code == 3 and "existing file" in refused.output and notes.read_text() == "mine"
     refused = runner.invoke(app, ["merge-shards", *parts, *cfg, "--out", parts[0]])  # a shard is an input
-    assert refused.exit_code == 2 and "input" in refused.output
+    assert refused.exit_code == 3 and "input" in refused.output
     assert (tmp_path / "part0" / "_manifest.json").exists()
 
     bad = runner.invoke(app, ["stage", "sample", *cfg, *ins, "--out", str(tmp_path / "x"), "--shard", "2/2"])
@@ -134,7 +134,7 @@ def test_stage_refuses_an_existing_file_as_its_output_and_keeps_it(tmp_path):
     before = _files(tmp_path)
     res = runner.invoke(app, ["stage", "verify", "--config", MICRO, "--in", f"nodes={nodes}", "--in",
                               f"world={world}", "--out", str(notes)])
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 3, res.output  # a conflict: the location is not this stage's
     assert f"output refused: stage 'verify' will not write its output to {notes}: it is an existing file" in res.output
     assert "Nothing was deleted" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
@@ -146,7 +146,7 @@ def test_stage_refuses_its_input_as_its_output_and_keeps_it(tmp_path):
     before = _files(tmp_path)
     res = runner.invoke(app, ["stage", "verify", "--config", MICRO, "--in", f"nodes={nodes}", "--in",
                               f"world={world}", "--out", nodes + "/"])
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 3, res.output
     assert f"to {nodes}/: it is the stage's input 'nodes' ({nodes})" in res.output
     assert _files(tmp_path) == before
 

@@ -73,8 +73,8 @@ def test_a_failing_stage_names_the_stage_exit_code_and_its_last_output(tmp_path)
         SubprocessExecutor(cfg).run("verify", config_uri, {"nodes": missing, "world": missing},
                                     str(tmp_path / "runs" / "micro" / "iter_001" / "verify"), {})
     message = str(failed.value)
-    assert failed.value.stage == "verify" and failed.value.exit_code == 1
-    assert message.startswith("stage verify failed (subprocess, exit code 1)")
+    assert failed.value.stage == "verify" and failed.value.exit_code == 2  # the user's input: a missing input
+    assert message.startswith("stage verify failed (subprocess, exit code 2)")
     assert "input 'nodes'" in message and "missing or incomplete" in message
 
 
