@@ -1,6 +1,7 @@
 """The `slow` tier: flow, server, browser and container tests (every test under tests/flows and tests/integration,
-and any test that starts a Prefect server, a browser or a container) are marked `slow`, so that `make test-fast`
-(`pytest -m "not slow"`) leaves them out. `make test`, what CI runs, is the whole suite."""
+and any test that starts a Prefect server, a browser or a container) are marked `slow` here; tests that start
+processes (distributed ranks, stage subprocesses) carry `@pytest.mark.slow` themselves. `make test-fast`
+(`pytest -m "not slow"`) leaves them out; `make test`, what CI runs, is the whole suite."""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import sys
 for name in ("prefect", "mlflow", "peft", "matplotlib"):
@@ -16,6 +18,7 @@ print(sorted(STAGES))
 """
 
 
+@pytest.mark.slow  # starts processes
 def test_stages_and_cli_import_without_orchestration_packages(repo_root):
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -87,6 +87,7 @@ def test_sqlite_and_file_stores_need_a_writable_directory(tmp_path):
     check_tracking_uri("postgresql://user@127.0.0.1:1/db")  # not checked here
 
 
+@pytest.mark.slow  # starts processes
 def test_sqlite_store_created_once_by_processes_starting_together_and_damage_is_named(tmp_path):
     """Three processes open a fresh SQLite store at the same moment: its schema is made once, under a lock, and
     all three get on. A truncated or emptied database is an error that says what to do, not a raw traceback or a

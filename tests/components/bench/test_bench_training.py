@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from arborl.components.bench.training import bench_training
@@ -12,6 +13,7 @@ from arborl.components.config import load_config
 from arborl.flows.cli import app
 
 
+@pytest.mark.slow  # starts processes
 def test_bench_training_reports_side_by_side_numbers(tmp_path, repo_root):
     cfg = load_config(repo_root / "configs" / "micro.yaml")
     result = bench_training(cfg, str(tmp_path / "bench"), warmstart_steps=150, repeats=1)
@@ -24,6 +26,7 @@ def test_bench_training_reports_side_by_side_numbers(tmp_path, repo_root):
     assert result["max_rel_grad_diff"] <= 1e-5  # the two forms give the same gradients
 
 
+@pytest.mark.slow  # starts processes
 def test_bench_training_command_prints_json(tmp_path, repo_root):
     out = CliRunner().invoke(app, ["bench", "training", "--config", str(repo_root / "configs" / "micro.yaml"),
                                    "--workdir", str(tmp_path / "b"), "--warmstart-steps", "150", "--repeats", "1",

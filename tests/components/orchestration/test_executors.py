@@ -30,6 +30,7 @@ def resolved_config(cfg) -> str:
     return uri
 
 
+@pytest.mark.slow  # starts processes
 def test_a_stage_in_a_child_process_returns_the_in_process_result_and_a_rerun_is_skipped(tmp_path):
     cfg = micro(str(tmp_path / "runs"))
     config_uri = resolved_config(cfg)
@@ -51,6 +52,7 @@ def test_a_stage_in_a_child_process_returns_the_in_process_result_and_a_rerun_is
     assert manifest.stat().st_mtime_ns == written
 
 
+@pytest.mark.slow  # starts processes
 def test_a_stage_process_reads_its_config_from_s3_and_writes_there(s3_bucket):
     """The child inherits the S3 endpoint and credentials from the environment, as a stage container would."""
     root, client = s3_bucket
@@ -65,6 +67,7 @@ def test_a_stage_process_reads_its_config_from_s3_and_writes_there(s3_bucket):
     assert storage.read_manifest(out)["metrics"] == result["metrics"]
 
 
+@pytest.mark.slow  # starts processes
 def test_a_failing_stage_names_the_stage_exit_code_and_its_last_output(tmp_path):
     cfg = micro(str(tmp_path / "runs"))
     config_uri = resolved_config(cfg)

@@ -82,6 +82,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
+@pytest.mark.slow  # starts processes
 def test_killed_train_stage_resumes_to_the_same_weights(inputs, tmp_path):
     _run(inputs, tmp_path / "straight")
     reference = _weights(tmp_path / "straight")
@@ -110,6 +111,7 @@ def test_killed_train_stage_resumes_to_the_same_weights(inputs, tmp_path):
                for k, v in reference.items())
 
 
+@pytest.mark.slow  # starts processes
 def test_two_ranks_take_the_same_step_as_one(inputs, tmp_path):
     # 8 trees in mini-batches of 3, 3, 2, one tree per micro-batch: the ranks own 2 and 1 trees of a
     # mini-batch, so one of them pads with a zero backward pass

@@ -108,6 +108,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_ranks_sum_to_the_single_process_gradient(tmp_path):
     script = tmp_path / "grad_sum.py"
     script.write_text(SCRIPT)
