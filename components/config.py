@@ -415,7 +415,15 @@ class VerifyConfig(Strict):
     workers: int = Field(
         16, ge=1, le=1024,
         description="Reward calls run at once (verl callables and timed built-ins, per response), in a bounded "
-        "pool of threads; each call is still bounded by timeout_s.",
+        "pool of threads or processes (isolation); each call is still bounded by timeout_s.",
+    )
+    isolation: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where per-response reward calls run. thread: a thread pool; a call past timeout_s scores 0 "
+        "and is abandoned, running on in the background until it returns. process: worker processes; a call past "
+        "timeout_s is killed with its worker (a new one starts), and a crash of the callable costs only its "
+        "response. process costs about a second to start the workers and needs the callable importable from its "
+        "spec; use it for rewards that may hang or crash.",
     )
     breaker: int = Field(
         20, ge=0,

@@ -1,5 +1,6 @@
 """`arborl bench rewards`: scoring N responses with a slow verl reward, one call at a time (`verify.workers=1`, the
-way rewards were called before the pool) against the bounded pool (`verify.workers`), side by side in one run."""
+way rewards were called before the pool) against the bounded pool of threads (`verify.workers`) and of worker
+processes (`verify.isolation=process`, its start included), side by side in one run."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def bench_rewards(responses: int = 1000, delay_s: float = DELAY_S, workers: int 
     samples = [Sample(f"<answer> {i} </answer>", [str(i)], "bench", extra_info={"delay_s": delay_s})
                for i in range(responses)]
     seconds = {}
-    for name, n in (("serial", 1), ("pool", workers)):
-        cfg = VerifyConfig(reward={"default": SLEEPING_REWARD}, workers=n)
+    for name, n, isolation in (("serial", 1, "thread"), ("pool", workers, "thread"),
+                               ("process_pool", workers, "process")):
+        cfg = VerifyConfig(reward={"default": SLEEPING_REWARD}, workers=n, isolation=isolation)
         started = time.perf_counter()
         out = score_samples(samples, cfg)
         seconds[name] = time.perf_counter() - started
@@ -31,4 +33,5 @@ def bench_rewards(responses: int = 1000, delay_s: float = DELAY_S, workers: int 
             raise RuntimeError("the bench reward failed on some responses")
     return {"responses": responses, "delay_s": delay_s, "workers": workers,
             "serial_seconds": seconds["serial"], "pool_seconds": seconds["pool"],
-            "speedup": seconds["serial"] / seconds["pool"]}
+            "process_pool_seconds": seconds["process_pool"], "speedup": seconds["serial"] / seconds["pool"],
+            "process_speedup": seconds["serial"] / seconds["process_pool"]}

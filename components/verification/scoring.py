@@ -3,7 +3,8 @@ rest); the verify stage and evaluation both call `score_samples`.
 
 Built-ins run per response; verl callables per response and TRL callables once per batch (all the responses
 that use them), each call bounded by `verify.timeout_s`. Per-response calls that may be slow (verl callables, the
-timed `math`) run `verify.workers` at a time in a thread pool, and `verify.breaker` failures in a row stop the
+timed `math`) run `verify.workers` at a time in a thread pool (or worker processes that are killed past the
+limit, `verify.isolation=process`), and `verify.breaker` failures in a row stop the
 scoring at once (`RewardErrors`). A call that raises, times out or returns something
 that is not a finite reward gives those responses reward 0 with the error text, never an exception.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from arborl.components.config import VerifyConfig
+from arborl.components.verification.isolated import score_in_processes
 from arborl.components.verification.rewards import Builtin, Outcome, failed, judged, resolve_reward
 from arborl.components.verification.timeouts import call_with_timeout
 from arborl.components.verification.user_rewards import TRL_OPTIONAL, VERL, UserReward, call_trl, call_verl
@@ -101,10 +103,10 @@ def reward_spec(cfg: VerifyConfig, data_source: str) -> str:
     return cfg.reward.get(data_source, cfg.reward["default"])
 
 
-def _builtin(reward: Builtin, s: Sample, cfg: VerifyConfig) -> Outcome:
+def _builtin(reward: Builtin, s: Sample, cfg: VerifyConfig, timeout_s: float | None) -> Outcome:
     try:
         if reward.timed:
-            return call_with_timeout(reward.fn, cfg.timeout_s, reward.name, s.response, s.golds, cfg)
+            return call_with_timeout(reward.fn, timeout_s, reward.name, s.response, s.golds, cfg)
         return reward.fn(s.response, s.golds, cfg)
     except Exception as exc:  # a verifier bug costs that response its reward, never the caller
         return failed(s.response, f"{type(exc).__name__}: {exc}", cfg)
@@ -120,11 +122,10 @@ def _error_text(reward: UserReward, exc: Exception) -> str:
     return text if reward.path in str(exc) else f"{reward.path} raised {text}"
 
 
-def _verl(reward: UserReward, s: Sample, cfg: VerifyConfig) -> Outcome:
+def _verl(reward: UserReward, s: Sample, cfg: VerifyConfig, timeout_s: float | None) -> Outcome:
     try:
         solution = s.prompt + s.response if cfg.reward_input == "prompt_and_response" else s.response
-        score, acc, details = call_verl(reward, s.data_source, solution, s.ground_truth, s.extra_info,
-                                        cfg.timeout_s)
+        score, acc, details = call_verl(reward, s.data_source, solution, s.ground_truth, s.extra_info, timeout_s)
         return judged(s.response, score, _correct(score, acc, cfg), cfg, details)
     except Exception as exc:
         return failed(s.response, _error_text(reward, exc), cfg)
@@ -149,10 +150,28 @@ def _trl(reward: UserReward, batch: list[Sample], cfg: VerifyConfig) -> list[Out
             for s, (v, err) in zip(batch, values, strict=True)]
 
 
-def _pooled(call: Callable[[Sample], Outcome], batch: list[Sample], cfg: VerifyConfig, spec: str) -> list[Outcome]:
-    """`call` on every sample, `verify.workers` at a time, in order. The circuit breaker: `verify.breaker` calls
-    failing in a row (in the order they finish) raise `RewardErrors` at once, naming the callable and the last
-    error; the calls still queued are not started."""
+def score_one(spec: str, s: Sample, cfg: VerifyConfig, timeout_s: float | None) -> Outcome:
+    """One per-response reward call of `spec` (a timed built-in or a verl callable), bounded by `timeout_s`
+    (None: not bounded here; the caller kills the process past the limit)."""
+    reward = resolve_reward(spec)
+    if isinstance(reward, Builtin):
+        if reward.setup is not None:
+            reward.setup()
+        return _builtin(reward, s, cfg, timeout_s)
+    return _verl(reward, s, cfg, timeout_s)
+
+
+def _pooled(batch: list[Sample], cfg: VerifyConfig, spec: str) -> list[Outcome]:
+    """`score_one` on every sample, `verify.workers` at a time, in order: in threads, or in worker processes with
+    `verify.isolation=process`. The circuit breaker: `verify.breaker` calls failing in a row (in the order they
+    finish) raise `RewardErrors` at once, naming the callable and the last error; calls still queued are not
+    started."""
+    if cfg.isolation == "process":
+        return score_in_processes(batch, cfg, spec, lambda streak, last: _trip(streak, last, cfg, spec, len(batch)))
+
+    def call(s: Sample) -> Outcome:
+        return score_one(spec, s, cfg, cfg.timeout_s)
+
     if len(batch) <= 1 or cfg.workers == 1:
         outcomes = []
         streak = 0
@@ -198,15 +217,13 @@ def score_samples(samples: Sequence[Sample], cfg: VerifyConfig) -> list[Outcome]
         except ValueError as exc:
             keys = ", ".join(f"verify.reward.{k}" for k, v in cfg.reward.items() if v == spec)
             raise ValueError(f"{keys}: {exc}") from None
-        if isinstance(reward, Builtin):
+        if isinstance(reward, Builtin) and not reward.timed:
+            # plain Python on short strings: a pool would only add overhead
             if reward.setup is not None:
                 reward.setup()
-            if reward.timed:
-                scored = _pooled(lambda s, r=reward: _builtin(r, s, cfg), [samples[i] for i in idx], cfg, spec)
-            else:  # plain Python on short strings: a pool would only add overhead
-                scored = [_builtin(reward, samples[i], cfg) for i in idx]
-        elif reward.style == VERL:
-            scored = _pooled(lambda s, r=reward: _verl(r, s, cfg), [samples[i] for i in idx], cfg, spec)
+            scored = [_builtin(reward, samples[i], cfg, None) for i in idx]
+        elif isinstance(reward, Builtin) or reward.style == VERL:
+            scored = _pooled([samples[i] for i in idx], cfg, spec)
         else:
             scored = _trl(reward, [samples[i] for i in idx], cfg)
         for i, o in zip(idx, scored, strict=True):

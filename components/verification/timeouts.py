@@ -19,12 +19,16 @@ class CallTimeout(TimeoutError):
     """A reward call that did not return within its limit; the message names the callable."""
 
 
-def call_with_timeout(fn: Callable[..., T], timeout_s: float, name: str, /, *args: Any, **kwargs: Any) -> T:
+def call_with_timeout(fn: Callable[..., T], timeout_s: float | None, name: str, /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, or CallTimeout naming `name` when it has not returned after `timeout_s` seconds.
+    `timeout_s=None` calls `fn` directly, in this thread: for callers that bound the call themselves (a worker
+    process that is killed past the limit, `verification/isolated.py`).
 
     An exception of `fn` is raised here; a BaseException other than Exception (SystemExit, KeyboardInterrupt
     raised by `fn` in its thread) comes back as a RuntimeError, so that a reward cannot end the process.
     """
+    if timeout_s is None:
+        return fn(*args, **kwargs)
     box: dict[str, Any] = {}
     done = threading.Event()
 

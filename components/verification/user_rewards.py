@@ -145,8 +145,10 @@ def finite(value: Any, what: str) -> float:
 
 
 def call_verl(reward: UserReward, data_source: str, solution_str: str, ground_truth: Any,
-              extra_info: Mapping[str, Any] | None, timeout_s: float) -> tuple[float, bool | None, dict[str, Any]]:
-    """One verl call, bounded by `timeout_s`: (score, correctness from `acc` or None, the dict's other keys).
+              extra_info: Mapping[str, Any] | None,
+              timeout_s: float | None) -> tuple[float, bool | None, dict[str, Any]]:
+    """One verl call, bounded by `timeout_s` (None: not bounded here): (score, correctness from `acc` or None, the
+    dict's other keys).
 
     Raises what the callable raises, CallTimeout, or TypeError/ValueError naming the path for a return that is
     not a finite number or a dict with a finite `score`."""

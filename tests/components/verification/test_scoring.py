@@ -160,3 +160,31 @@ def test_the_circuit_breaker_fails_fast_on_failures_in_a_row(reward_fns):
         score_samples(samples, cfg)
     off = score_samples(samples[:10], cfg.model_copy(update={"breaker": 0}))
     assert all(o.error and o.reward == 0.0 for o in off)  # counted per response; the stage's budget decides
+
+
+def test_process_isolation_kills_a_hung_call_and_survives_a_crash(reward_fns, tmp_path):
+    import os
+    import time
+
+    pid_file = tmp_path / "pid"
+    hung = Sample("x", ["x"], "nq", extra_info={"pid_file": str(pid_file)})
+    right = Sample("<answer> 3 </answer>", ["3"], "nq")
+    cfg = VerifyConfig(reward={"default": "user_reward_fns:verl_records_pid_then_hangs",
+                               "crash": "user_reward_fns:verl_exits", "ok": "user_reward_fns:verl_contains"},
+                       isolation="process", timeout_s=1.0, workers=2)
+    crash = Sample("y", ["y"], "crash")
+    ok = Sample("it is 3", ["3"], "ok")
+    out = score_samples([hung, crash, ok, right], cfg)
+    assert "did not return within 1 s (verify.timeout_s); its worker process was killed" in out[0].error
+    assert "the worker process died" in out[1].error and "exit code 7" in out[1].error
+    assert out[2].error is None and out[2].reward == 1.0
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the hung reward's worker {pid} still runs")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from typing import Any
 
 CALLS: list[tuple[str, dict[str, Any]]] = []
@@ -124,3 +125,19 @@ def verl_none(data_source, solution_str, ground_truth, extra_info=None):
 
 def wrong_signature(x, y):
     return 0.0
+
+
+def verl_records_pid_then_hangs(data_source, solution_str, ground_truth, extra_info=None):
+    """Writes its process id to extra_info['pid_file'], then never returns (for verify.isolation=process)."""
+    import os
+
+    with open(extra_info["pid_file"], "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(3600)
+
+
+def verl_exits(data_source, solution_str, ground_truth, extra_info=None):
+    """Ends its process at once, as a crashing extension would."""
+    import os
+
+    os._exit(7)
