@@ -670,6 +670,19 @@ class OrchestrationConfig(Strict):
         "(a batch/v1 Job per stage). Every executor but inprocess reads the run's resolved config from "
         "<output_root>/<run.name>/config.json, so the output root must be reachable from where the stage runs.",
     )
+    container_cli: Literal["docker", "podman"] = Field(
+        "docker", description="docker executor: the container CLI that runs the stage containers (podman takes "
+        "the same `run` arguments; rootless podman also gets --userns=keep-id, so files keep the user's uid).",
+    )
+    container_args: list[str] = Field(
+        default_factory=list, description="docker executor: global arguments of the container CLI, before `run` "
+        "(e.g. [--runtime, /path/to/infra/container/runc-no-rlimits] for podman where containers may not set "
+        "resource limits).",
+    )
+    container_run_args: list[str] = Field(
+        default_factory=list, description="docker executor: further arguments of `run`, before the image (e.g. "
+        "[--network, host]).",
+    )
     command: list[str] = Field(
         default_factory=lambda: ["arborl"], description="The command prefix that runs `stage ...` (the image's "
         "entrypoint is replaced by it); subprocess resolves a bare `arborl` to this environment's.",

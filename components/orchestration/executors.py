@@ -110,10 +110,13 @@ class SubprocessExecutor(Executor):
 
 
 class DockerExecutor(Executor):
-    """A `docker run --rm` container per stage (components/orchestration/specs.py `docker_run_spec`); needs the
-    docker CLI and an engine where the flow runs."""
+    """A `docker run --rm` container per stage (components/orchestration/specs.py `docker_run_spec`), run with
+    `orchestration.container_cli` (docker or podman; a failure names it); needs that CLI and an engine where the
+    flow runs."""
 
-    where = "docker"
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.where = cfg.orchestration.container_cli
 
     def execute(self, name: str, config_uri: str, inputs: dict[str, str], out: str, params: dict[str, Any]) -> None:
         stream(docker_run_spec(self.cfg, name, config_uri, inputs, out, params), name, self.where)

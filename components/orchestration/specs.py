@@ -84,16 +84,19 @@ def _docker_cpus(cpu: str) -> str:
 def docker_run_spec(cfg: Config, name: str, config_uri: str, inputs: dict[str, str], out: str,
                     params: dict[str, Any], *, cwd: str | None = None, user: str | None = None,
                     suffix: str | None = None) -> list[str]:
-    """The `docker run` argument list of one stage: the stage's image (`orchestration.images`), its entrypoint
-    replaced by `orchestration.command`; `--gpus N`, `--cpus`, `--memory` from its resources; `orchestration.env`
-    as `-e K=V`; each `secret_env` variable as a bare `-e NAME` (docker copies its value from the launcher's
-    environment, so no secret is written in the argument list) plus `--env-file` when set; the volumes with a
-    host_path. A local `run.output_root` is bind-mounted at the same absolute path, the container works in `cwd`
-    (default: this process's) as the user `user` (default: this process's uid:gid), so relative URIs and file
-    ownership match a run outside containers."""
+    """The `docker run` argument list of one stage, for `orchestration.container_cli` (docker or podman, with
+    `container_args` before `run` and `container_run_args` after it): the stage's image (`orchestration.images`),
+    its entrypoint replaced by `orchestration.command`; `--gpus N`, `--cpus`, `--memory` from its resources;
+    `orchestration.env` as `-e K=V`; each `secret_env` variable as a bare `-e NAME` (the CLI copies its value from
+    the launcher's environment, so no secret is written in the argument list) plus `--env-file` when set; the
+    volumes with a host_path. A local `run.output_root` is bind-mounted at the same absolute path, the container
+    works in `cwd` (default: this process's) as the user `user` (default: this process's uid:gid; rootless podman,
+    a launcher that is not root, also gets `--userns=keep-id` so that uid is the launcher's on the host too), so
+    relative URIs and file ownership match a run outside containers."""
     orch = cfg.orchestration
     resources: StageResources = orch.stage_resources(name)
-    argv = ["docker", "run", "--rm", "--name", workload_name(cfg, name, params, suffix)]
+    argv = [orch.container_cli, *orch.container_args, "run", "--rm", "--name", workload_name(cfg, name, params, suffix)]
+    argv += orch.container_run_args
     for key, value in stage_labels(cfg, name, params).items():
         argv += ["--label", f"{key.replace('/', '.')}={value}"]
     if resources.gpus:
@@ -116,6 +119,8 @@ def docker_run_spec(cfg: Config, name: str, config_uri: str, inputs: dict[str, s
         local = os.path.expanduser(cfg.run.output_root.removeprefix("file://"))
         root = os.path.normpath(os.path.join(cwd, local))  # an absolute root stays as it is
         argv += ["-v", f"{root}:{root}", "-w", cwd, "--user", user or f"{os.getuid()}:{os.getgid()}"]
+        if orch.container_cli == "podman" and os.getuid() != 0:  # rootless: the container's uid is not the host's
+            argv += ["--userns=keep-id"]
     argv += ["--entrypoint", orch.command[0], orch.image(name)]
     return argv + stage_command(name, config_uri, inputs, out, params, command=orch.command[1:])
 

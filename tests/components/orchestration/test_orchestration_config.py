@@ -43,6 +43,8 @@ def test_a_partial_resources_entry_keeps_the_other_stages_defaults():
     ("orchestration.env={AWS-KEY: x}", "key 'orchestration.env': 'AWS-KEY' is no environment variable name"),
     ("orchestration.secret_env={AWS_KEY: {name: s3}}", "key 'orchestration.secret_env.AWS_KEY.key'"),
     ("orchestration.executor=slurm", "key 'orchestration.executor'"),
+    ("orchestration.container_cli=nerdctl", "key 'orchestration.container_cli'"),
+    ("orchestration.container_args=--runtime", "key 'orchestration.container_args'"),
     ("orchestration.command=[]", "key 'orchestration.command': must name at least the program"),
     ("orchestration.volumes=[{mount_path: data, claim: c}]", "mount_path must be absolute"),
     ("orchestration.volumes=[{mount_path: /data}]", "needs host_path (docker) or claim (kubernetes)"),

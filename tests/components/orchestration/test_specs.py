@@ -5,7 +5,12 @@ offline against Kubernetes' OpenAPI schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -160,3 +165,55 @@ def test_docker_run_spec_on_s3_mounts_no_output_root():
     assert argv[argv.index("--gpus") + 1] == "2" and argv[argv.index("--memory") + 1] == "32g"
     entry = argv.index("--entrypoint")
     assert argv[entry + 1:entry + 6] == ["python", "registry.example/arborl:1.0", "-m", "arborl.flows.cli", "stage"]
+
+
+PODMAN = ("orchestration.container_cli=podman", "orchestration.container_args=[--runtime, /opt/runc-no-rlimits]",
+          "orchestration.container_run_args=[--network, host]")
+
+
+def test_podman_runs_the_same_container_with_its_global_and_run_arguments(tmp_path):
+    """`container_cli: podman`: the same argument list as docker's, the CLI's global arguments before `run`."""
+    call = stage_call("sample", shard=(1, 2))
+    docker = docker_run_spec(config("docker", "run.output_root=runs"), *call, cwd=str(tmp_path), user="1000:1000",
+                             suffix="f00d")
+    podman = docker_run_spec(config("docker", "run.output_root=runs", *PODMAN), *call, cwd=str(tmp_path),
+                             user="1000:1000", suffix="f00d")
+    assert podman[:7] == ["podman", "--runtime", "/opt/runc-no-rlimits", "run", "--rm", "--name",
+                          "arborl-micro-sample-it003-s1-f00d"]
+    assert podman[7:9] == ["--network", "host"]
+    rootless = ["--userns=keep-id"] if os.getuid() != 0 else []  # keeps the launcher's uid on the host
+    rest = [a for a in podman[9:] if a not in rootless]
+    assert docker == ["docker", "run", "--rm", "--name", "arborl-micro-sample-it003-s1-f00d", *rest]
+    assert ("--userns=keep-id" in podman) == (os.getuid() != 0)
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="renders as another uid: needs root")
+def test_rootless_podman_keeps_the_launchers_uid(tmp_path):
+    """Rendered by a process of uid 65534 (rootless podman): `--user 65534:65534 --userns=keep-id`."""
+    code = ("import json, sys; from arborl.components.config import load_config; "
+            "from arborl.components.orchestration import docker_run_spec; "
+            f"cfg = load_config({str(ROOT / 'configs' / 'micro.yaml')!r}, ['orchestration.executor=docker', "
+            f"'orchestration.container_cli=podman', 'run.output_root={tmp_path}']); "
+            "print(json.dumps(docker_run_spec(cfg, 'prepare', 'c.json', {}, 'out', {}, cwd='/')))")
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                           code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    argv = json.loads(done.stdout)
+    assert argv[argv.index("--user") + 1] == "65534:65534" and "--userns=keep-id" in argv
+    as_root = docker_run_spec(load_config(ROOT / "configs" / "micro.yaml", [
+        "orchestration.executor=docker", "orchestration.container_cli=podman", f"run.output_root={tmp_path}"]),
+        "prepare", "c.json", {}, "out", {}, cwd="/")
+    assert "--userns=keep-id" not in as_root
+
+
+def test_the_kubernetes_job_runs_the_container_command_of_the_docker_executor():
+    """The Job's container and the stage container of `executor: docker` (tests/flows/test_containers.py runs it)
+    run the same image with the same command line."""
+    for name in STAGES:
+        call = stage_call(name)
+        argv = docker_run_spec(config("docker", f"run.output_root={S3_ROOT}"), *call)
+        entry = argv.index("--entrypoint")
+        container = kubernetes_job_manifest(config("kubernetes", f"run.output_root={S3_ROOT}"), *call)[
+            "spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == argv[entry + 2], name
+        assert [*container["command"], *container["args"]] == [argv[entry + 1], *argv[entry + 3:]], name
