@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    builds .venv and runs the pipeline on configs/tiny.yaml
-#   make test   builds .venv and runs the test suite
+#   make test   builds .venv and runs the test suite (make test-container: the podman container tests)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: run test test-fast install lint clean
+.PHONY: run test test-fast test-container install lint clean
 
 $(BIN)/arborl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install
 
 test-fast: install  # the unit tier: no flow, server, browser or container tests
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+test-container: install  # builds the pipeline image and runs stages in podman containers (infra/container/)
+	$(BIN)/pytest -q -m container $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,7 +1,9 @@
 """The `slow` tier: flow, server, browser and container tests (every test under tests/flows and tests/integration,
 and any test that starts a Prefect server, a browser or a container) are marked `slow` here; tests that start
 processes (distributed ranks, stage subprocesses) carry `@pytest.mark.slow` themselves. `make test-fast`
-(`pytest -m "not slow"`) leaves them out; `make test`, what CI runs, is the whole suite."""
+(`pytest -m "not slow"`) leaves them out; `make test`, what CI runs, is the whole suite but for the `container`
+tests (they build an image and need podman): those run only when the `-m` expression names them
+(`make test-container`, `pytest -m container`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ SLOW_FIXTURES = {"prefect_server", "browser", "chromium", "container_image"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "container" not in (config.getoption("markexpr") or ""):
+        left_out = [item for item in items if item.get_closest_marker("container")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("container")]
     for item in items:
         try:
             top = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
