@@ -32,11 +32,12 @@ USER_INPUT_EXIT, INTERNAL_EXIT = 2, 1
 
 
 @contextlib.contextmanager
-def exit_on_errors(what: str):
+def exit_on_errors(what: str, log_dir: str | None = None):
     """One error policy for a command: a failure prints one line on stderr (what failed, the message, a hint) and
     exits 2 for the user's input (config, data, model, reward code, an unreadable artifact), 3 for a conflict
     (another writer's lock, an output location that is not this stage's), 1 for anything else. The traceback goes
-    to the stage's log (Prefect) and, with `arborl --debug`, to the console."""
+    to `<log_dir>/errors.log` where a local `log_dir` is given (appended, with the time and command), to the
+    stage's log in Prefect, and, with `arborl --debug`, to the console."""
     from arborl.components.config import ConfigError
     from arborl.components.evaluation.evaluate import ToolErrors
     from arborl.components.run_lock import LockHeld
@@ -58,10 +59,49 @@ def exit_on_errors(what: str):
         else:
             code, kind = INTERNAL_EXIT, "internal error"
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        hint = "" if DEBUG["on"] else " (the traceback: arborl --debug ..., or the stage's log in Prefect)"
-        err_console.print(f"[red]{what} failed ({kind}):[/red] {escape(type(exc).__name__)}: {escape(message)}"
-                          f"{hint}", soft_wrap=True)
+        logged = _log_traceback(log_dir, what, exc)
+        hint = ("" if DEBUG["on"] else f" (the traceback: {logged})" if logged
+                else " (the traceback: arborl --debug ...)")
+        head = (f"{what}: unreadable artifact:" if isinstance(exc, ArtifactError)  # the message names the file
+                else f"{what} failed ({kind}): {type(exc).__name__}:")
+        err_console.print(f"[red]{escape(head)}[/red] {escape(message)}{hint}", soft_wrap=True)
         raise typer.Exit(code) from None
+
+
+def _log_traceback(log_dir: str | None, what: str, exc: BaseException) -> str | None:
+    """Append `exc`'s traceback to `<log_dir>/errors.log` (local directories only); its path, or None."""
+    import datetime
+    import traceback
+
+    from arborl.components import storage
+
+    if log_dir is None or not storage.is_local(log_dir):
+        return None
+    path = Path(storage.filesystem(log_dir)[1]) / "errors.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(f"--- {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {what}: "
+                     f"{' '.join(sys.argv)}\n")
+            fh.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return str(path)
+
+
+def guarded(what: str):
+    """Decorate a command so that its failures follow `exit_on_errors(what)`: one line on stderr, exit 2, 3 or 1."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            with exit_on_errors(what):
+                return fn(*args, **kwargs)
+
+        return command
+
+    return wrap
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/tiny.yaml).")
@@ -124,10 +164,10 @@ def _locked(root: str, command: str):
     try:
         lock = RunLock(root, command).acquire()
     except LockHeld as exc:
-        console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(LOCKED_EXIT) from None
     except OSError as exc:
-        console.print(f"[red]cannot lock {escape(root)}:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]cannot lock {escape(root)}:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     try:
         yield lock
@@ -142,7 +182,7 @@ def _run_root(cfg) -> str:
     try:
         return storage.child(cfg.run.output_root, cfg.run.name)
     except ValueError as exc:
-        console.print(f"[red]config error:[/red] run.name: {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]config error:[/red] run.name: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -155,7 +195,7 @@ def _check_tracking(cfg) -> None:
     try:
         check_tracking_uri(tracking_uri(cfg))
     except (TrackingUnavailable, ValueError) as exc:
-        console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -184,14 +224,14 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
 
         summary = train_pipeline(cfg.model_dump(mode="json"), str(config or DEFAULT_CONFIG))
     except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
-        console.print(f"[red]run failed: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]run failed: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except SnapshotError as exc:  # data.snapshot_root / data.snapshot name no usable snapshot: the URI is named
-        console.print(f"[red]run failed:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]run failed:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception:
         reporter.close()
-        with exit_on_errors("run"):
+        with exit_on_errors("run", _run_root(cfg)):
             raise
     finally:
         reporter.close()
@@ -221,34 +261,34 @@ def stage(
     from arborl.components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
 
     if name not in STAGES:
-        console.print(f"[red]unknown stage {name!r}[/red]; choose one of {', '.join(STAGES)}")
+        err_console.print(f"[red]unknown stage {name!r}[/red]; choose one of {', '.join(STAGES)}")
         raise typer.Exit(2)
     cfg = _load(config, overrides)
     given = {}
     for item in inputs or []:
         if "=" not in item:
-            console.print(f"[red]--in {item!r} must look like key=uri[/red]")
+            err_console.print(f"[red]--in {item!r} must look like key=uri[/red]")
             raise typer.Exit(2)
         key, uri = item.split("=", 1)
         given[key] = uri
     expected, optional = set(STAGE_INPUTS[name]), set(STAGE_OPTIONAL_INPUTS.get(name, ()))
     if not expected <= set(given) <= expected | optional:
         extra = f" (optional: {sorted(optional)})" if optional else ""
-        console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
+        err_console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
         raise typer.Exit(2)
     params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
     if shard is not None:
         from arborl.components.stages.sample import parse_shard
 
         if name != "sample":
-            console.print(f"[red]--shard applies to the sample stage only, not {name!r}[/red]")
+            err_console.print(f"[red]--shard applies to the sample stage only, not {name!r}[/red]")
             raise typer.Exit(2)
         try:
             params["shard"] = parse_shard(shard)
         except ValueError as exc:
-            console.print(f"[red]--shard: {exc}[/red]")
+            err_console.print(f"[red]--shard: {exc}[/red]")
             raise typer.Exit(2) from None
-    from arborl.components.storage import ArtifactError, OutputNotOwned, check_output
+    from arborl.components.storage import OutputNotOwned, check_output
 
     try:  # before the lock, which lives inside --out: a location this stage may not write is left untouched
         check_output(out, stage=name, inputs=given)
@@ -257,17 +297,8 @@ def stage(
         raise typer.Exit(LOCKED_EXIT) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes --out: it holds the lock
         ctx.with_resource(_locked(out, f"arborl stage {name}"))
-    try:
+    with exit_on_errors(f"stage {name}"):
         result = STAGES[name](cfg, given, out, **params)
-    except OutputNotOwned as exc:  # a conflict: nothing was written or deleted
-        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(LOCKED_EXIT) from None
-    except ArtifactError as exc:  # an input that cannot be read: the message names the file and what is wrong
-        console.print(f"[red]stage {name}: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (FileNotFoundError, KeyError, ValueError) as exc:  # the inputs or the config: the user's to fix
-        err_console.print(f"[red]stage {name} failed:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(USER_INPUT_EXIT) from None
     console.print_json(json.dumps({"stage": name, "out": result.out, "skipped": result.skipped,
                                    "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}))
 
@@ -282,7 +313,7 @@ def merge_shards(
 ) -> None:
     """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
     from arborl.components.stages.sample import merge
-    from arborl.components.storage import ArtifactError, OutputNotOwned, check_output
+    from arborl.components.storage import OutputNotOwned, check_output
 
     cfg = _load(config, [])
     inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}
@@ -292,17 +323,8 @@ def merge_shards(
         err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(LOCKED_EXIT) from None
     ctx.with_resource(_locked(out, "arborl merge-shards"))
-    try:
+    with exit_on_errors("merge-shards"):
         result = merge(cfg, shards, out, iteration)
-    except OutputNotOwned as exc:  # a conflict: the location holds something this stage does not own
-        err_console.print(f"[red]output refused:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(LOCKED_EXIT) from None
-    except ArtifactError as exc:
-        console.print(f"[red]merge-shards: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        err_console.print(f"[red]merge-shards failed:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(USER_INPUT_EXIT) from None
     console.print_json(json.dumps({"stage": "sample", "out": result.out, "skipped": result.skipped,
                                    "outputs": result.outputs, "metrics": result.metrics}))
 
@@ -320,6 +342,7 @@ def _preflight(cfg) -> None:
 
 
 @app.command("config")
+@guarded("config")
 def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
                 check: bool = typer.Option(False, "--check", help="Also run the preflight: the model directory and "
                                            "its chat template, the retriever, the data files (seconds).")) -> None:
@@ -333,6 +356,7 @@ def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str
 
 
 @app.command("serve-retriever")
+@guarded("serve-retriever")
 def serve_retriever(
     corpus: str = typer.Option(..., "--corpus", help='JSONL corpus: one {"id": ..., "contents": ...} object a line.'),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
@@ -341,19 +365,13 @@ def serve_retriever(
 ) -> None:
     """Serve a corpus with Search-R1's retrieval-server API (POST /retrieve, GET /health), ranked like the
     in-process search tool (search.backend=http, search.url=http://HOST:PORT)."""
-    from arborl.components.envs.retrieval_server import CorpusError, bind, build_app, load_corpus, serve
+    from arborl.components.envs.retrieval_server import bind, build_app, load_corpus, serve
 
-    try:
-        docs = load_corpus(corpus)
-    except (CorpusError, FileNotFoundError) as exc:
-        console.print(f"[red]serve-retriever:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    docs = load_corpus(corpus)
     try:
         sock = bind(host, port)
     except OSError as exc:
-        console.print(f"[red]serve-retriever: cannot listen on {escape(host)}:{port}:[/red] {escape(str(exc))}",
-                      soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     shown = f"[{host}]" if ":" in host else host
     sys.stdout.write(f"serving {len(docs.contents)} documents on http://{shown}:{sock.getsockname()[1]}\n")
     sys.stdout.flush()
@@ -361,26 +379,20 @@ def serve_retriever(
 
 
 @app.command("export-corpus")
+@guarded("export-corpus")
 def export_corpus(
     world: str = typer.Option(..., "--world", help="Output directory of a prepare stage (holds facts.parquet)."),
     out: str = typer.Option(..., "--out", help="Corpus file to write (JSONL, local path or URI)."),
 ) -> None:
     """Write the synthetic world's facts as a Search-R1 corpus for `arborl serve-retriever`."""
     from arborl.components.envs.corpus import export_corpus as write
-    from arborl.components.storage import ArtifactError
 
-    try:
-        count = write(world, out)
-    except ArtifactError as exc:
-        console.print(f"[red]export-corpus: unreadable artifact:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except FileNotFoundError as exc:
-        console.print(f"[red]export-corpus failed:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    count = write(world, out)
     console.print(f"wrote {count} documents to {escape(out)}", soft_wrap=True)
 
 
 @app.command("export-data")
+@guarded("export-data")
 def export_data(
     config: Optional[Path] = ConfigOpt,
     out: str = typer.Option(..., "--out", help="Snapshot folder to write (local path or URI), e.g. <root>/2026-11-30."),
@@ -394,13 +406,14 @@ def export_data(
 
     cfg = _load(config, overrides)
     if part >= parts:
-        console.print(f"[red]--part must be below --parts ({parts}), got {part}[/red]")
+        err_console.print(f"[red]--part must be below --parts ({parts}), got {part}[/red]")
         raise typer.Exit(2)
     counts = export_snapshot(cfg, out, parts, part)
     console.print(f"wrote {escape(out)}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), soft_wrap=True)
 
 
 @app.command("seed-champion")
+@guarded("seed-champion")
 def seed_champion(
     config: Optional[Path] = ConfigOpt,
     model: str = typer.Option(..., "--model", help="Model directory: local path, s3:// URI or Hugging Face Hub id."),
@@ -410,20 +423,12 @@ def seed_champion(
     arborl.origin=seed) and point the alias champion at it: the start of a registry that `retrain` trains from."""
     cfg = _load(config, overrides)
     if not cfg.tracking.enabled:
-        console.print("[red]seed-champion needs tracking.enabled (the registry lives in the MLflow store)[/red]")
+        err_console.print("[red]seed-champion needs tracking.enabled (the registry lives in the MLflow store)[/red]")
         raise typer.Exit(2)
     _check_tracking(cfg)
     from arborl.components.registry import seed_champion as seed
-    from arborl.components.storage import ArtifactError
 
-    try:
-        version = seed(cfg, model)
-    except ArtifactError as exc:
-        console.print(f"[red]seed-champion: unreadable model:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except FileNotFoundError as exc:
-        console.print(f"[red]seed-champion failed:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    version = seed(cfg, model)
     console.print(f"registered {escape(cfg.registry.model_name)} v{version} from {escape(model)} as champion",
                   soft_wrap=True)
 
@@ -448,6 +453,7 @@ def _print_bench(result: dict, title: str, as_json: bool) -> None:
 
 
 @bench_app.command("sampling")
+@guarded("bench sampling")
 def bench_sampling(
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -481,6 +487,7 @@ def bench_sampling(
 
 
 @bench_app.command("training")
+@guarded("bench training")
 def bench_training_cmd(
     config: Optional[Path] = ConfigOpt,
     workdir: str = typer.Option("runs/bench", help="Where the sampled trees (and their warm start) are kept."),
@@ -498,6 +505,7 @@ def bench_training_cmd(
 
 
 @bench_app.command("warmstart")
+@guarded("bench warmstart")
 def bench_warmstart_cmd(
     config: Optional[Path] = ConfigOpt,
     workdir: str = typer.Option("runs/bench-warmstart", help="Where the prepared world is kept (reused)."),
@@ -514,6 +522,7 @@ def bench_warmstart_cmd(
 
 
 @bench_app.command("rewards")
+@guarded("bench rewards")
 def bench_rewards_cmd(
     responses: int = typer.Option(1000, help="Responses scored by each side."),
     delay_s: float = typer.Option(0.05, help="Seconds each reward call waits."),
@@ -527,6 +536,7 @@ def bench_rewards_cmd(
 
 
 @app.command()
+@guarded("promote")
 def promote(
     ctx: typer.Context,
     config: Optional[Path] = ConfigOpt,
@@ -538,23 +548,20 @@ def promote(
     lock of the config's run root, like `arborl run`."""
     cfg = _load(config, overrides)
     if questions not in (None, "val", "test"):
-        console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
+        err_console.print(f"[red]--questions must be val or test, got {questions!r}[/red]")
         raise typer.Exit(2)
     ctx.with_resource(_locked(_run_root(cfg), "arborl promote"))
     _check_tracking(cfg)
     from arborl.components.registry import promote as run_promotion
 
-    try:
-        result = run_promotion(cfg, questions)
-    except ValueError as exc:
-        console.print(f"[red]promote failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+    result = run_promotion(cfg, questions)
     console.print(result.markdown())
     if result.out:
         console.print(f"rows and decision: {result.out}/")
 
 
 @app.command()
+@guarded("report")
 def report(
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
@@ -581,6 +588,7 @@ def report(
 
 
 @app.command()
+@guarded("compare")
 def compare(
     config: Optional[Path] = ConfigOpt,
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (run.seed, run.seed+1, ...)."),
@@ -600,22 +608,13 @@ def compare(
     try:
         sweep = parse_budgets(budgets) if budgets is not None else None
     except ValueError as exc:
-        console.print(f"[red]--budgets: {exc}[/red]")
+        err_console.print(f"[red]--budgets: {exc}[/red]")
         raise typer.Exit(2) from None
     cfg = _load(config, overrides)
     _prefect_env()
-    from arborl.components.run_lock import LockHeld
-    from arborl.components.tracking import TrackingUnavailable
     from arborl.flows.compare import METHOD_COLUMNS, SWEEP_COLUMNS, compare_pipeline, markdown, rows, sweep_rows
 
-    try:
-        result = compare_pipeline(cfg.model_dump(mode="json"), seeds, sweep)
-    except LockHeld as exc:  # one of the method runs is being written by another command
-        console.print(f"[red]locked:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(LOCKED_EXIT) from None
-    except TrackingUnavailable as exc:
-        console.print(f"[red]tracking:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    result = compare_pipeline(cfg.model_dump(mode="json"), seeds, sweep)  # a locked method run: exit 3
     for entry, row in zip(result["budgets"], sweep_rows(result), strict=True):
         table = Table(title=f"{row[0]}: final test EM (greedy), mean and 95% t-interval over seeds")
         for col in METHOD_COLUMNS:
@@ -631,6 +630,7 @@ def compare(
 
 
 @app.command()
+@guarded("alerts")
 def alerts(
     webhook_url: str = typer.Option(..., "--webhook-url", help="Where the JSON notifications are POSTed."),
     prefix: str = typer.Option("arborl", "--prefix", help="Name prefix of the notification block and automations."),
@@ -641,17 +641,13 @@ def alerts(
     --webhook-url when a flow run fails or crashes and when the promotion gate rejects a challenger. Needs
     PREFECT_API_URL pointing at a running `prefect server start` (automations run on the server)."""
     if not os.environ.get("PREFECT_API_URL"):
-        console.print("[red]alerts:[/red] set PREFECT_API_URL to a running Prefect server (prefect server start); "
+        err_console.print("[red]alerts:[/red] set PREFECT_API_URL to a running Prefect server (prefect server start); "
                       "automations cannot live on the temporary server of a single command")
         raise typer.Exit(2)
     _prefect_env()
     from arborl.flows.alerts import create_alerts
 
-    try:
-        done = create_alerts(webhook_url, prefix=prefix, flow_name_pattern=flows)
-    except ValueError as exc:
-        console.print(f"[red]alerts:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    done = create_alerts(webhook_url, prefix=prefix, flow_name_pattern=flows)
     for line in done:
         console.print(escape(line), soft_wrap=True)
 

@@ -159,3 +159,18 @@ def test_run_name_cannot_lead_out_of_the_output_root(tmp_path):
     flat = " ".join(res.output.split())
     assert "run.name" in flat and "'../../escaped'" in flat
     assert not (tmp_path / "escaped").exists() and not root.exists()
+
+
+def test_every_command_follows_one_error_policy(tmp_path):
+    """promote and report fail like run and stage: exit 2 for the user's input, 1 for an internal failure, one
+    stderr line naming the command, the error and where the traceback is."""
+    res = runner.invoke(app, ["promote", "--config", MICRO, f"run.output_root={tmp_path}"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("promote failed (input): ValueError: registered model "
+                                                   "'arborl-micro' has no 'challenger' version"), res.stderr
+    assert "(the traceback: arborl --debug ...)" in " ".join(res.stderr.split())
+    res = runner.invoke(app, ["--debug", "promote", "--config", MICRO, f"run.output_root={tmp_path}"])
+    assert res.exit_code == 2 and "Traceback" in res.stderr
+    res = runner.invoke(app, ["export-corpus", "--world", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and res.stderr.startswith("export-corpus failed (input): FileNotFoundError:")

@@ -73,7 +73,7 @@ def test_seed_champion_errors_name_the_model(tmp_path):
     missing = tmp_path / "no-model"
     res = CliRunner().invoke(app, ["seed-champion", "--config", str(MICRO), "--model", str(missing),
                                    f"run.output_root={tmp_path}"])
-    assert res.exit_code == 1 and str(missing) in res.output and "not a Hugging Face model directory" in res.output
+    assert res.exit_code == 2 and str(missing) in res.output and "not a Hugging Face model directory" in res.output
     res = CliRunner().invoke(app, ["seed-champion", "--config", str(MICRO), "--model", str(missing),
                                    "tracking.enabled=false"])
     assert res.exit_code == 2 and "seed-champion needs tracking.enabled" in res.output

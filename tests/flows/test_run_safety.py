@@ -196,6 +196,9 @@ def test_a_reward_that_always_raises_fails_the_run_once_with_one_line(tmp_path, 
     assert lines[0].startswith("run failed (input): RewardErrors: evaluate (greedy): 20 of 20 reward calls failed")
     assert f"({reward}:compute_score)" in _flat(res.stderr) and "judge unreachable" in res.stderr
     assert len(calls.read_text()) == 20  # the 20 val + test questions, once: the stage was not retried
+    log = tmp_path / "runs" / "micro" / "errors.log"  # the traceback the console line leaves out
+    assert f"(the traceback: {log})" in _flat(res.stderr)
+    assert "Traceback (most recent call last)" in log.read_text() and "RewardErrors: evaluate" in log.read_text()
     assert not (tmp_path / "runs" / "micro" / "warmstart_eval" / "_manifest.json").exists()
     assert not (tmp_path / "runs" / "micro" / "iter_001").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
