@@ -60,8 +60,11 @@ fi
 
 WORK=$(mktemp -d /var/tmp/arborl-base.XXXXXX)
 ROOTFS="$WORK/rootfs"
+unmount_all() {  # whatever is mounted under the root file system, deepest first
+  findmnt -rn -o TARGET | { grep "^$ROOTFS/" || true; } | sort -r | xargs -r umount -l
+}
 # debootstrap mounts /proc (and may leave it mounted on failure): unmount before removing anything
-trap 'findmnt -rn -o TARGET | grep "^$ROOTFS/" | sort -r | xargs -r umount -l; rm -rf --one-file-system "$WORK"' EXIT
+trap 'unmount_all; rm -rf --one-file-system "$WORK"' EXIT
 echo "make-base-image: debootstrap $SUITE from $MIRROR"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
   || { tail -n 30 "$WORK/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
@@ -76,7 +79,7 @@ debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR"
 chroot "$ROOTFS" /usr/bin/python3.11 -m venv /opt/venv
 chroot "$ROOTFS" /opt/venv/bin/python -m pip --version
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/tmp/* "$ROOTFS"/root/.cache
-findmnt -rn -o TARGET | grep "^$ROOTFS/" | sort -r | xargs -r umount -l
+unmount_all
 
 tar --numeric-owner -C "$ROOTFS" -c . | "$CLI" import \
   --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
