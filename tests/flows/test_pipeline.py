@@ -195,6 +195,30 @@ def test_keep_iterations_prunes_old_models_and_a_resumed_run_does_not_retrain_th
     assert manifests(run_root) == done and again["final"] == summary["final"]
 
 
+def test_a_config_change_under_keep_iterations_resumes_to_a_fresh_runs_weights(tmp_path, prefect_server):
+    """A finished run with `run.keep_iterations=1` (iteration 1's weights pruned), rerun after `train.lr` changed:
+    every train stage is redone, nothing is wiped before its inputs are found, and the final weights equal a fresh
+    run of the changed config: no stale stage is mixed in."""
+    from safetensors.torch import load_file
+
+    from arborl.flows.pipeline import train_pipeline
+
+    keys = ("run.iterations=2", "run.eval_every=2", "run.keep_iterations=1", "tracking.enabled=false",
+            "registry.enabled=false")
+    train_pipeline(micro(tmp_path / "a", *keys).model_dump(mode="json"))
+    run_root = tmp_path / "a" / "runs" / "micro"
+    assert json.loads((run_root / "iter_001" / "train" / "_manifest.json").read_text())["pruned"]["weights"]
+    before = manifests(run_root)
+    resumed = train_pipeline(micro(tmp_path / "a", *keys, "train.lr=3e-5").model_dump(mode="json"))
+    after = manifests(run_root)
+    assert {k for k in before if after[k] != before[k]} >= {"iter_001/train", "iter_002/sample", "iter_002/train"}
+    fresh = train_pipeline(micro(tmp_path / "b", *keys, "train.lr=3e-5").model_dump(mode="json"))
+    got = load_file(str(run_root / "iter_002" / "train" / "model.safetensors"))
+    want = load_file(str(tmp_path / "b" / "runs" / "micro" / "iter_002" / "train" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert resumed["final"] == fresh["final"]
+
+
 def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_weights(tmp_path, prefect_server):
     """A rerun of the same run.name after `verify.reward` changed: verify reruns, and so do label, train and evaluate
     downstream of it (their inputs' URIs are the same, their contents are not); prepare, the warm start and sample
