@@ -92,7 +92,8 @@ def docker_run_spec(cfg: Config, name: str, config_uri: str, inputs: dict[str, s
     volumes with a host_path. A local `run.output_root` is bind-mounted at the same absolute path, the container
     works in `cwd` (default: this process's) as the user `user` (default: this process's uid:gid; rootless podman,
     a launcher that is not root, also gets `--userns=keep-id` so that uid is the launcher's on the host too), so
-    relative URIs and file ownership match a run outside containers."""
+    relative URIs and file ownership match a run outside containers. Podman does not create a missing working
+    directory: unless `cwd` lies in the mounted root, it gets an empty tmpfs there (as docker's would be empty)."""
     orch = cfg.orchestration
     resources: StageResources = orch.stage_resources(name)
     argv = [orch.container_cli, *orch.container_args, "run", "--rm", "--name", workload_name(cfg, name, params, suffix)]
@@ -119,8 +120,11 @@ def docker_run_spec(cfg: Config, name: str, config_uri: str, inputs: dict[str, s
         local = os.path.expanduser(cfg.run.output_root.removeprefix("file://"))
         root = os.path.normpath(os.path.join(cwd, local))  # an absolute root stays as it is
         argv += ["-v", f"{root}:{root}", "-w", cwd, "--user", user or f"{os.getuid()}:{os.getgid()}"]
-        if orch.container_cli == "podman" and os.getuid() != 0:  # rootless: the container's uid is not the host's
-            argv += ["--userns=keep-id"]
+        if orch.container_cli == "podman":
+            if cwd != "/" and os.path.commonpath([cwd, root]) != root:
+                argv += ["--tmpfs", cwd]  # podman does not create a missing working directory (docker does)
+            if os.getuid() != 0:  # rootless: the container's uid is not the host's
+                argv += ["--userns=keep-id"]
     argv += ["--entrypoint", orch.command[0], orch.image(name)]
     return argv + stage_command(name, config_uri, inputs, out, params, command=orch.command[1:])
 

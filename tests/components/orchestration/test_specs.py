@@ -181,10 +181,21 @@ def test_podman_runs_the_same_container_with_its_global_and_run_arguments(tmp_pa
     assert podman[:7] == ["podman", "--runtime", "/opt/runc-no-rlimits", "run", "--rm", "--name",
                           "arborl-micro-sample-it003-s1-f00d"]
     assert podman[7:9] == ["--network", "host"]
-    rootless = ["--userns=keep-id"] if os.getuid() != 0 else []  # keeps the launcher's uid on the host
-    rest = [a for a in podman[9:] if a not in rootless]
-    assert docker == ["docker", "run", "--rm", "--name", "arborl-micro-sample-it003-s1-f00d", *rest]
-    assert ("--userns=keep-id" in podman) == (os.getuid() != 0)
+    # podman refuses a working directory missing in the container (docker makes it): an empty tmpfs is there;
+    # rootless podman keeps the launcher's uid on the host
+    extra = ["--tmpfs", str(tmp_path), *(["--userns=keep-id"] if os.getuid() != 0 else [])]
+    entry = podman.index("--entrypoint")
+    assert podman[entry - len(extra):entry] == extra
+    assert docker == ["docker", "run", "--rm", "--name", "arborl-micro-sample-it003-s1-f00d",
+                      *podman[9:entry - len(extra)], *podman[entry:]]
+    inside = docker_run_spec(config("docker", "run.output_root=.", *PODMAN), *call, cwd=str(tmp_path))
+    assert "--tmpfs" not in inside  # the working directory is the mounted root itself
+    elsewhere = docker_run_spec(config("docker", f"run.output_root={tmp_path / 'runs'}", *PODMAN), *call,
+                                cwd="/srv/checkout", user="1000:1000")
+    assert elsewhere[elsewhere.index("-w") + 1] == "/srv/checkout"  # relative URIs resolve as outside containers
+    assert elsewhere[elsewhere.index("--tmpfs") + 1] == "/srv/checkout"  # podman would refuse a missing one
+    assert "--tmpfs" not in docker_run_spec(config("docker", f"run.output_root={tmp_path / 'runs'}"), *call,
+                                            cwd="/srv/checkout", user="1000:1000")
 
 
 @pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="renders as another uid: needs root")
