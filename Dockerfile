@@ -79,5 +79,7 @@ USER arborl
 RUN python -c "from arborl.components.sampling.engine import cpu_kernels; assert cpu_kernels.decode_attention() is not None" \
     && chmod -R a+rwX /home/arborl
 
+# build-image.sh removes earlier builds of this image that no tag names any more (by this label)
+LABEL arborl.image=pipeline
 ENTRYPOINT ["arborl"]
 CMD ["run", "--config", "configs/tiny.yaml"]

@@ -69,4 +69,7 @@ started=$(date +%s)
 "$CLI" build --isolation=chroot --network host --target pipeline -t "$TAG" \
   --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-}" \
   "${volumes[@]}" "${extra[@]}" .
+# earlier builds that no tag names any more (each a few GB once the dependencies changed); the cached layers of
+# this build stay
+"$CLI" image prune -f --filter label=arborl.image=pipeline >/dev/null
 echo "build-image: $TAG built in $(( $(date +%s) - started )) s, $("$CLI" image inspect --format '{{.Size}}' "$TAG") bytes"
