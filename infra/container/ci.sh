@@ -20,19 +20,12 @@ step() {  # the seconds of the step just done
   step_started=$now
 }
 
-missing=()
-for tool in podman buildah debootstrap runc python3 make g++; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
+missing=()  # Debian packages: the container tools, and what `make install` needs on a bare machine
+for package in podman buildah debootstrap runc make g++ python3-venv; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 if ((${#missing[@]})); then
-  packages=()
-  for tool in "${missing[@]}"; do
-    case $tool in
-      python3) packages+=(python3 python3-venv) ;;
-      *) packages+=("$tool") ;;
-    esac
-  done
-  apt-get update && apt-get install -y --no-install-recommends "${packages[@]}"
+  apt-get update && apt-get install -y "${missing[@]}"
 fi
 step "installing ${missing[*]:-nothing}"
 
