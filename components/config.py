@@ -513,6 +513,13 @@ class TrainConfig(Strict):
         "training loses no precision across iterations. That state is kept for every iteration unless "
         "run.keep_iterations is set: bfloat16 saves disk only together with it.",
     )
+    checkpoint_every: int = Field(
+        1, ge=1, description="Write the training state (Adam moments, master weights) every this many iterations "
+        "and at the last; in between only the weights in save_dtype. Applies where the state can stay in memory "
+        "(orchestration.executor inprocess, one process, no LoRA); other executors write it every iteration. A "
+        "restart rebuilds an unwritten state by replaying the updates since the last one written, checked to "
+        "reproduce the saved weights bit for bit.",
+    )
     lr: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ε_low: the ratio is clipped below at 1 − ε_low.")
     clip_high: float = Field(

@@ -9,6 +9,7 @@ unreadable (`storage.ArtifactError`).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tempfile
@@ -205,7 +206,14 @@ def load_policy(uri: str, device: str = "cpu", cache_max_gb: float | None = stor
     names `uri` and the file.
 
     A remote directory is read through the local cache, bounded by `cache_max_gb` (`storage.cache_max_gb`),
-    without its optimizer state."""
+    without its optimizer state. A model this process wrote and kept warm (`training/warm.py`) is copied from
+    memory instead."""
+    from arborl.components.training import warm
+
+    kept = warm.model(uri, device, DTYPES[dtype])
+    if kept is not None:
+        return kept
+    warm.LOADS["disk"] += 1
     path = model_dir(uri, cache_max_gb)
     weights = check_model_dir(path, uri)
     try:
@@ -219,6 +227,8 @@ def load_policy(uri: str, device: str = "cpu", cache_max_gb: float | None = stor
     except Exception as exc:  # transformers raises many types; the cause stays chained
         raise ArtifactError(f"{uri}: cannot load the model from {CONFIG_FILE} and {', '.join(weights)} "
                             f"({describe_error(exc)})") from exc
+    if dtype == "float32":  # holds the saved values exactly: later loads in this process copy it from memory
+        warm.remember(uri, copy.deepcopy(model), tokenizer)
     return model.to(device), tokenizer
 
 

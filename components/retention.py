@@ -6,7 +6,9 @@ After RL iteration `latest` completes, `prune` goes over the train outputs of th
   model: `protect`) and the LoRA base of each of them keep their weights; every other one loses everything but
   its manifest and stage marker;
 * every iteration but the newest loses its training state (`optimizer.pt`: Adam moments, master weights), which
-  only the next iteration's train stage reads; a LoRA base keeps it (its master weights are the base's).
+  only the next iteration's train stage reads; a LoRA base keeps it (its master weights are the base's);
+* when the newest iteration left its training state in memory (`train.checkpoint_every`), the newest iteration
+  with one on disk keeps its weights and state: a restart replays the updates after it.
 
 The manifest is marked first (`"pruned": {"weights": ..., "training_state": ..., "at": ..., "keep_iterations":
 ...}`), atomically, and the files are deleted after: the stage still counts as done (a rerun skips it, its
@@ -72,12 +74,27 @@ def prune(models: dict[int, str], latest: int, keep: int | None, protected: Iter
     kept |= {_norm(uri) for uri in protected}
     bases = {_norm(base) for base in map(_lora_base, sorted(kept)) if base}  # a LoRA model needs its base
     kept |= bases
+    anchor = _replay_anchor(models, latest)
+    if anchor is not None:  # the state a restart replays from (train.checkpoint_every): weights and state stay
+        kept.add(_norm(anchor))
+        bases.add(_norm(anchor))
     for _, uri in sorted((i, uri) for i, uri in models.items() if i < latest):
         weights, state = _norm(uri) not in kept, _norm(uri) not in bases
         for what, now in zip(("weights", "training_state"), _prune_dir(uri, weights, state, keep), strict=True):
             if now:
                 done[what].append(uri)
     return done
+
+
+def _replay_anchor(models: dict[int, str], latest: int) -> str | None:
+    """When iteration `latest` left its training state in memory (train.checkpoint_every), the newest earlier
+    iteration model whose training state is on disk: a restart replays the updates after it."""
+    from arborl.components.training.checkpoint import TRAINING_STATE_FILE
+
+    newest = [(i, uri) for i, uri in sorted(models.items(), reverse=True) if i <= latest]
+    if not newest or storage.exists(storage.join(newest[0][1], TRAINING_STATE_FILE)):
+        return None
+    return next((uri for _, uri in newest[1:] if storage.exists(storage.join(uri, TRAINING_STATE_FILE))), None)
 
 
 def _prune_dir(uri: str, weights: bool, training_state: bool, keep: int) -> tuple[bool, bool]:

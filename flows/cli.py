@@ -521,6 +521,32 @@ def bench_warmstart_cmd(
     _print_bench(result, "arborl bench warmstart", as_json)
 
 
+@bench_app.command("iteration")
+@guarded("bench iteration")
+def bench_iteration_cmd(
+    config: Optional[Path] = ConfigOpt,
+    workdir: str = typer.Option("runs/bench-iteration", help="Output root of the bench's runs."),
+    iterations: int = typer.Option(20, min=1, help="RL iterations per run."),
+    checkpoint_every: int = typer.Option(10, min=1, help="train.checkpoint_every of the 'after' run."),
+    model_config: Optional[str] = typer.Option(
+        None, "--model-config", help="Instead: one iteration's model I/O at this architecture with random weights "
+        "(qwen2.5-0.5b), no sampling."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON result."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """An iteration's seconds and bytes, before vs after keeping the policy warm with the training state every k
+    iterations, side by side in one process; or, with --model-config, the model I/O of one iteration at size."""
+    from arborl.components.bench.iteration import bench_iteration, model_io
+
+    if model_config is not None:
+        _print_bench(model_io(model_config, workdir, checkpoint_every), "arborl bench iteration", as_json)
+        return
+    cfg = _load(config, overrides)
+    _prefect_env()
+    result = bench_iteration(cfg, workdir, iterations=iterations, checkpoint_every=checkpoint_every)
+    _print_bench(result, "arborl bench iteration", as_json)
+
+
 @bench_app.command("rewards")
 @guarded("bench rewards")
 def bench_rewards_cmd(

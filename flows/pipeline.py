@@ -23,6 +23,7 @@ from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
 from arborl.components.stages import warmstart as warmstart_stage
 from arborl.components.tracking import Tracker
+from arborl.components.training import warm
 from arborl.flows import logs
 from arborl.flows.alerts import emit_challenger_rejected
 from arborl.flows.dashboards import Dashboards
@@ -267,7 +268,8 @@ def train_pipeline(config: dict, config_file: str | None = None, lineage: dict[s
     cfg = resolve_snapshot(Config.model_validate(config))
     lineage = {**lineage_tags(cfg), **(lineage or {})}
     root = storage.child(cfg.run.output_root, cfg.run.name)
-    with RunLock(root, "arborl run"), logs.route_to_prefect():  # one writer per run root
+    in_process = cfg.orchestration.executor == "inprocess"
+    with RunLock(root, "arborl run"), logs.route_to_prefect(), warm.kept(in_process):  # one writer per run root
         mark_stale_runs(cfg)
         return _train(cfg, root, config_file, lineage)
 

@@ -19,7 +19,8 @@ from arborl.components.config import AgentConfig, VerifyConfig
 from arborl.components.evaluation.metrics import bootstrap_ci, pass_at_k
 from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from arborl.components.sampling.generation import GenerationBackend
-from arborl.components.verification.scoring import check_reward_errors, sample_from_prompt, score_samples
+from arborl.components.verification.calls import sample_from_prompt
+from arborl.components.verification.scoring import check_reward_errors, score_samples
 
 # Per-question scores a gate or a comparison can use: a greedy column, or a column averaged over samples.
 QUESTION_METRICS = ("em", "f1", "reward", "em_sampled", "f1_sampled", "reward_sampled")

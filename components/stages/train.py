@@ -8,6 +8,12 @@ The output is a model directory in `train.save_dtype` plus its training state (`
 `checkpoint.write_training_state`): the Adam state and, when the saved weights are rounded, the full-precision
 master weights. The next iteration starts from the master weights when there are any, so a bfloat16 save loses
 no precision across iterations.
+
+In one process (`orchestration.executor: inprocess`, no LoRA, no torchrun) the trained model and its training
+state also stay in memory for the next stages (`training/warm.py`), and `train.checkpoint_every: k` writes the
+training state only every k-th iteration and at the last. After a restart, train(i+1) rebuilds a state that was
+never written by replaying the updates since the last full checkpoint from their recorded inputs, and checks
+that each replay reproduces the saved weights bit for bit; the weights then equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from arborl.components.advantages.registry import get_estimator
 from arborl.components.config import Config
 from arborl.components.models import load_policy, row_prompt_ids, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
-from arborl.components.training import checkpoint, distributed, lora
+from arborl.components.training import checkpoint, distributed, lora, warm
 from arborl.components.training.packing import TreeUnit
 from arborl.components.training.trainer import StepHooks, build_units, policy_update
 
@@ -73,6 +79,66 @@ def _start_from_master(model: torch.nn.Module, model_uri: str, lora_base: str | 
         checkpoint.restore_master(model.get_base_model(), base_state.master, storage.join(lora_base, OPTIMIZER_FILE))
 
 
+def _keeps_warm(cfg: Config, dist: distributed.Dist) -> bool:
+    """Whether the trained model and its training state stay in memory for the next stages of this process (an
+    in-process run, `warm.kept`)."""
+    return warm.ENABLED["on"] and not dist.active and not cfg.train.lora.enabled
+
+
+def _writes_state(cfg: Config, dist: distributed.Dist, iteration: int) -> bool:
+    """Whether this iteration writes its training state: always, unless it is kept warm in memory and is
+    neither a multiple of train.checkpoint_every nor the last iteration."""
+    every = cfg.train.checkpoint_every
+    return not _keeps_warm(cfg, dist) or iteration % every == 0 or iteration >= cfg.run.iterations
+
+
+def _saved_without_state(model_uri: str) -> bool:
+    """Whether the model directory `model_uri` is a train output that left its training state in memory."""
+    manifest = storage.read_manifest(model_uri)
+    metrics = manifest.get("metrics") if isinstance(manifest, dict) else None
+    return manifest.get("stage") == "train" and isinstance(metrics, dict) and metrics.get("state_saved") == 0
+
+
+def _input_state(cfg: Config, model_uri: str, dist: distributed.Dist, here: str
+                 ) -> checkpoint.TrainingState | None:
+    """The training state to continue from: kept in memory, else on disk, else rebuilt by replaying the update
+    that made `model_uri` (its state was never written: train.checkpoint_every)."""
+    state = warm.training_state(model_uri)
+    if state is None:
+        state = checkpoint.read_training_state(model_uri, here)
+    if state is None and _saved_without_state(model_uri):
+        _replay(cfg, model_uri, dist)
+        state = warm.training_state(model_uri)
+    return state
+
+
+def _replay(cfg: Config, model_uri: str, dist: distributed.Dist) -> None:
+    """Redo the update that wrote `model_uri`, from the inputs and iteration its manifest records (recursively
+    back to the last state on disk), check that it reproduces the saved weights bit for bit, and keep the
+    result warm with its training state."""
+    manifest = storage.read_manifest(model_uri)
+    iteration = int(manifest["metrics"]["iteration"])
+    log.warning("train: %s was saved without its training state (train.checkpoint_every=%d): replaying iteration "
+                "%d's update to rebuild it", model_uri, cfg.train.checkpoint_every, iteration)
+    model, _, tokenizer, optimizer, _, _ = _update(cfg, manifest["inputs"], None, iteration, dist)
+    master = checkpoint.master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
+    warm.keep_trained(model_uri, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
+    from safetensors.torch import load_file
+
+    from arborl.components.models import WEIGHTS_FILE, model_dir
+
+    if isinstance(manifest.get("pruned"), dict) and manifest["pruned"].get("weights"):
+        return  # nothing to compare with (run.keep_iterations); the replays after it are checked
+    saved = load_file(str(model_dir(model_uri, cfg.storage.cache_max_gb) / WEIGHTS_FILE))
+    ours = model.state_dict()
+    differ = [k for k, v in saved.items() if k not in ours or not torch.equal(ours[k].to(v.dtype), v)]
+    if differ:
+        warm.forget(model_uri)
+        raise RuntimeError(f"train: replaying the update that wrote {model_uri} did not reproduce its weights "
+                           f"({len(differ)} tensors differ, e.g. {differ[0]!r}); its training state cannot be rebuilt."
+                           " Start a new run.name, or resume from the last full checkpoint's iteration")
+
+
 def _check_fsdp(cfg: Config) -> None:
     if cfg.train.distributed == "fsdp" and (cfg.train.lora.enabled or cfg.train.save_every_steps):
         raise ValueError("train.distributed 'fsdp' supports full fine-tuning without in-stage checkpoints; "
@@ -97,15 +163,17 @@ def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, 
     return build_units(prompts, nodes, leaf_adv, node_weights=per_node)
 
 
-def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, dist: distributed.Dist
-                 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """One policy update of the input model on the labelled trees (this rank's shard of them); rank 0 writes
-    the updated model, with its optimizer state, to `out`."""
+def _update(cfg: Config, inputs: dict[str, str], out: str | None, iteration: int, dist: distributed.Dist
+            ) -> tuple[torch.nn.Module, torch.nn.Module, PreTrainedTokenizerBase, torch.optim.Optimizer,
+                       dict[str, Any], str | None]:
+    """The policy update of iteration `iteration`: (the model with its trained weights at full precision, the
+    same wrapped for DDP/FSDP, the tokenizer, the optimizer, the metrics, the LoRA base or None). In-stage
+    checkpoints go under `out` (None: none, as in a replay)."""
     here = distributed.device_of(dist, device(cfg))
     fsdp = dist.mode == "fsdp"
+    state = _input_state(cfg, inputs["model"], dist, here)  # first: a replay rebuilds the input model too
     model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here,
                                                                 cfg.storage.cache_max_gb)
-    state = checkpoint.read_training_state(inputs["model"], here)
     _start_from_master(model, inputs["model"], lora_base, state, here)
     if cfg.train.gradient_checkpointing:
         distributed.enable_gradient_checkpointing(model)
@@ -128,9 +196,9 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
         ref_model.requires_grad_(False)
     units = load_tree_units(inputs, tokenizer, cfg.model.chat_template)
 
-    ckpt_root = storage.join(out, CHECKPOINT_DIR)
+    ckpt_root = storage.join(out, CHECKPOINT_DIR) if out is not None else ""
     fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)
-    every = cfg.train.save_every_steps
+    every = cfg.train.save_every_steps if out is not None else 0
 
     def resume() -> tuple[int, dict[str, list[float]]]:
         uri = checkpoint.latest_checkpoint(ckpt_root, fingerprint) if every else None
@@ -153,6 +221,18 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
     metrics["world_size"] = dist.world_size
     if cfg.train.flex_attention:
         model.set_attn_implementation(saved_attention)
+    return model, wrapped, tokenizer, optimizer, metrics, lora_base
+
+
+def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, dist: distributed.Dist
+                 ) -> tuple[dict[str, str], dict[str, Any]]:
+    """One policy update of the input model on the labelled trees (this rank's shard of them); rank 0 writes
+    the updated model, with its training state unless it stays in memory (train.checkpoint_every), to `out`."""
+    model, wrapped, tokenizer, optimizer, metrics, lora_base = _update(cfg, inputs, out, iteration, dist)
+    fsdp = dist.mode == "fsdp"
+    ckpt_root = storage.join(out, CHECKPOINT_DIR)
+    write_state = _writes_state(cfg, dist, iteration)
+    metrics["iteration"], metrics["state_saved"] = iteration, float(write_state)
     if fsdp:
         state = distributed.full_state_dict(wrapped)  # a collective: every rank takes part
         if dist.is_main:  # FSDP's sharded optimizer state is not kept: only master weights, when rounded
@@ -162,8 +242,11 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
         # under LoRA the adapter is saved at full precision and the base is unchanged: no master weights
         master = None if lora_base is not None else checkpoint.master_weights(
             dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
-        checkpoint.write_training_state(out, optimizer.state_dict(), master)
+        if write_state:
+            checkpoint.write_training_state(out, optimizer.state_dict(), master)
         lora.save_trained(model, tokenizer, out, lora_base, dtype=cfg.train.save_dtype)
+        if _keeps_warm(cfg, dist):  # the next stages of this process take it from memory
+            warm.keep_trained(out, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
     if dist.is_main:
         storage.remove(ckpt_root)  # the finished model supersedes them
     distributed.barrier(dist)

@@ -12,7 +12,8 @@ from typing import Any
 from arborl.components import schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
-from arborl.components.verification.scoring import RewardErrors, check_reward_errors, sample_from_prompt, score_samples
+from arborl.components.verification.calls import sample_from_prompt
+from arborl.components.verification.scoring import RewardErrors, check_reward_errors, score_samples
 
 __all__ = ["RewardErrors", "leaf_responses", "run", "verify_leaves"]
 

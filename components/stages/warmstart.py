@@ -20,6 +20,7 @@ from arborl.components.envs.demos import Segment, build_demonstrations, gold_cha
 from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.training import warm
 from arborl.components.training.checkpoint import master_weights, write_training_state
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
@@ -30,6 +31,8 @@ def save_start_model(cfg: Config, model: torch.nn.Module, tokenizer: PreTrainedT
     master = master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
     write_training_state(out, None, master)
     save_policy(model, tokenizer, out, dtype=cfg.train.save_dtype)
+    if warm.ENABLED["on"]:  # an in-process run: the stages after it take it from memory
+        warm.keep_trained(out, model, tokenizer, None, master, cfg.train.save_dtype)
 
 
 def given_model(cfg: Config, out: str) -> tuple[dict[str, str], dict[str, Any]]:

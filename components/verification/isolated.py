@@ -19,16 +19,14 @@ from typing import TYPE_CHECKING
 
 from pebble import ProcessExpired, ProcessPool
 
+from arborl.components.verification.calls import Sample, score_one
 from arborl.components.verification.rewards import Outcome, failed
 
 if TYPE_CHECKING:
     from arborl.components.config import VerifyConfig
-    from arborl.components.verification.scoring import Sample
 
 
 def _work(spec: str, sample: Sample, cfg: VerifyConfig, path: list[str]) -> Outcome:
-    from arborl.components.verification.scoring import score_one  # imported in the worker: scoring imports us
-
     # The fork server keeps the import path it started with; a spec resolves against the caller's, as in-process.
     sys.path[:] = path + [p for p in sys.path if p not in path]
     return score_one(spec, sample, cfg, None)
@@ -44,7 +42,7 @@ def score_in_processes(batch: list[Sample], cfg: VerifyConfig, spec: str,
     streak = 0
     context = multiprocessing.get_context("forkserver")
     # Workers fork from a server that has imported the scoring code once, instead of each importing it (~1 s).
-    context.set_forkserver_preload(["arborl.components.verification.scoring"])
+    context.set_forkserver_preload(["arborl.components.verification.calls"])
     pool = ProcessPool(max_workers=min(cfg.workers, len(batch)), context=context)
     try:
         futures = {pool.schedule(_work, args=(spec, s, cfg, sys.path), timeout=cfg.timeout_s): i

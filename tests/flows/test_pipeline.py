@@ -219,6 +219,53 @@ def test_a_config_change_under_keep_iterations_resumes_to_a_fresh_runs_weights(t
     assert resumed["final"] == fresh["final"]
 
 
+def test_training_state_every_k_iterations_resumes_bit_identical_by_replay(tmp_path, prefect_server, monkeypatch):
+    """`train.checkpoint_every=3` in one process: iterations 3 and 6 (the last) write their training state, the
+    others keep it in memory, and no stage reads a model back from disk. A crash in iteration 6's train stage and
+    a restart in a new process (nothing in memory) replays iterations 4 and 5 from iteration 3's state, reading
+    one model from disk, and ends with the uninterrupted run's weights, bit for bit, though iteration 4's weights
+    were pruned (run.keep_iterations=1)."""
+    from safetensors.torch import load_file
+
+    from arborl.components.stages import STAGES
+    from arborl.components.training import warm
+    from arborl.flows.pipeline import train_pipeline
+
+    keys = ("run.iterations=6", "run.eval_every=6", "train.checkpoint_every=3", "train.save_dtype=bfloat16",
+            "run.keep_iterations=1", "tracking.enabled=false", "registry.enabled=false")
+    warm.clear()
+    warm.LOADS.clear()
+    straight = train_pipeline(micro(tmp_path / "straight", *keys).model_dump(mode="json"))
+    assert warm.LOADS["disk"] == 0 and warm.LOADS["warm"] > 0
+    straight_root = tmp_path / "straight" / "runs" / "micro"
+    with_state = {it for it in range(1, 7) if (straight_root / f"iter_{it:03d}" / "train" / "optimizer.pt").exists()}
+    assert with_state == {6}  # 3's went once 6 had its own (keep_iterations=1)
+
+    train_stage = STAGES["train"]
+
+    def crashing_train(cfg, inputs, out, iteration, **kw):
+        if iteration == 6:
+            raise RuntimeError("killed in the train stage of iteration 6")
+        return train_stage(cfg, inputs, out, iteration=iteration, **kw)
+
+    monkeypatch.setitem(STAGES, "train", crashing_train)
+    cfg = micro(tmp_path / "crash", *keys)
+    with pytest.raises(Exception, match="killed in the train stage of iteration 6"):
+        train_pipeline(cfg.model_dump(mode="json"))
+    monkeypatch.setitem(STAGES, "train", train_stage)
+    run_root = tmp_path / "crash" / "runs" / "micro"
+    assert (run_root / "iter_003" / "train" / "optimizer.pt").exists()  # what a restart replays from
+    assert not (run_root / "iter_004" / "train" / "model.safetensors").exists()  # pruned
+    warm.clear()  # a new process
+    warm.LOADS.clear()
+    resumed = train_pipeline(cfg.model_dump(mode="json"))
+    assert warm.LOADS["disk"] == 1
+    got = load_file(str(run_root / "iter_006" / "train" / "model.safetensors"))
+    want = load_file(str(straight_root / "iter_006" / "train" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert resumed["final"] == straight["final"]
+
+
 def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_weights(tmp_path, prefect_server):
     """A rerun of the same run.name after `verify.reward` changed: verify reruns, and so do label, train and evaluate
     downstream of it (their inputs' URIs are the same, their contents are not); prepare, the warm start and sample

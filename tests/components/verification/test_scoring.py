@@ -8,7 +8,8 @@ import json
 import pytest
 
 from arborl.components.config import VerifyConfig
-from arborl.components.verification.scoring import Sample, reward_spec, sample_from_prompt, score_samples
+from arborl.components.verification.calls import sample_from_prompt
+from arborl.components.verification.scoring import Sample, reward_spec, score_samples
 
 RIGHT = "<answer> paris </answer>"
 WRONG = "<answer> rome </answer>"

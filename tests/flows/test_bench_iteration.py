@@ -1,0 +1,24 @@
+"""`arborl bench iteration`'s before/after runs on the micro config: real in-process flows from one warm start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from arborl.components.bench import iteration
+from arborl.components.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_warm_run_reads_no_model_and_writes_less_than_the_cold_one(tmp_path, prefect_server):
+    cfg = load_config(ROOT / "configs" / "micro.yaml", ["tracking.enabled=false"])
+    result = iteration.bench_iteration(cfg, str(tmp_path), iterations=2, checkpoint_every=2)
+    # "after" reads the shared warm start once, then takes every model from memory; "before" reads each one
+    assert result["before_model_loads_disk"] > 2 and result["after_model_loads_disk"] == 1
+    assert result["after_model_loads_memory"] > 0
+    # iteration 1 of "after" writes no optimizer.pt: the train outputs average less
+    assert result["after_train_bytes_per_iteration"] < result["before_train_bytes_per_iteration"]
+    for when in ("before", "after"):
+        stages = sum(result[f"{when}_{s}_seconds_per_iteration"] for s in iteration.ITERATION_STAGES)
+        assert 0 < stages <= result[f"{when}_seconds_per_iteration"]
+    assert result["speedup"] == result["before_seconds_per_iteration"] / result["after_seconds_per_iteration"]
