@@ -21,12 +21,14 @@ after a config change the run's params would describe the old config, so a new M
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -206,6 +208,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self._system_metrics: bool = cfg.tracking.system_metrics
         self._monitor: Any = None
+        self._pending: list | None = None  # metrics waiting for the end of `batched()`
         if not self.enabled:
             return
         from mlflow import MlflowClient
@@ -266,6 +269,7 @@ class Tracker:
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+        """Log the numbers of `metrics` at `step`, keys prefixed; inside `batched()` they wait for its end."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
@@ -276,8 +280,29 @@ class Tracker:
             for k, v in sorted(metrics.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
-        for i in range(0, len(items), 500):
+        if self._pending is not None:
+            self._pending.extend(items)
+            return
+        self._send(items)
+
+    def _send(self, items: list) -> None:
+        for i in range(0, len(items), 500):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Collect the metrics logged in the block and send them in one request at its end (one per RL
+        iteration instead of one per stage), also when the block fails."""
+        if self._pending is not None:  # already collecting
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        finally:
+            items, self._pending = self._pending, None
+            if items:
+                self._send(items)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:

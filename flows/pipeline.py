@@ -295,7 +295,8 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
         last_eval, last_eval_iter = warm_eval, 0
         history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
-            model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
+            with ctx.tracker.batched():  # one MLflow request for the iteration's metrics
+                model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
             history.append(row)
             prune_iterations(ctx, it, warm_model)
             if evaluation is not None:

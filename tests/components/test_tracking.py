@@ -102,3 +102,26 @@ def test_system_metrics_are_sampled_until_finish_and_can_be_turned_off(tmp_path,
     off.start_system_metrics()
     assert off._monitor is None
     off.finish()
+
+
+def test_metrics_of_a_batched_block_go_in_one_request(tmp_path, monkeypatch):
+    cfg, root, client = _setup(tmp_path, monkeypatch)
+    tracker = Tracker(cfg, root)
+    sent = []
+    real = tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (sent.append(k), real(*a, **k))[1])
+    with tracker.batched():
+        tracker.log_metrics({"reward_mean": 0.5, "leaves": 24}, step=3, prefix="verify/")
+        tracker.log_metrics({"loss": -0.1}, step=3, prefix="train/")
+        assert sent == []
+    assert len(sent) == 1
+    try:
+        with tracker.batched():
+            tracker.log_metrics({"loss": 0.2}, step=4, prefix="train/")
+            raise RuntimeError("a stage failed")
+    except RuntimeError:
+        pass
+    assert len(sent) == 2  # sent although the block failed
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, -0.1), (4, 0.2)]
+    assert client.get_run(tracker.run_id).data.metrics["verify/leaves"] == 24
