@@ -33,6 +33,20 @@ from arborl.components.evaluation.metrics import paired_bootstrap
 from arborl.components.failpoints import failpoint
 from arborl.components.stages.base import load_prompts
 from arborl.components.tracking import check_tracking_uri, tracking_uri
+from arborl.components.tracking.tags import (
+    CONFIG_HASH_TAG,
+    DATA_SNAPSHOT_TAG,
+    DATA_URI_TAG,
+    MODEL_URI_TAG,
+    ORIGIN_TAG,
+    PARENT_MODEL_URI_TAG,
+    PARENT_VERSION_TAG,
+    RUN_ID_TAG,
+    RUN_ROOT_TAG,
+    WARMSTART_MODEL_TAG,
+    WEIGHTS_TAG,
+    WORLD_TAG,
+)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 DECISION_FILE = "decision.json"  # the gate's decision, under the run's promote_v<version>/
@@ -127,7 +141,6 @@ def _client(cfg: Config):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-WEIGHTS_TAG = "arborl.weights_sha256"  # on a registered version: the digest of the weights it was registered from
 
 
 def weights_digest(model_uri: str) -> str:
@@ -228,7 +241,7 @@ def register_final_model(
             )
         version = str(info.registered_model_version)
         failpoint("registry.after_register")  # crash-safety tests: a kill between registering and the alias
-    tags = {"arborl.run_id": run_id, "arborl.config_hash": cfg.section_hash(), "arborl.model_uri": model_uri,
+    tags = {RUN_ID_TAG: run_id, CONFIG_HASH_TAG: cfg.section_hash(), MODEL_URI_TAG: model_uri,
             WEIGHTS_TAG: digest, **(extra_tags or {})}
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))})
     for k, v in tags.items():
@@ -245,11 +258,11 @@ def lineage_tags(cfg: Config, parent_version: str | None = None, parent_model_ur
     from arborl.components.data import snapshots
 
     return {
-        "arborl.parent_version": parent_version or "none",
-        "arborl.parent_model_uri": parent_model_uri or cfg.model.path or "none",
-        "arborl.data_snapshot": snapshots.snapshot_name(cfg.data),
-        "arborl.data_uri": snapshots.data_uri(cfg.data),
-        "arborl.config_hash": cfg.section_hash(),
+        PARENT_VERSION_TAG: parent_version or "none",
+        PARENT_MODEL_URI_TAG: parent_model_uri or cfg.model.path or "none",
+        DATA_SNAPSHOT_TAG: snapshots.snapshot_name(cfg.data),
+        DATA_URI_TAG: snapshots.data_uri(cfg.data),
+        CONFIG_HASH_TAG: cfg.section_hash(),
     }
 
 
@@ -265,7 +278,6 @@ def _experiment_id(client, cfg: Config) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
-ORIGIN_TAG = "arborl.origin"
 
 
 def seed_champion(cfg: Config, model_uri: str) -> str:
@@ -277,8 +289,8 @@ def seed_champion(cfg: Config, model_uri: str) -> str:
     client = _client(cfg)
     name = cfg.registry.model_name
     # a seed is trained on no data of this project: no snapshot, no data URI
-    tags = {ORIGIN_TAG: "seed", **lineage_tags(cfg, None, model_uri), "arborl.data_snapshot": "none",
-            "arborl.data_uri": "none", "arborl.model_uri": model_uri}
+    tags = {ORIGIN_TAG: "seed", **lineage_tags(cfg, None, model_uri), DATA_SNAPSHOT_TAG: "none",
+            DATA_URI_TAG: "none", MODEL_URI_TAG: model_uri}
     run = client.create_run(_experiment_id(client, cfg), run_name=f"seed-{name}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -402,7 +414,7 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
     tags = challenger.tags
     challenger_version = str(challenger.version)
     champion_version = str(champion.version) if champion is not None else None
-    world, run_root = tags.get("arborl.world"), tags.get("arborl.run_root")
+    world, run_root = tags.get(WORLD_TAG), tags.get(RUN_ROOT_TAG)
     if run_root and not storage.contains(cfg.run.output_root, run_root):
         raise ValueError(f"registered model {name!r} v{challenger.version}: its tag arborl.run_root={run_root!r} lies "
                          f"outside run.output_root={cfg.run.output_root!r}; nothing is written there")
@@ -423,8 +435,8 @@ def promote(cfg: Config, split: str | None = None) -> Promotion:
                                                           Path(tmp) / "challenger")}
                 if champion_version is not None:
                     sources["baseline"] = download_version(client, name, champion_version, Path(tmp) / "champion")
-            if champion_version is None and tags.get("arborl.warmstart_model"):
-                sources["baseline"] = tags["arborl.warmstart_model"]
+            if champion_version is None and tags.get(WARMSTART_MODEL_TAG):
+                sources["baseline"] = tags[WARMSTART_MODEL_TAG]
             elif champion_version is None:
                 raise ValueError(f"no {CHAMPION} and no warm-start model recorded on v{challenger_version}")
         except Exception as exc:  # nothing to compare: incomplete

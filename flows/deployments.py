@@ -20,6 +20,7 @@ from prefect import flow
 
 from arborl.components import storage
 from arborl.components.config import DEFAULT_CONFIG, Config, load_config
+from arborl.components.tracking.tags import DATA_SNAPSHOT_TAG, PARENT_MODEL_URI_TAG, PARENT_VERSION_TAG
 from arborl.flows.pipeline import train_pipeline
 
 REPO_ROOT = DEFAULT_CONFIG.parent.parent
@@ -68,12 +69,12 @@ def plan_retrain(cfg: Config, parent_version: str | None) -> tuple[Config, dict[
     run_name = retrain_run_name(cfg.run.name, snapshot_name(cfg.data), parent_version)
     data = cfg.model_dump(mode="json")
     data["run"]["name"] = run_name
-    lineage = {"arborl.parent_version": parent_version or "none"}
+    lineage = {PARENT_VERSION_TAG: parent_version or "none"}
     if parent_version is not None:
         data["run"]["warmstart_from"] = None
         data["model"]["path"] = storage.child(cfg.run.output_root, run_name, PARENT_MODEL_DIR)
         data["warmstart"]["enabled"] = False
-        lineage["arborl.parent_model_uri"] = f"models:/{cfg.registry.model_name}/{parent_version}"
+        lineage[PARENT_MODEL_URI_TAG] = f"models:/{cfg.registry.model_name}/{parent_version}"
     return Config.model_validate(data), lineage
 
 
@@ -100,5 +101,5 @@ def retrain(config: str, overrides: list[str] | None = None, iterations: int | N
     summary = train_pipeline(run_cfg.model_dump(mode="json"), str(config_path(config)), lineage)
     registry = summary.get("registry") or {}
     return {**summary, "retrain": {"run_name": run_cfg.run.name, "parent_version": parent or "none",
-                                   "data_snapshot": summary["lineage"]["arborl.data_snapshot"],
+                                   "data_snapshot": summary["lineage"][DATA_SNAPSHOT_TAG],
                                    "champion_after": registry.get("champion_after")}}

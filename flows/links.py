@@ -8,6 +8,7 @@ import logging
 import re
 
 from arborl.components.config import Config
+from arborl.components.tracking.tags import CONFIG_FILE_TAG, CONFIG_HASH_TAG
 
 log = logging.getLogger("arborl.flows")
 FLOW_NAME = "arborl-tree-grpo"  # the training flow's Prefect name
@@ -97,9 +98,9 @@ def mlflow_run_tags(cfg: Config, config_file: str | None) -> dict[str, str]:
     of the working directory (when it is a git repository), the config file and the config's hash."""
     from arborl.components.tracking import git_commit
 
-    tags = {**flow_run_links(), "arborl.config_hash": cfg.section_hash()}
+    tags = {**flow_run_links(), CONFIG_HASH_TAG: cfg.section_hash()}
     if config_file:
-        tags["arborl.config_file"] = str(config_file)
+        tags[CONFIG_FILE_TAG] = str(config_file)
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

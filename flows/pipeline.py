@@ -23,6 +23,13 @@ from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
 from arborl.components.stages import warmstart as warmstart_stage
 from arborl.components.tracking import Tracker
+from arborl.components.tracking.tags import (
+    ITERATION_TAG,
+    RUN_ROOT_TAG,
+    SEARCH_COLLAPSE_TAG,
+    WARMSTART_MODEL_TAG,
+    WORLD_TAG,
+)
 from arborl.components.training import warm
 from arborl.flows import logs
 from arborl.flows.alerts import emit_challenger_rejected
@@ -32,7 +39,6 @@ from arborl.flows.progress import Reporter, get_reporter
 
 RUN_CONFIG_FILE = "config.json"  # the resolved config, at the run's root
 SUMMARY_FILE = "summary.json"  # what `train_pipeline` returns, at the run's root
-SEARCH_COLLAPSE_TAG = "arborl.search_collapse"
 MECHANISM_KEYS = ("tool_calls_per_trajectory", "first_step_answer_frac", "truncated_frac", "pool_cut_frac")
 SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_f1", "test_tool_calls",
                 "test_tool_calls_sampled")
@@ -321,8 +327,8 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
         }
         if cfg.registry.enabled and tracker.enabled:
             retention.protect(root, model)  # before registering: a registered model is never pruned
-            tags = {"arborl.world": world, "arborl.run_root": root, "arborl.warmstart_model": warm_model,
-                    "arborl.iteration": str(last_eval_iter), **lineage}
+            tags = {WORLD_TAG: world, RUN_ROOT_TAG: root, WARMSTART_MODEL_TAG: warm_model,
+                    ITERATION_TAG: str(last_eval_iter), **lineage}
             summary["registry"] = register_and_promote(cfg, tracker.run_id, model, last_eval, tags, ctx.dash)
         _save_summary(ctx, summary, config_file)
         tracker.finish("FINISHED")

@@ -9,6 +9,7 @@ from typing import Any
 
 from arborl.components.config import Config
 from arborl.components.tracking import check_tracking_uri, model_version_url, run_url, tracking_uri
+from arborl.components.tracking.tags import DATA_SNAPSHOT_TAG, ORIGIN_TAG, PARENT_VERSION_TAG, RUN_ID_TAG
 
 COLUMNS = ("version", "created", "run", "lineage", "decision", "metric", "scores", "delta", "champion", "aliases")
 MD_COLUMNS = (*COLUMNS[:6], "against", *COLUMNS[6:])  # markdown has room for the baseline's name too
@@ -52,7 +53,7 @@ def registry_rows(cfg: Config) -> list[dict[str, Any]]:
     rows = []
     for v in versions:
         tags = v.tags or {}
-        run_id = tags.get("arborl.run_id") or v.run_id
+        run_id = tags.get(RUN_ID_TAG) or v.run_id
         run_name, experiment_id = None, None
         if run_id:
             try:
@@ -74,9 +75,9 @@ def registry_rows(cfg: Config) -> list[dict[str, Any]]:
             "ci_high": _float(tags.get("gate.ci_high")), "n": tags.get("gate.n"),
             "against": tags.get("gate.baseline_model"), "decided_at": tags.get("gate.decided_at"),
             "champion_before": before, "champion_after": after,
-            "data_snapshot": _none(tags.get("arborl.data_snapshot")),
-            "parent_version": _none(tags.get("arborl.parent_version")),
-            "origin": tags.get("arborl.origin"),
+            "data_snapshot": _none(tags.get(DATA_SNAPSHOT_TAG)),
+            "parent_version": _none(tags.get(PARENT_VERSION_TAG)),
+            "origin": tags.get(ORIGIN_TAG),
             "aliases": sorted(by_version.get(str(v.version), [])),
             "description": v.description or "",
         })

@@ -35,11 +35,9 @@ from urllib.parse import urlsplit
 
 from arborl.components import storage
 from arborl.components.config import Config
+from arborl.components.tracking.tags import CONFIG_HASH_TAG, RUN_ROOT_TAG, SUPERSEDES_TAG
 
 RUN_ID_FILE = "_mlflow_run.json"
-RUN_ROOT_TAG = "arborl.run_root"  # on every MLflow run: the output directory it tracks
-CONFIG_HASH_TAG = "arborl.config_hash"  # on every MLflow run: the config it was made with (its params)
-SUPERSEDES_TAG = "arborl.supersedes"  # on a run of a root whose config changed: the earlier MLflow run
 log = logging.getLogger("arborl.tracking")
 HEALTH_TIMEOUT_S = 5.0  # connect and read timeout of the tracking server's health check (one try)
 
