@@ -514,7 +514,7 @@ class TrainConfig(Strict):
         "run.keep_iterations is set: bfloat16 saves disk only together with it.",
     )
     checkpoint_every: int = Field(
-        1, ge=1, description="Write the training state (Adam moments, master weights) every this many iterations "
+        10, ge=1, description="Write the training state (Adam moments, master weights) every this many iterations "
         "and at the last; in between only the weights in save_dtype. Applies where the state can stay in memory "
         "(orchestration.executor inprocess, one process, no LoRA); other executors write it every iteration. A "
         "restart rebuilds an unwritten state by replaying the updates since the last one written, checked to "

@@ -173,10 +173,10 @@ class RunContext:
 
     def record(self, result: dict, step: int, prefix: str) -> dict:
         """Count a stage result's seconds and log its metrics at `step` (not again for a stage a resumed
-        MLflow run already logged); returns `result`."""
+        MLflow run already logged: `Tracker.logged`); returns `result`."""
         self.stage_seconds[result["stage"]] += result["seconds"]
         self.dash.timed(step, result["stage"], result["seconds"])
-        if not (result["skipped"] and self.tracker.resumed):
+        if not (result["skipped"] and self.tracker.resumed and self.tracker.logged(step)):
             self.tracker.log_metrics(result["metrics"], step=step, prefix=prefix)
             self.tracker.log_metrics({f"{result['stage']}_seconds": result["seconds"]}, step=step, prefix="time/")
         return result
@@ -301,7 +301,7 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
         last_eval, last_eval_iter = warm_eval, 0
         history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
-            with ctx.tracker.batched():  # one MLflow request for the iteration's metrics
+            with ctx.tracker.batched(it):  # one MLflow request for the iteration's metrics
                 model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
             history.append(row)
             prune_iterations(ctx, it, warm_model)

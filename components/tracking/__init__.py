@@ -207,6 +207,8 @@ class Tracker:
         self._system_metrics: bool = cfg.tracking.system_metrics
         self._monitor: Any = None
         self._pending: list | None = None  # metrics waiting for the end of `batched()`
+        self._marker: str | None = None
+        self.logged_through: int | None = None  # the last step whose batched metrics reached the store
         if not self.enabled:
             return
         from mlflow import MlflowClient
@@ -223,8 +225,9 @@ class Tracker:
             exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        marker = storage.join(run_root, RUN_ID_FILE)
-        previous = storage.read_json(marker)["run_id"] if storage.exists(marker) else None
+        marker = self._marker = storage.join(run_root, RUN_ID_FILE)
+        marked = storage.read_json(marker) if storage.exists(marker) else {}
+        previous = marked.get("run_id")
         config_hash = cfg.section_hash()
         superseded = None  # an earlier MLflow run of this root made with another config: never resumed
         if previous is not None:
@@ -233,6 +236,7 @@ class Tracker:
                 if run.info.lifecycle_stage == "active":
                     if run.data.tags.get(CONFIG_HASH_TAG, config_hash) == config_hash:
                         self.run_id, self.resumed = previous, True
+                        self.logged_through = marked.get("logged_through")  # None: a marker from before batching
                         self.client.update_run(previous, status="RUNNING")
                     else:
                         superseded = previous
@@ -247,7 +251,8 @@ class Tracker:
             if found:
                 self.run_id, self.resumed = found[0].info.run_id, True
                 self.client.update_run(self.run_id, status="RUNNING")
-                storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
+                self.logged_through = 0
+                self._mark()
         if self.run_id is None:
             tags = {CONFIG_HASH_TAG: config_hash, RUN_ROOT_TAG: run_root}
             if superseded is not None:  # its params and metrics describe the old config: a new run, linked to it
@@ -256,7 +261,8 @@ class Tracker:
                             "rerun, and tracking goes to a new MLflow run", run_root, superseded)
             run = self.client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
             self.run_id = run.info.run_id
-            storage.write_json(marker, {"run_id": self.run_id, "tracking_uri": uri})
+            self.logged_through = 0
+            self._mark()
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         if not self.client.get_run(self.run_id).data.params:  # new, or created but killed before its params
             params = flatten(cfg.model_dump(mode="json"))
@@ -287,11 +293,22 @@ class Tracker:
         for i in range(0, len(items), 500):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    def _mark(self) -> None:
+        """The run-id marker: which MLflow run this root tracks, and through which step its metrics were sent."""
+        storage.write_json(self._marker, {"run_id": self.run_id, "tracking_uri": self.uri,
+                                          "logged_through": self.logged_through})
+
+    def logged(self, step: int) -> bool:
+        """Whether a finished stage's metrics at `step` reached this (resumed) run: step 0 is logged at once, a
+        later step once its iteration's batch was sent (a kill -9 before that loses the batch, and a resumed run
+        logs the skipped stages of that step again)."""
+        return step == 0 or self.logged_through is None or step <= self.logged_through
+
     @contextlib.contextmanager
-    def batched(self) -> Iterator[None]:
+    def batched(self, step: int) -> Iterator[None]:
         """Collect the metrics logged in the block and send them in one request at its end (one per RL
-        iteration instead of one per stage), also when the block fails."""
-        if self._pending is not None:  # already collecting
+        iteration instead of one per stage), also when the block fails; then mark `step` as logged."""
+        if not self.enabled or self._pending is not None:  # off, or already collecting
             yield
             return
         self._pending = []
@@ -301,6 +318,8 @@ class Tracker:
             items, self._pending = self._pending, None
             if items:
                 self._send(items)
+            self.logged_through = max(step, self.logged_through or 0)
+            self._mark()
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:

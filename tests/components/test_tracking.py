@@ -110,13 +110,13 @@ def test_metrics_of_a_batched_block_go_in_one_request(tmp_path, monkeypatch):
     sent = []
     real = tracker.client.log_batch
     monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (sent.append(k), real(*a, **k))[1])
-    with tracker.batched():
+    with tracker.batched(3):
         tracker.log_metrics({"reward_mean": 0.5, "leaves": 24}, step=3, prefix="verify/")
         tracker.log_metrics({"loss": -0.1}, step=3, prefix="train/")
         assert sent == []
     assert len(sent) == 1
     try:
-        with tracker.batched():
+        with tracker.batched(4):
             tracker.log_metrics({"loss": 0.2}, step=4, prefix="train/")
             raise RuntimeError("a stage failed")
     except RuntimeError:
@@ -125,3 +125,5 @@ def test_metrics_of_a_batched_block_go_in_one_request(tmp_path, monkeypatch):
     history = client.get_metric_history(tracker.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(3, -0.1), (4, 0.2)]
     assert client.get_run(tracker.run_id).data.metrics["verify/leaves"] == 24
+    again = Tracker(cfg, root)  # a rerun resumes the run and knows which steps reached it
+    assert again.resumed and again.logged(4) and not again.logged(5)

@@ -157,7 +157,8 @@ def test_keep_iterations_prunes_old_models_and_a_resumed_run_does_not_retrain_th
     from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path, "run.iterations=3", "run.eval_every=3", "run.keep_iterations=1",
-                "train.save_dtype=bfloat16", "tracking.enabled=false", "registry.enabled=false")
+                "train.save_dtype=bfloat16", "train.checkpoint_every=1", "tracking.enabled=false",
+                "registry.enabled=false")
     run_root = tmp_path / "runs" / "micro"
     train_stage = STAGES["train"]
 

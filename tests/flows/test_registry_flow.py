@@ -29,6 +29,7 @@ EASY = ["world.hop_mix={1: 1.0}", "world.num_train=400", "warmstart.num_demos=10
 def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_better(tmp_path, prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from arborl.flows.pipeline import train_pipeline
 
@@ -59,7 +60,8 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     assert (tmp_path / "runs" / "micro" / "promote_v1" / "challenger_eval.parquet").exists()
     with get_client(sync_client=True) as prefect:
         key = ArtifactFilterKey(any_=["micro-promotion-arborl-micro"])  # <run>-promotion-<model>
-        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+        # the newest: earlier flow tests of the session may have promoted an arborl-micro of their own
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=key), sort=ArtifactSort.CREATED_DESC)
     assert artifacts and "Promotion of arborl-micro v1" in artifacts[0].data
 
     # 2. models of known quality, from the real warm-start stage on the run's world
