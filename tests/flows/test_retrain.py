@@ -26,9 +26,10 @@ LINEAGE = ("arborl.parent_version", "arborl.parent_model_uri", "arborl.data_snap
            "arborl.data_uri")
 
 
-def _rejected_event(resource_id: str, timeout_s: float = 60.0) -> dict:
-    """The `arborl.challenger.rejected` event of `resource_id`, read back from the Prefect server's event store
-    (events are persisted asynchronously: polled)."""
+def _rejected_event(resource_id: str, flow_run: str | None = None, timeout_s: float = 60.0) -> dict:
+    """The `arborl.challenger.rejected` event of `resource_id` (related to the flow run `flow_run`, when given:
+    other flow tests of the session may have rejected a model of the same name), read back from the Prefect
+    server's event store (events are persisted asynchronously: polled)."""
     from prefect.client.orchestration import get_client
 
     query = {"filter": {"event": {"name": ["arborl.challenger.rejected"]},
@@ -37,10 +38,13 @@ def _rejected_event(resource_id: str, timeout_s: float = 60.0) -> dict:
     while True:
         with get_client(sync_client=True) as prefect:
             events = prefect.request("POST", "/events/filter", json=query).json()["events"]
+        if flow_run is not None:
+            events = [e for e in events if f"prefect.flow-run.{flow_run}" in
+                      [r["prefect.resource.id"] for r in e.get("related", [])]]
         if events or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert events, f"no arborl.challenger.rejected event for {resource_id}"
+    assert events, f"no arborl.challenger.rejected event for {resource_id} (flow run {flow_run})"
     return events[0]
 
 
@@ -99,11 +103,10 @@ def test_retrain_from_champion_on_the_latest_snapshot_with_lineage(tmp_path, sna
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"  # a rejection moves nothing
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
     # the alert event, related to the pipeline's flow run that gated v2 (a subflow of this retrain)
-    event = _rejected_event(f"arborl.model.{name}.v2")
-    assert event["payload"]["decision"] == "reject" and event["payload"]["delta"] == reg["decision"]["delta"]
     pipeline_run = client.get_run(first["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
     assert pipeline_run != str(state.state_details.flow_run_id)
-    assert f"prefect.flow-run.{pipeline_run}" in [r["prefect.resource.id"] for r in event["related"]]
+    event = _rejected_event(f"arborl.model.{name}.v2", flow_run=pipeline_run)  # fails unless related to it
+    assert event["payload"]["decision"] == "reject" and event["payload"]["delta"] == reg["decision"]["delta"]
 
     v2 = client.get_model_version(name, "2")
     run1 = client.get_run(first["mlflow_run_id"]).data.tags
