@@ -23,6 +23,25 @@ def manifests(run_root: Path) -> dict[str, float]:
     return {str(p.parent.relative_to(run_root)): p.stat().st_mtime_ns for p in run_root.rglob("_manifest.json")}
 
 
+def crash_in_train(monkeypatch, cfg, iteration: int) -> None:
+    """Run the pipeline of `cfg` with its train stage failing at `iteration`, as a crash there would."""
+    from arborl.components.stages import STAGES
+    from arborl.flows.pipeline import train_pipeline
+
+    train_stage = STAGES["train"]
+
+    def crashing_train(cfg, inputs, out, iteration, **kw):
+        if iteration == failing:
+            raise RuntimeError(f"killed in the train stage of iteration {failing}")
+        return train_stage(cfg, inputs, out, iteration=iteration, **kw)
+
+    failing = iteration
+    monkeypatch.setitem(STAGES, "train", crashing_train)
+    with pytest.raises(Exception, match=f"killed in the train stage of iteration {iteration}"):
+        train_pipeline(cfg.model_dump(mode="json"))
+    monkeypatch.setitem(STAGES, "train", train_stage)
+
+
 def test_flow_runs_tracks_and_resumes(tmp_path, prefect_server):
     from arborl.flows.pipeline import train_pipeline
 
@@ -153,24 +172,13 @@ def test_keep_iterations_prunes_old_models_and_a_resumed_run_does_not_retrain_th
                                                                                   monkeypatch):
     from safetensors.torch import load_file
 
-    from arborl.components.stages import STAGES
     from arborl.flows.pipeline import train_pipeline
 
     cfg = micro(tmp_path, "run.iterations=3", "run.eval_every=3", "run.keep_iterations=1",
                 "train.save_dtype=bfloat16", "train.checkpoint_every=1", "tracking.enabled=false",
                 "registry.enabled=false")
     run_root = tmp_path / "runs" / "micro"
-    train_stage = STAGES["train"]
-
-    def crashing_train(cfg, inputs, out, iteration, **kw):
-        if iteration == 3:
-            raise RuntimeError("killed in the train stage of iteration 3")
-        return train_stage(cfg, inputs, out, iteration=iteration, **kw)
-
-    monkeypatch.setitem(STAGES, "train", crashing_train)
-    with pytest.raises(Exception, match="killed in the train stage of iteration 3"):
-        train_pipeline(cfg.model_dump(mode="json"))
-    monkeypatch.setitem(STAGES, "train", train_stage)
+    crash_in_train(monkeypatch, cfg, 3)
 
     def files(it: int) -> set[str]:
         return {p.name for p in (run_root / f"iter_{it:03d}" / "train").iterdir()}
@@ -228,7 +236,6 @@ def test_training_state_every_k_iterations_resumes_bit_identical_by_replay(tmp_p
     were pruned (run.keep_iterations=1)."""
     from safetensors.torch import load_file
 
-    from arborl.components.stages import STAGES
     from arborl.components.training import warm
     from arborl.flows.pipeline import train_pipeline
 
@@ -242,18 +249,8 @@ def test_training_state_every_k_iterations_resumes_bit_identical_by_replay(tmp_p
     with_state = {it for it in range(1, 7) if (straight_root / f"iter_{it:03d}" / "train" / "optimizer.pt").exists()}
     assert with_state == {6}  # 3's went once 6 had its own (keep_iterations=1)
 
-    train_stage = STAGES["train"]
-
-    def crashing_train(cfg, inputs, out, iteration, **kw):
-        if iteration == 6:
-            raise RuntimeError("killed in the train stage of iteration 6")
-        return train_stage(cfg, inputs, out, iteration=iteration, **kw)
-
-    monkeypatch.setitem(STAGES, "train", crashing_train)
     cfg = micro(tmp_path / "crash", *keys)
-    with pytest.raises(Exception, match="killed in the train stage of iteration 6"):
-        train_pipeline(cfg.model_dump(mode="json"))
-    monkeypatch.setitem(STAGES, "train", train_stage)
+    crash_in_train(monkeypatch, cfg, 6)
     run_root = tmp_path / "crash" / "runs" / "micro"
     assert (run_root / "iter_003" / "train" / "optimizer.pt").exists()  # what a restart replays from
     assert not (run_root / "iter_004" / "train" / "model.safetensors").exists()  # pruned
