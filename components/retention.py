@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 
 from arborl.components import storage
+from arborl.components.training.checkpoint import TRAINING_STATE_FILE
 from arborl.components.training.lora import BASE_FILE
 
 REGISTERED_FILE = "registered_models.json"  # at the run root: {"models": [URIs]} of registered models
@@ -89,8 +90,6 @@ def prune(models: dict[int, str], latest: int, keep: int | None, protected: Iter
 def _replay_anchor(models: dict[int, str], latest: int) -> str | None:
     """When iteration `latest` left its training state in memory (train.checkpoint_every), the newest earlier
     iteration model whose training state is on disk: a restart replays the updates after it."""
-    from arborl.components.training.checkpoint import TRAINING_STATE_FILE
-
     newest = [(i, uri) for i, uri in sorted(models.items(), reverse=True) if i <= latest]
     if not newest or storage.exists(storage.join(newest[0][1], TRAINING_STATE_FILE)):
         return None

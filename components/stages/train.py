@@ -23,12 +23,13 @@ from functools import partial
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from arborl.components import schemas, storage
 from arborl.components.advantages.registry import get_estimator
 from arborl.components.config import Config
-from arborl.components.models import load_policy, row_prompt_ids, save_policy
+from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
 from arborl.components.training import checkpoint, distributed, lora, warm
 from arborl.components.training.packing import TreeUnit
@@ -123,10 +124,6 @@ def _replay(cfg: Config, model_uri: str, dist: distributed.Dist) -> None:
     model, _, tokenizer, optimizer, _, _ = _update(cfg, manifest["inputs"], None, iteration, dist)
     master = checkpoint.master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
     warm.keep_trained(model_uri, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
-    from safetensors.torch import load_file
-
-    from arborl.components.models import WEIGHTS_FILE, model_dir
-
     if isinstance(manifest.get("pruned"), dict) and manifest["pruned"].get("weights"):
         return  # nothing to compare with (run.keep_iterations); the replays after it are checked
     saved = load_file(str(model_dir(model_uri, cfg.storage.cache_max_gb) / WEIGHTS_FILE))
