@@ -11,6 +11,9 @@ Both forms compute the same objective, so they give the same loss and gradients 
 with r = exp(logπθ − logπold), D the aggregation's divisor over the whole mini-batch (`packing.leaf_scales`),
 KL to a frozen reference (k1 or k3) and H the policy entropy. Old log-probs are recomputed with the
 trainer's model before the update, in the same form; the sampler's are kept only for a mismatch metric.
+When the update is one optimizer step (`ppo_epochs` = `mini_batches` = 1) on a model without dropout, the
+model before the step *is* the old policy: the step's own forward gives the old log-probs (detached, r = 1),
+and the separate no-grad pass is skipped, as TRL does with one iteration per generation.
 """
 
 from __future__ import annotations
@@ -149,6 +152,23 @@ def fill_logprobs(model: torch.nn.Module, rows: list[Row], cfg: TrainConfig, pad
     model.train(was_training)
 
 
+def dropout_free(model: torch.nn.Module) -> bool:
+    """Whether `model` computes the same in train and eval mode: no dropout module with p > 0 and no dropout
+    probability > 0 in its Hugging Face config (attention dropout is a functional call, not a module)."""
+    base = distributed.unwrap(model)
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in base.modules()):
+        return False
+    config = getattr(base, "config", None)
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    return not any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and v > 0 for k, v in settings.items())
+
+
+def on_policy_step(model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Whether the update is a single optimizer step whose own forward pass gives the old log-probs."""
+    return cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and dropout_free(model)
+
+
 def _needs_forward(row: Row, cfg: TrainConfig) -> bool:
     return row.active or cfg.kl_coef > 0 or cfg.entropy_coef > 0
 
@@ -180,6 +200,8 @@ def _microbatch_loss(model, mb: list[Row], divisor: float, cfg: TrainConfig, pad
                      stats: dict[str, float], device: torch.device) -> None:
     terms = []
     for r, (lp, ent) in zip(mb, _forward(model, mb, pad_id, cfg.bf16), strict=True):
+        if r.old_logprobs is None:  # the step's model is the old policy (`on_policy_step`)
+            r.old_logprobs = lp.detach()
         old = r.old_logprobs.to(device)
         a_pos, a_neg, mult = (x.to(device=device, dtype=lp.dtype) for x in (r.a_pos, r.a_neg, r.mult))
         obj, _ = clipped_objective(lp, old, a_pos, a_neg, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
@@ -250,7 +272,8 @@ def policy_update(
         rows_of.setdefault(id(r.unit), []).append(r)
     owned = {id(u) for u in distributed.shard(units, dist)}
     mine = [r for r in rows if id(r.unit) in owned]
-    fill_logprobs(model, [r for r in mine if _needs_forward(r, cfg)], cfg, pad_id, "old_logprobs")
+    if not on_policy_step(model, cfg):
+        fill_logprobs(model, [r for r in mine if _needs_forward(r, cfg)], cfg, pad_id, "old_logprobs")
     if cfg.kl_coef > 0:
         fill_logprobs(ref_model, mine, cfg, pad_id, "ref_logprobs")
 

@@ -180,6 +180,42 @@ def test_packed_update_equals_duplicated_update_over_mini_batches_and_epochs(tin
     assert abs(pmet["ratio_mean"] - 1.0) > 1e-3  # later steps saw ratios away from 1
 
 
+def test_one_step_update_takes_old_logprobs_from_its_own_forward(tiny_model, tokenizer, monkeypatch):
+    """One optimizer step on a dropout-free model: the step's forward gives the old log-probs (no separate
+    no-grad pass), and the update equals the one with a separate pass up to float rounding."""
+    prompts, rows, adv = random_trees(len(tokenizer), tokenizer.bos_token_id, n_trees=6, seed=8)
+    units = build_units(prompts, rows, adv)
+    assert trainer.on_policy_step(tiny_model, _cfg()) and trainer.dropout_free(tiny_model)
+    passes = []
+    real_fill = trainer.fill_logprobs
+    monkeypatch.setattr(trainer, "fill_logprobs", lambda *a, **k: passes.append(a[-1]) or real_fill(*a, **k))
+    models = {}
+    for shortcut in (True, False):
+        monkeypatch.setattr(trainer, "on_policy_step", lambda model, cfg, s=shortcut: s)
+        m = copy.deepcopy(tiny_model)
+        metrics = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.5), units, _cfg(), tokenizer.pad_token_id,
+                                seed=3)
+        models[shortcut] = (m, metrics)
+    assert passes == ["old_logprobs"]  # only the run without the shortcut made the no-grad pass
+    (fast, fast_metrics), (slow, slow_metrics) = models[True], models[False]
+    assert fast_metrics["ratio_mean"] == 1.0  # exactly: the old log-probs are the step's own, detached
+    assert slow_metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert fast_metrics["logprob_mismatch"] == pytest.approx(slow_metrics["logprob_mismatch"], rel=1e-4)
+    for (k, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(fast.parameters(), tiny_model.parameters(), strict=True))
+
+
+def test_dropout_or_several_steps_keep_the_separate_old_logprob_pass(tiny_model):
+    assert not trainer.on_policy_step(tiny_model, _cfg(mini_batches=2))
+    assert not trainer.on_policy_step(tiny_model, _cfg(ppo_epochs=2))
+    dropping = copy.deepcopy(tiny_model)
+    dropping.config.attention_dropout = 0.1  # a functional dropout, seen only in the config
+    assert not trainer.on_policy_step(dropping, _cfg())
+    with_module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    assert not trainer.dropout_free(with_module)
+
+
 def test_zero_advantages_without_kl_change_nothing(tiny_model, tokenizer):
     prompts, rows, adv = random_trees(len(tokenizer), tokenizer.bos_token_id, n_trees=4, seed=1)
     units = build_units(prompts, rows, dict.fromkeys(adv, 0.0))
