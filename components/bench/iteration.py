@@ -6,7 +6,9 @@ same iterations start from it. "before" reads every model back from disk and wri
 iteration (`train.checkpoint_every=1`, warm cache off); "after" keeps the policy warm and writes the state every
 `checkpoint_every` iterations. Per run: seconds per iteration (the flow's wall time less its evaluations), each
 stage's seconds, the time outside the stages (orchestration, tracking), model loads from disk and from memory,
-and bytes written per iteration.
+and bytes written per iteration. The seconds are split further (`breakdown.py`): inside the stages, the train
+stage's compute, model saves, Parquet writes and manifests; outside them, Prefect's task runs, MLflow requests,
+Prefect UI updates and the rest.
 
 `model_io` measures what an iteration moves at a real model size, with no sampling: a model of a named
 architecture with random weights, one Adam step on a short random batch so that its state exists, then the
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from arborl.components import storage
+from arborl.components.bench import breakdown
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import base_config
 from arborl.components.training import checkpoint, warm
@@ -68,7 +71,7 @@ def _one_run(cfg: Config, name: str, base_root: str, iterations: int, checkpoint
     run_cfg = Config.model_validate(data)
     root = storage.child(run_cfg.run.output_root, name)
     loads_before = dict(warm.LOADS)
-    with _cold() if cold else contextlib.nullcontext():
+    with _cold() if cold else contextlib.nullcontext(), breakdown.timed() as timers:
         started = time.perf_counter()
         train_pipeline(run_cfg.model_dump(mode="json"))
         wall = time.perf_counter() - started
@@ -95,7 +98,25 @@ def _one_run(cfg: Config, name: str, base_root: str, iterations: int, checkpoint
                              "model_loads_disk": warm.LOADS["disk"] - loads_before.get("disk", 0),
                              "model_loads_memory": warm.LOADS["warm"] - loads_before.get("warm", 0)}
     out.update({f"{stage}_seconds_per_iteration": s / iterations for stage, s in stage_seconds.items()})
+    out.update(_split(timers, stage_seconds, iterations, out["outside_stages_per_iteration"]))
     return out
+
+
+def _split(timers: breakdown.Timers, stage_seconds: dict[str, float], iterations: int, outside: float
+           ) -> dict[str, float]:
+    """Per iteration: inside the stages, the train stage's compute apart from its writes, model saves, Parquet
+    writes and manifests (with the file digests); outside them, Prefect's task runs (a stage call's seconds
+    less the stage's own), MLflow requests, Prefect UI updates, and the rest (flow code, logging, pruning)."""
+    train = timers.by_stage["train"]
+    task_runs = sum(timers.stage_calls[s] - stage_seconds[s] for s in ITERATION_STAGES)
+    parts = {"train_compute": stage_seconds["train"] - sum(train.values()),
+             **{c: timers.seconds[c] for c in breakdown.INSIDE_STAGES},
+             "prefect_task_runs": task_runs, "tracking": timers.seconds["tracking"],
+             "dashboards": timers.seconds["dashboards"]}
+    parts = {f"{k}_per_iteration": v / iterations for k, v in parts.items()}
+    parts["other_outside_per_iteration"] = outside - sum(parts[f"{k}_per_iteration"] for k in (
+        "prefect_task_runs", "tracking", "dashboards"))
+    return parts
 
 
 def bench_iteration(cfg: Config, workdir: str, iterations: int = 20, checkpoint_every: int = 10) -> dict[str, Any]:

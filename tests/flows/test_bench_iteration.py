@@ -21,4 +21,14 @@ def test_the_warm_run_reads_no_model_and_writes_less_than_the_cold_one(tmp_path,
     for when in ("before", "after"):
         stages = sum(result[f"{when}_{s}_seconds_per_iteration"] for s in iteration.ITERATION_STAGES)
         assert 0 < stages <= result[f"{when}_seconds_per_iteration"]
+        # the split: the train stage's compute is what its saves and manifests leave; task runs cost something
+        train = result[f"{when}_train_seconds_per_iteration"]
+        assert 0 < result[f"{when}_train_compute_per_iteration"] < train
+        assert 0 < result[f"{when}_model_saves_per_iteration"] < train
+        assert result[f"{when}_artifact_writes_per_iteration"] > 0 and result[f"{when}_manifests_per_iteration"] > 0
+        assert result[f"{when}_prefect_task_runs_per_iteration"] > 0
+        assert result[f"{when}_tracking_per_iteration"] < 0.01  # tracking.enabled=false: no MLflow request
+        outside = result[f"{when}_outside_stages_per_iteration"]
+        assert result[f"{when}_other_outside_per_iteration"] == outside - sum(
+            result[f"{when}_{k}_per_iteration"] for k in ("prefect_task_runs", "tracking", "dashboards"))
     assert result["speedup"] == result["before_seconds_per_iteration"] / result["after_seconds_per_iteration"]
