@@ -956,7 +956,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _read_uri(uri: str) -> str:
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     try:
         if not storage.exists(uri):

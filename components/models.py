@@ -21,10 +21,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from arborl.components import storage
+from arborl.components.artifacts import local_cache, manifests, model_files, storage
+from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.config import ModelConfig
 from arborl.components.envs.protocol import TAGS
-from arborl.components.storage import ArtifactError
 
 hf_logging.disable_progress_bar()
 
@@ -147,9 +147,9 @@ def check_model_dir(path: Path, uri: str) -> list[str]:
     """Check the local model directory `path` (the copy of `uri`): config.json, safetensors weights and
     tokenizer.json present and readable. Returns the weight file names; raises FileNotFoundError without
     config.json, ArtifactError (naming the file and what is wrong) otherwise; a directory whose weights were
-    pruned (`run.keep_iterations`, components/retention.py) is an ArtifactError that says so."""
-    manifest = path / storage.MANIFEST
-    pruned = _read_json_file(manifest, storage.join(uri, storage.MANIFEST)) if manifest.is_file() else None
+    pruned (`run.keep_iterations`, components/artifacts/retention.py) is an ArtifactError that says so."""
+    manifest = path / manifests.MANIFEST
+    pruned = _read_json_file(manifest, storage.join(uri, manifests.MANIFEST)) if manifest.is_file() else None
     pruned = pruned.get("pruned") if isinstance(pruned, dict) else None
     if isinstance(pruned, dict) and pruned.get("weights"):
         raise ArtifactError(f"{uri}: its weights were deleted at {pruned.get('at')} to keep only the last "
@@ -185,7 +185,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # config, weights, tokenizer files
 
 
-def model_dir(uri: str, cache_max_gb: float | None = storage.CACHE_MAX_GB) -> Path:
+def model_dir(uri: str, cache_max_gb: float | None = local_cache.CACHE_MAX_GB) -> Path:
     """A local directory with the model at `uri`: a local path as it is, an s3:// directory through the bounded
     cache (without optimizer state), and a Hugging Face Hub id (`Qwen/Qwen2.5-3B-Instruct`) that is no local path
     through the Hub's own cache (safetensors and tokenizer files only); a Hub download that fails names the id."""
@@ -197,10 +197,10 @@ def model_dir(uri: str, cache_max_gb: float | None = storage.CACHE_MAX_GB) -> Pa
         except Exception as exc:  # offline, unknown repository, gated model: all one line
             raise ArtifactError(f"{uri}: no such local directory, and not downloadable from the Hugging Face Hub "
                                 f"({describe_error(exc)})") from exc
-    return storage.local_dir(uri, max_gb=cache_max_gb, skip=storage.TRAINING_STATE)
+    return local_cache.local_dir(uri, max_gb=cache_max_gb, skip=model_files.TRAINING_STATE)
 
 
-def load_policy(uri: str, device: str = "cpu", cache_max_gb: float | None = storage.CACHE_MAX_GB,
+def load_policy(uri: str, device: str = "cpu", cache_max_gb: float | None = local_cache.CACHE_MAX_GB,
                 dtype: str = "float32") -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Model (in `dtype`: "float32" or "bfloat16") and tokenizer of the model directory `uri`; every load error
     names `uri` and the file.

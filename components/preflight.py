@@ -82,7 +82,7 @@ def check_data(cfg: Config) -> list[str]:
         return []
     import pyarrow.parquet as pq
 
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
     from arborl.components.data.snapshots import SnapshotError, data_files, resolve_snapshot
     from arborl.components.data.verl_parquet import REQUIRED_COLUMNS
 

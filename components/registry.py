@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, model_files, schemas, storage
+from arborl.components.artifacts.failpoints import failpoint
 from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.evaluation.metrics import paired_bootstrap
-from arborl.components.failpoints import failpoint
 from arborl.components.stages.base import load_prompts
 from arborl.components.tracking import check_tracking_uri, tracking_uri
 from arborl.components.tracking.tags import (
@@ -146,14 +146,14 @@ def _client(cfg: Config):
 def weights_digest(model_uri: str) -> str:
     """One digest of a model directory's weights and tokenizer (its training state left out), from its stage
     manifest's file digests where it has one, else from the files themselves."""
-    from arborl.components import stage_keys
+    from arborl.components.artifacts import stage_keys
 
-    manifest = storage.read_manifest(model_uri)
+    manifest = manifests.read_manifest(model_uri)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         files = stage_keys.file_digests(model_uri)
     kept = {rel: meta["sha256"] for rel, meta in sorted(files.items())
-            if rel.split("/")[0] not in storage.TRAINING_STATE}
+            if rel.split("/")[0] not in model_files.TRAINING_STATE}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 

@@ -38,10 +38,11 @@ def exit_on_errors(what: str, log_dir: str | None = None):
     (another writer's lock, an output location that is not this stage's), 1 for anything else. The traceback goes
     to `<log_dir>/errors.log` where a local `log_dir` is given (appended, with the time and command), to the
     stage's log in Prefect, and, with `arborl --debug`, to the console."""
+    from arborl.components.artifacts.manifests import OutputNotOwned
+    from arborl.components.artifacts.run_lock import LockHeld
+    from arborl.components.artifacts.storage import ArtifactError
     from arborl.components.config import ConfigError
     from arborl.components.evaluation.evaluate import ToolErrors
-    from arborl.components.run_lock import LockHeld
-    from arborl.components.storage import ArtifactError, OutputNotOwned
     from arborl.components.verification.scoring import RewardErrors
 
     try:
@@ -73,7 +74,7 @@ def _log_traceback(log_dir: str | None, what: str, exc: BaseException) -> str | 
     import datetime
     import traceback
 
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     if log_dir is None or not storage.is_local(log_dir):
         return None
@@ -151,11 +152,11 @@ LOCKED_EXIT = 3  # another live writer holds the lock of the directory the comma
 
 @contextlib.contextmanager
 def _locked(root: str, command: str):
-    """Hold the writer's lock of `root` (`<root>/_lock.json`, components/run_lock.py) while the command runs;
+    """Hold the writer's lock of `root` (`<root>/_lock.json`, components/artifacts/run_lock.py) while the command runs;
     when another live writer holds it, exit at once (code 3) with a one-line message naming the holder. A local
     `root` that exists but is no directory is not locked: nothing can be written there, and the command says so."""
-    from arborl.components import storage
-    from arborl.components.run_lock import LockHeld, RunLock
+    from arborl.components.artifacts import storage
+    from arborl.components.artifacts.run_lock import LockHeld, RunLock
 
     local = Path(storage.filesystem(root)[1]) if storage.is_local(root) else None
     if local is not None and local.exists() and not local.is_dir():
@@ -177,7 +178,7 @@ def _locked(root: str, command: str):
 
 def _run_root(cfg) -> str:
     """`<run.output_root>/<run.name>`: what `arborl run` writes and `arborl run` / `promote` lock."""
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     try:
         return storage.child(cfg.run.output_root, cfg.run.name)
@@ -209,8 +210,8 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     ctx.with_resource(_locked(_run_root(cfg), f"arborl run {config or 'configs/tiny.yaml'}"))
     _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
+    from arborl.components.artifacts.storage import ArtifactError
     from arborl.components.data.snapshots import SnapshotError
-    from arborl.components.storage import ArtifactError
     from arborl.flows.logs import console_logging
     from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
     from arborl.flows.progress import RichReporter, set_reporter
@@ -288,7 +289,7 @@ def stage(
         except ValueError as exc:
             err_console.print(f"[red]--shard: {exc}[/red]")
             raise typer.Exit(2) from None
-    from arborl.components.storage import OutputNotOwned, check_output
+    from arborl.components.artifacts.manifests import OutputNotOwned, check_output
 
     try:  # before the lock, which lives inside --out: a location this stage may not write is left untouched
         check_output(out, stage=name, inputs=given)
@@ -312,8 +313,8 @@ def merge_shards(
     iteration: int = typer.Option(1, "--iteration", help="Iteration number."),
 ) -> None:
     """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
+    from arborl.components.artifacts.manifests import OutputNotOwned, check_output
     from arborl.components.stages.sample import merge
-    from arborl.components.storage import OutputNotOwned, check_output
 
     cfg = _load(config, [])
     inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}

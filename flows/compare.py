@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import (
     METHODS,
@@ -40,7 +40,7 @@ def _root(cfg: Config) -> str:
 
 
 def _manifest(out: str) -> dict:
-    manifest = storage.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"{out}: no finished stage output (no manifest)")
     return manifest

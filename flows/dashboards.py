@@ -28,7 +28,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.plots import champion_figure, curves_figure, granularity_figure, stage_time_figure
 from arborl.components.tracking import Tracker, model_version_url

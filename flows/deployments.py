@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import DEFAULT_CONFIG, Config, load_config
 from arborl.components.tracking.tags import DATA_SNAPSHOT_TAG, PARENT_MODEL_URI_TAG, PARENT_VERSION_TAG
 from arborl.flows.pipeline import train_pipeline

@@ -12,12 +12,12 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from arborl.components import retention, stage_keys, storage
+from arborl.components.artifacts import retention, stage_keys, storage
+from arborl.components.artifacts.run_lock import RunLock
 from arborl.components.config import Config
 from arborl.components.error_policy import is_transient
 from arborl.components.orchestration import make_executor
 from arborl.components.registry import PROMOTE
-from arborl.components.run_lock import RunLock
 from arborl.components.stages import STAGES
 from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
@@ -243,7 +243,7 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
 def prune_iterations(ctx: RunContext, it: int, warm_model: str) -> None:
     """`run.keep_iterations`: once iteration `it` is complete, delete the weights of the iteration models
     before the last K (not the warm-start or a registered model) and the training state of all but the newest
-    (components/retention.py). Their manifests stay, marked pruned, so a resumed run skips those stages."""
+    (components/artifacts/retention.py). Their manifests stay, marked pruned, so a resumed run skips those stages."""
     keep = ctx.cfg.run.keep_iterations
     if keep is None:
         return
@@ -261,7 +261,7 @@ def train_pipeline(config: dict, config_file: str | None = None, lineage: dict[s
     registered version's tags and the summary.
 
     `config_file`, the YAML the config came from, is logged to MLflow beside the resolved config. The run root's
-    lock (`<output_root>/<run.name>/_lock.json`, components/run_lock.py) is held throughout: a second writer
+    lock (`<output_root>/<run.name>/_lock.json`, components/artifacts/run_lock.py) is held throughout: a second writer
     of the same root fails at once with `LockHeld`.
 
     The flow run is named after `run.name`; holding the lock, it marks Crashed an earlier flow run of the same

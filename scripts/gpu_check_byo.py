@@ -33,7 +33,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from arborl.components import storage  # noqa: E402
+from arborl.components.artifacts import storage  # noqa: E402
 from arborl.components.config import WorldConfig, config_from_dict  # noqa: E402
 from arborl.components.envs import protocol  # noqa: E402
 from arborl.components.envs.corpus import write_corpus  # noqa: E402

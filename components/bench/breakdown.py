@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from arborl.components import schemas, stage_keys, storage
+from arborl.components.artifacts import schemas, stage_keys, storage
 from arborl.components.training import checkpoint, lora
 
 # category -> (owner, attribute) of every function it times; owners are looked up where the callers find them

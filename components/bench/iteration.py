@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests, storage
 from arborl.components.bench import breakdown
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import base_config
@@ -81,13 +81,13 @@ def _one_run(cfg: Config, name: str, base_root: str, iterations: int, checkpoint
     for it in range(1, iterations + 1):
         it_dir = Path(storage.filesystem(iteration_dir(root, it))[1])
         for stage in ITERATION_STAGES:
-            stage_seconds[stage] += float(storage.read_manifest(str(it_dir / stage))["seconds"])
+            stage_seconds[stage] += float(manifests.read_manifest(str(it_dir / stage))["seconds"])
             written += _bytes(it_dir / stage)
         train_written += _bytes(it_dir / "train")
         if (it_dir / "eval").exists():
-            eval_seconds += float(storage.read_manifest(str(it_dir / "eval"))["seconds"])
+            eval_seconds += float(manifests.read_manifest(str(it_dir / "eval"))["seconds"])
     for extra in ("warmstart_eval",):
-        manifest = storage.read_manifest(str(local / extra))
+        manifest = manifests.read_manifest(str(local / extra))
         if manifest is not None:
             eval_seconds += float(manifest["seconds"])
     per_iteration = (wall - eval_seconds) / iterations

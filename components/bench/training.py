@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.models import load_policy
 from arborl.components.stages import STAGES

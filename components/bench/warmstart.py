@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.envs.world import vocabulary
 from arborl.components.models import build_model, build_tokenizer

@@ -17,7 +17,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.envs.corpus import write_corpus
 from arborl.components.envs.world import build_world, make_questions

@@ -8,7 +8,7 @@ the prepare stage's config hash names the snapshot it read and a resumed run kee
 
 from __future__ import annotations
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config, DataConfig
 
 LATEST = "latest"

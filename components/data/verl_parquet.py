@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 
 log = logging.getLogger("arborl.data")
 

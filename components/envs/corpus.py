@@ -10,7 +10,7 @@ import json
 
 import pyarrow as pa
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 
 
 def corpus_lines(facts: pa.Table | list[dict]) -> list[str]:

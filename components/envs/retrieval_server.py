@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.envs.retriever import FTSRetriever
 
 DEFAULT_HOST = "127.0.0.1"

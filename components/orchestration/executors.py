@@ -16,7 +16,7 @@ import threading
 import time
 from typing import IO, Any
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests, storage
 from arborl.components.config import Config
 from arborl.components.orchestration.specs import docker_run_spec, kubernetes_job_manifest, stage_command
 
@@ -47,10 +47,10 @@ class Executor:
     def run(self, name: str, config_uri: str, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
         """Run the stage and return {stage, out, outputs, metrics, seconds, skipped} from its manifest; `skipped`
         when the manifest already there before was left as it was (the stage found its output finished)."""
-        before = storage.read_manifest(out)
+        before = manifests.read_manifest(out)
         started = time.time()
         self.execute(name, config_uri, inputs, out, params)
-        manifest = storage.read_manifest(out)
+        manifest = manifests.read_manifest(out)
         if manifest is None or manifest.get("stage") != name:
             raise StageFailed(name, self.where, 0, [], f"it exited without a manifest of stage {name} in {out}")
         log.debug("stage %s ran %s in %.1fs", name, self.where, time.time() - started)

@@ -9,7 +9,7 @@ import re
 import uuid
 from typing import Any
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config, StageResources
 
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import local_cache, model_files
 from arborl.components.sampling.generation import StopStrings, TurnOutput, cut_turn
 
 
@@ -50,7 +50,7 @@ class VLLMBackend:
         from transformers import PreTrainedTokenizerFast
 
         vllm = _vllm()
-        path = str(storage.local_dir(uri, skip=storage.TRAINING_STATE))  # no optimizer state
+        path = str(local_cache.local_dir(uri, skip=model_files.TRAINING_STATE))  # no optimizer state
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         llm = vllm.LLM(
             model=path,

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 
-from arborl.components import schemas, stage_keys, storage
+from arborl.components.artifacts import manifests, schemas, stage_keys, storage
 from arborl.components.config import Config
 from arborl.components.envs.http_retriever import HTTPRetriever
 from arborl.components.envs.retriever import FTSRetriever, Retriever
@@ -50,11 +50,11 @@ def run_stage(
     Entries of `out` named in `keep` survive the wipe of a half-written output (the stage's own resume state).
     `writer=False` (the non-zero ranks of a distributed stage) runs `work` without touching `out` or the manifest.
 
-    A stage owns only what it created: before anything is written, `out` is refused (`storage.OutputNotOwned`,
+    A stage owns only what it created: before anything is written, `out` is refused (`manifests.OutputNotOwned`,
     nothing deleted) when it is, lies inside or contains an input, is an existing file, or is a non-empty
-    directory without this stage's manifest or marker (see `storage.check_output`).
+    directory without this stage's manifest or marker (see `manifests.check_output`).
     """
-    storage.check_output(out, stage=stage, inputs=inputs, contents=False)
+    manifests.check_output(out, stage=stage, inputs=inputs, contents=False)
     config_hash = cfg.section_hash(*sections, **params)
     done = stage_keys.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
     if done is not None:
@@ -62,14 +62,14 @@ def run_stage(
     stage_keys.check_inputs(stage, inputs)  # before anything of `out` is wiped
     key = stage_keys.stage_key(stage, config_hash, inputs)
     if writer:
-        storage.prepare_output(out, stage=stage, inputs=inputs, keep=keep)
+        manifests.prepare_output(out, stage=stage, inputs=inputs, keep=keep)
     started = time.time()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     outputs, metrics = work()
     if not writer:
         return StageResult(stage, out, outputs, metrics, round(time.time() - started, 3))
-    manifest = storage.write_manifest(
+    manifest = manifests.write_manifest(
         out, stage=stage, inputs=inputs, config_hash=config_hash, outputs=outputs, metrics=metrics, started=started,
         key=key, files=stage_keys.file_digests(out),
     )

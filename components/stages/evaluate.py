@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import evaluate_policy
 from arborl.components.sampling.agent import SearchEnv

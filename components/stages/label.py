@@ -9,10 +9,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from arborl.components import schemas, storage
 from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
 from arborl.components.advantages.registry import label_advantages
 from arborl.components.advantages.signal import signal_metrics
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.sampling.mechanism import POOL_CUT
 from arborl.components.stages.base import StageResult, load_prompts, run_stage

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.data import snapshots, verl_parquet
 from arborl.components.envs.world import build_world, make_questions

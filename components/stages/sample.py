@@ -17,7 +17,7 @@ import random
 import threading
 from functools import partial
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
@@ -167,7 +167,7 @@ def merge_shards(cfg: Config, shards: list[str], out: str, iteration: int) -> tu
     stats: dict[str, dict] = {}
     planned: dict = {}
     for uri in shards:
-        manifest = storage.read_manifest(uri)
+        manifest = manifests.read_manifest(uri)
         rows += schemas.read(manifest["outputs"]["nodes"], schemas.NODES).to_pylist()
         stats.update(storage.read_json(manifest["outputs"]["prompt_stats"]))
         planned.update({k: v for k, v in manifest["metrics"].items() if k.startswith("plan_")})

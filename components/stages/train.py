@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from arborl.components import schemas, storage
 from arborl.components.advantages.registry import get_estimator
+from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
 from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
@@ -36,7 +36,7 @@ from arborl.components.training.packing import TreeUnit
 from arborl.components.training.trainer import StepHooks, build_units, policy_update
 
 OPTIMIZER_FILE = checkpoint.TRAINING_STATE_FILE  # the training state: optimizer state and master weights
-CHECKPOINT_DIR = "_checkpoints"
+CHECKPOINT_DIR = model_files.CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, sta
 
 def _pruned_state(model_uri: str) -> bool:
     """Whether the training state of the model directory `model_uri` was deleted (`run.keep_iterations`)."""
-    manifest = storage.read_manifest(model_uri)
+    manifest = manifests.read_manifest(model_uri)
     pruned = manifest.get("pruned") if isinstance(manifest, dict) else None
     return isinstance(pruned, dict) and bool(pruned.get("training_state"))
 
@@ -95,7 +95,7 @@ def _writes_state(cfg: Config, dist: distributed.Dist, iteration: int) -> bool:
 
 def _saved_without_state(model_uri: str) -> bool:
     """Whether the model directory `model_uri` is a train output that left its training state in memory."""
-    manifest = storage.read_manifest(model_uri)
+    manifest = manifests.read_manifest(model_uri)
     metrics = manifest.get("metrics") if isinstance(manifest, dict) else None
     return manifest.get("stage") == "train" and isinstance(metrics, dict) and metrics.get("state_saved") == 0
 
@@ -117,7 +117,7 @@ def _replay(cfg: Config, model_uri: str, dist: distributed.Dist) -> None:
     """Redo the update that wrote `model_uri`, from the inputs and iteration its manifest records (recursively
     back to the last state on disk), check that it reproduces the saved weights bit for bit, and keep the
     result warm with its training state."""
-    manifest = storage.read_manifest(model_uri)
+    manifest = manifests.read_manifest(model_uri)
     iteration = int(manifest["metrics"]["iteration"])
     log.warning("train: %s was saved without its training state (train.checkpoint_every=%d): replaying iteration "
                 "%d's update to rebuild it", model_uri, cfg.train.checkpoint_every, iteration)

@@ -9,7 +9,7 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages.base import StageResult, load_prompts, run_stage
 from arborl.components.verification.calls import sample_from_prompt

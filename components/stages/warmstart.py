@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.envs.demos import Segment, build_demonstrations, gold_chain_tokens
 from arborl.components.envs.world import World, vocabulary

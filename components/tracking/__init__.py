@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.tracking.tags import CONFIG_HASH_TAG, RUN_ROOT_TAG, SUPERSEDES_TAG
 

@@ -36,8 +36,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from arborl.components import storage
-from arborl.components.storage import ArtifactError
+from arborl.components.artifacts import storage
+from arborl.components.artifacts.model_files import TRAINING_STATE_FILE
+from arborl.components.artifacts.storage import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,6 @@ def load_checkpoint(
 
 # --- the training state next to a saved model --------------------------------------------------------------
 
-TRAINING_STATE_FILE = "optimizer.pt"  # in storage.TRAINING_STATE: never fetched to load a model for inference
 _STATE_FORMAT = "arborl.training_state"
 
 

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from arborl.components import storage
+from arborl.components.artifacts import local_cache, storage
+from arborl.components.artifacts.model_files import LORA_BASE_FILE
+from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.config import LoraSettings
 from arborl.components.models import check_safetensors, describe_error, load_policy, save_policy
-from arborl.components.storage import ArtifactError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # a pickled adapter_model.bin is never loaded
-BASE_FILE = "lora_base.json"
+BASE_FILE = LORA_BASE_FILE
 
 
 def wrap(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
@@ -50,7 +51,7 @@ def has_adapter(model_uri: str) -> bool:
 
 
 def load_for_training(
-    model_uri: str, settings: LoraSettings, device: str = "cpu", cache_max_gb: float | None = storage.CACHE_MAX_GB
+    model_uri: str, settings: LoraSettings, device: str = "cpu", cache_max_gb: float | None = local_cache.CACHE_MAX_GB
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, str | None]:
     """The model to train from the model directory `model_uri`, its tokenizer, and the LoRA base URI.
 
@@ -75,7 +76,7 @@ def load_for_training(
     from peft import LoraConfig, PeftModel
 
     adapter_uri = storage.join(model_uri, ADAPTER_DIR)
-    adapter_dir = storage.local_dir(adapter_uri, max_gb=cache_max_gb)
+    adapter_dir = local_cache.local_dir(adapter_uri, max_gb=cache_max_gb)
     config_uri = storage.join(adapter_uri, ADAPTER_CONFIG_FILE)
     if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
         raise ArtifactError(f"{config_uri}: missing (the LoRA adapter of {model_uri} is incomplete)")

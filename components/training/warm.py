@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 
 MAX_ENTRIES = 2  # the newest policy and the one before it (the warm start while the KL reference needs it)
 ENABLED = {"on": False}  # set for the length of an in-process run (`kept`); off, nothing is kept

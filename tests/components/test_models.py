@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
+from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.config import LoraSettings, ModelConfig
 from arborl.components.models import (
     PICKLED_WEIGHTS_FILE,
@@ -23,7 +24,6 @@ from arborl.components.models import (
     load_policy,
     save_policy,
 )
-from arborl.components.storage import ArtifactError
 from arborl.components.training import lora
 from arborl.flows.cli import app
 
@@ -141,7 +141,7 @@ def test_truncated_lora_adapter_names_the_file(model_dir, tmp_path):
 
 def _finished(path: Path, stage: str) -> str:
     storage.makedirs(str(path))
-    storage.write_manifest(str(path), stage=stage, inputs={}, config_hash="test", outputs={}, metrics={},
+    manifests.write_manifest(str(path), stage=stage, inputs={}, config_hash="test", outputs={}, metrics={},
                            started=time.time())
     return str(path)
 

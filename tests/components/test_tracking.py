@@ -12,7 +12,7 @@ import time
 import pandas as pd
 from mlflow import MlflowClient
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.tracking import RUN_ID_FILE, Tracker, git_commit, model_version_url, run_url
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import WorldConfig, load_config
 from arborl.components.envs import protocol
 from arborl.components.envs.corpus import write_corpus
@@ -126,7 +126,7 @@ def test_parquet_data_http_retriever_bpe_chat_model_and_user_reward_end_to_end(t
     summary = train_pipeline(cfg.model_dump(mode="json"))
     root = storage.child(cfg.run.output_root, cfg.run.name)
 
-    prepare = storage.read_manifest(storage.child(root, "prepare"))
+    prepare = manifests.read_manifest(storage.child(root, "prepare"))
     bad = prepare["metrics"]["bad_rows"]
     assert [(Path(b["file"]).name, b["row"]) for b in bad] == [("train.parquet", 24), ("train.parquet", 25)]
     assert prepare["metrics"]["train_prompts"] == 24

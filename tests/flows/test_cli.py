@@ -108,18 +108,18 @@ def test_sample_shards_from_the_command_line_merge_to_the_unsharded_output(tmp_p
 
 
 def storage_rows(path):
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     return storage.read_parquet(str(path)).to_pylist()
 
 
 def _finished(path: Path, stage: str) -> str:
     """A finished stage output at `path`: one data file and its manifest."""
-    from arborl.components import storage
+    from arborl.components.artifacts import manifests
 
     (path).mkdir(parents=True)
     (path / "data.parquet").write_bytes(b"precious")
-    storage.write_manifest(str(path), stage=stage, inputs={}, config_hash="h", outputs={}, metrics={}, started=0.0)
+    manifests.write_manifest(str(path), stage=stage, inputs={}, config_hash="h", outputs={}, metrics={}, started=0.0)
     return str(path)
 
 

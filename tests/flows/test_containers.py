@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config, load_config
 from arborl.components.orchestration import DockerExecutor, StageFailed
 

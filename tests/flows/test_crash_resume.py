@@ -6,7 +6,7 @@ on) against the session's Prefect server and its own SQLite MLflow store. The pr
 whole process group) at three points: during the warm start (its output has the marker `_stage.json` but no
 manifest), during the train stage (a complete in-stage checkpoint exists, the stage has no manifest), and between
 registering the final model and setting its alias (the failpoint `registry.after_register`,
-components/failpoints.py). The killed process leaves its run lock behind; the rerun takes it over.
+components/artifacts/failpoints.py). The killed process leaves its run lock behind; the rerun takes it over.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from safetensors.torch import load_file
 
-from arborl.components import storage
-from arborl.components.failpoints import ENV as FAILPOINT_ENV
+from arborl.components.artifacts import manifests, storage
+from arborl.components.artifacts.failpoints import ENV as FAILPOINT_ENV
+from arborl.components.artifacts.run_lock import LOCK_FILE
 from arborl.components.registry import CHALLENGER
-from arborl.components.run_lock import LOCK_FILE
 from arborl.components.stages.train import CHECKPOINT_DIR
 from arborl.components.tracking import RUN_ID_FILE
 from arborl.flows.pipeline import SUMMARY_FILE
@@ -169,9 +169,9 @@ def reference(tmp_path_factory, prefect_server) -> dict[str, torch.Tensor]:
 def test_kill_during_the_warm_start_then_rerun(tmp_path, reference):
     root, _ = _paths(tmp_path)
     warm = root / "warmstart"
-    _kill_when(tmp_path, lambda: (warm / storage.MARKER).exists() and not (warm / storage.MANIFEST).exists(),
+    _kill_when(tmp_path, lambda: (warm / manifests.MARKER).exists() and not (warm / manifests.MANIFEST).exists(),
                "a warm start in progress")
-    assert not (warm / storage.MANIFEST).exists() and not (root / "iter_001").exists()
+    assert not (warm / manifests.MANIFEST).exists() and not (root / "iter_001").exists()
     assert (root / LOCK_FILE).exists()  # left behind by the killed process
 
     _rerun(tmp_path)
@@ -183,7 +183,7 @@ def test_kill_during_a_train_stage_with_checkpoints_then_rerun(tmp_path, referen
     train = root / "iter_001" / "train"
     _kill_when(tmp_path, lambda: any((train / CHECKPOINT_DIR).glob("step-*/checkpoint.json")),
                "a complete train checkpoint")
-    assert not (train / storage.MANIFEST).exists()
+    assert not (train / manifests.MANIFEST).exists()
     assert (root / LOCK_FILE).exists()
 
     output = _rerun(tmp_path)

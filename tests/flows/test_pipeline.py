@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

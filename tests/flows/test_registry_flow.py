@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from arborl.components import retention, storage
+from arborl.components.artifacts import retention, storage
 from arborl.components.config import load_config
 from arborl.components.registry import CHALLENGER, CHAMPION, promote, register_final_model
 from arborl.components.stages import STAGES

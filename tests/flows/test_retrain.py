@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests
 from arborl.components.config import load_config
 from arborl.components.envs.retrieval_server import start_in_thread
 from arborl.components.registry import CHALLENGER, CHAMPION
@@ -121,7 +121,7 @@ def test_retrain_from_champion_on_the_latest_snapshot_with_lineage(tmp_path, sna
     assert float(v2.tags["eval.val_em"]) == first["final"]["val_em"]
     # the run started from the champion's weights, downloaded under its root, without a warm start
     parent_model = runs / "weekly-2026-11-23-from-v1" / "parent_model"
-    warm = storage.read_manifest(str(runs / "weekly-2026-11-23-from-v1" / "warmstart"))["metrics"]
+    warm = manifests.read_manifest(str(runs / "weekly-2026-11-23-from-v1" / "warmstart"))["metrics"]
     assert warm["trained"] == 0 and warm["source"] == str(parent_model)
     assert (parent_model / "model.safetensors").exists()
 

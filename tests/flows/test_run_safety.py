@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.flows.cli import LOCKED_EXIT, app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ runner = CliRunner()
 # another writer: takes the lock of argv[1], says so, and holds it until stdin closes
 HOLDER = """
 import sys
-from arborl.components.run_lock import RunLock
+from arborl.components.artifacts.run_lock import RunLock
 lock = RunLock(sys.argv[1], "test holder").acquire()
 print("held", flush=True)
 sys.stdin.read()

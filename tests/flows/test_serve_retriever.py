@@ -16,7 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.config import load_config
 from arborl.components.envs.retriever import FTSRetriever
 from arborl.components.stages import STAGES

@@ -3,7 +3,7 @@
 * `postgres`: a throwaway PostgreSQL cluster (Debian's `initdb`/`pg_ctl`) with trust auth, in a temporary folder
   owned by the `postgres` user when running as root (initdb refuses root).
 * `moto_s3`: moto's S3 server in this process, with one bucket, and the environment (`AWS_*`,
-  `MLFLOW_S3_ENDPOINT_URL`) that makes boto3, s3fs (components/storage.py) and MLflow use it.
+  `MLFLOW_S3_ENDPOINT_URL`) that makes boto3, s3fs (components/artifacts/storage.py) and MLflow use it.
 * `mlflow_server`: `mlflow server` on PostgreSQL, proxying artifacts to the moto bucket.
 * `prefect_server`: `prefect server start` on PostgreSQL; `prefect_worker`: a process worker of a work pool.
 
@@ -282,7 +282,7 @@ def moto_s3(tmp: Path, bucket: str = "arborl") -> Iterator[S3]:
         endpoint = f"http://{host}:{port}"
         env = {
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,  # botocore (and so s3fs, components/storage.py) reads this
+            "AWS_ENDPOINT_URL": endpoint,  # botocore (and so s3fs, components/artifacts/storage.py) reads this
             "MLFLOW_S3_ENDPOINT_URL": endpoint,
             "AWS_CONFIG_FILE": str(tmp / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-creds"),
         }

@@ -8,8 +8,8 @@ from itertools import combinations
 
 import pytest
 
-from arborl.components import schemas
 from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
+from arborl.components.artifacts import schemas
 
 
 def node(pid, tid, nid, parent, depth, leaf):

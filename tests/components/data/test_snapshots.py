@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import ConfigError, load_config
 from arborl.components.data import snapshots
 from arborl.components.data.export import export_snapshot

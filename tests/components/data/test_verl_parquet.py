@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 from arborl.components.data import verl_parquet
 from arborl.components.data.verl_parquet import check_bad_rows, read_files
 from arborl.components.evaluation.evaluate import question_hops

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from arborl.components import schemas
+from arborl.components.artifacts import schemas
+from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.envs.corpus import export_corpus, write_corpus
 from arborl.components.envs.retrieval_server import load_corpus
-from arborl.components.storage import ArtifactError
 
 
 def test_export_writes_one_line_per_fact_in_doc_id_order(tmp_path, facts):

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from arborl.components import schemas
+from arborl.components.artifacts import schemas
 from arborl.components.config import Config, WorldConfig, load_config
 from arborl.components.envs.corpus import export_corpus
 from arborl.components.envs.demos import build_demonstrations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests, storage
 from arborl.components.config import load_config
 from arborl.components.orchestration import KubernetesExecutor, StageFailed, SubprocessExecutor, make_executor
 from arborl.components.stages import STAGES
@@ -64,7 +64,7 @@ def test_a_stage_process_reads_its_config_from_s3_and_writes_there(s3_bucket):
     assert result["skipped"] is False and result["metrics"]["test_prompts"] == 12
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="arborl-test", Prefix="runs/micro/prepare/")["Contents"]}
     assert "runs/micro/prepare/_manifest.json" in keys
-    assert storage.read_manifest(out)["metrics"] == result["metrics"]
+    assert manifests.read_manifest(out)["metrics"] == result["metrics"]
 
 
 @pytest.mark.slow  # starts processes

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 from arborl.components.config import STAGE_NAMES, Config, ConfigError, OrchestrationConfig, load_config
 from arborl.components.stages import STAGES
 

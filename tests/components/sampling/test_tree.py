@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from arborl.components import schemas
+from arborl.components.artifacts import schemas
 from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.envs.protocol import INFO_CLOSE, INFO_OPEN, TURN_STOPS
 from arborl.components.models import prompt_ids

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages import label
 
@@ -45,7 +45,7 @@ PROMPTS = [
 def artifact(root: Path, name: str, rows: list[dict], schema) -> str:
     out = str(root / name)
     schemas.write(rows, schema, storage.join(out, f"{schema.metadata[b'arborl.schema'].decode()}.parquet"))
-    storage.write_manifest(out, stage=name, inputs={}, config_hash="x", outputs={}, metrics={}, started=time.time())
+    manifests.write_manifest(out, stage=name, inputs={}, config_hash="x", outputs={}, metrics={}, started=time.time())
     return out
 
 
@@ -112,7 +112,7 @@ def test_label_metrics_measure_the_signal(inputs, tmp_path, estimator):
     Prompt a spreads (1.0, 0.0, 0.2), b has one leaf; tree a/0 spreads, a/1 and b/0 have one leaf each."""
     cfg = Config.model_validate({"advantage": {"estimator": estimator}, "viewer": {"max_prompts": 0}})
     res = label.run(cfg, inputs, str(tmp_path / "label"))
-    m = storage.read_manifest(str(tmp_path / "label"))["metrics"]
+    m = manifests.read_manifest(str(tmp_path / "label"))["metrics"]
     assert m == res.metrics
     assert (m["prompt_groups"], m["zero_spread_prompts"], m["zero_spread_prompt_frac"]) == (2, 1, 0.5)
     assert (m["tree_groups"], m["zero_spread_trees"]) == (3, 2)

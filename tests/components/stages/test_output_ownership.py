@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests, storage
 from arborl.components.config import Config, config_from_dict
 from arborl.components.stages import verify
 from arborl.components.stages.base import run_stage
 from arborl.components.stages.sample import shard_out
-from tests.components.test_storage import Body  # a stage body that counts its calls
+from tests.components.artifacts.test_storage import Body  # a stage body that counts its calls
 
 WHERE = ["local", "s3"]
 
@@ -36,7 +36,7 @@ def snapshot(uri: str) -> dict[str, bytes]:
 def finished(uri: str, stage: str, data: str = "nodes.parquet") -> str:
     """A finished output of `stage` at `uri` (one data file, then its manifest)."""
     storage.write_bytes(storage.join(uri, data), b"precious " + stage.encode())
-    storage.write_manifest(uri, stage=stage, inputs={}, config_hash="h", outputs={}, metrics={}, started=0.0)
+    manifests.write_manifest(uri, stage=stage, inputs={}, config_hash="h", outputs={}, metrics={}, started=0.0)
     return uri
 
 
@@ -48,7 +48,7 @@ def verify_inputs(root: str) -> dict[str, str]:
 
 def refused(out: str, inputs: dict[str, str], *, reason: str) -> str:
     """Run the verify stage to `out` and check it refuses, naming `out` and `reason`; returns the message."""
-    with pytest.raises(storage.OutputNotOwned) as err:
+    with pytest.raises(manifests.OutputNotOwned) as err:
         verify.run(Config(), inputs, out)
     message = str(err.value)
     assert out in message and reason in message and "Nothing was deleted" in message, message
@@ -121,14 +121,14 @@ def test_a_sibling_with_a_longer_name_is_no_overlap(root):
         assert storage.read_bytes(storage.join(uri, "nodes.parquet")) == b"precious sample"
 
 
-@pytest.mark.parametrize("file", [storage.MANIFEST, storage.MARKER])
+@pytest.mark.parametrize("file", [manifests.MANIFEST, manifests.MARKER])
 def test_output_of_another_stage_is_refused_and_kept(root, file):
     inputs = verify_inputs(root)
     out = storage.join(root, "labelled")
-    if file == storage.MANIFEST:
+    if file == manifests.MANIFEST:
         finished(out, "label", "advantages.parquet")
     else:  # a half-written output of another stage
-        storage.write_json(storage.join(out, storage.MARKER), {"stage": "label"})
+        storage.write_json(storage.join(out, manifests.MARKER), {"stage": "label"})
         storage.write_bytes(storage.join(out, "advantages.parquet"), b"half")
     before = snapshot(root)
     refused(out, inputs, reason=f"it holds an output of stage 'label' (its {file})")
@@ -153,7 +153,7 @@ def test_stale_own_output_is_wiped_and_rerun(root):
     changed = config_from_dict({"verify": {"correct_format": 0.9}})
     assert not run_stage("verify", changed, inputs, out, ("verify",), body).skipped
     assert body.calls == 2
-    assert names(out) == [storage.MANIFEST, storage.MARKER, "data.json"]
+    assert names(out) == [manifests.MANIFEST, manifests.MARKER, "data.json"]
     assert storage.read_json(storage.join(out, "data.json")) == {"call": 2}
     assert run_stage("verify", changed, inputs, out, ("verify",), body).skipped
 
@@ -169,8 +169,8 @@ def test_half_written_own_output_is_wiped_and_rerun_keeping_resume_state(root):
 
     with pytest.raises(RuntimeError, match="killed"):
         run_stage("train", Config(), inputs, out, ("train",), crash, keep=("_checkpoints",), iteration=1)
-    assert storage.read_json(storage.join(out, storage.MARKER)) == {"stage": "train"}
-    assert storage.read_manifest(out) is None
+    assert storage.read_json(storage.join(out, manifests.MARKER)) == {"stage": "train"}
+    assert manifests.read_manifest(out) is None
     body = Body(out)
     seen = []
 
@@ -180,13 +180,13 @@ def test_half_written_own_output_is_wiped_and_rerun_keeping_resume_state(root):
 
     assert not run_stage("train", Config(), inputs, out, ("train",), resume, keep=("_checkpoints",),
                          iteration=1).skipped
-    assert seen == [["_checkpoints", storage.MARKER]]  # the half model went, the checkpoints stayed
+    assert seen == [["_checkpoints", manifests.MARKER]]  # the half model went, the checkpoints stayed
     assert storage.read_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt")) == b"resume me"
-    assert storage.read_manifest(out)["stage"] == "train"
+    assert manifests.read_manifest(out)["stage"] == "train"
     # another stage may not take the place over
-    with pytest.raises(storage.OutputNotOwned, match="stage 'train'"):
+    with pytest.raises(manifests.OutputNotOwned, match="stage 'train'"):
         run_stage("label", Config(), inputs, out, ("advantage",), Body(out))
-    assert storage.read_manifest(out)["stage"] == "train"
+    assert manifests.read_manifest(out)["stage"] == "train"
 
 
 def test_output_from_before_markers_is_still_its_stages(tmp_path):
@@ -196,14 +196,14 @@ def test_output_from_before_markers_is_still_its_stages(tmp_path):
     inputs = verify_inputs(str(tmp_path))
     body = Body(out)
     assert not run_stage("verify", Config(), inputs, out, ("verify",), body).skipped
-    assert names(out) == [storage.MANIFEST, storage.MARKER, "data.json"]
+    assert names(out) == [manifests.MANIFEST, manifests.MARKER, "data.json"]
 
 
 def test_refusal_is_raised_before_the_body_and_on_every_rank(tmp_path):
     """Ranks that do not write (`writer=False`) refuse an overlapping output too, without reading it."""
     inputs = verify_inputs(str(tmp_path))
     body = Body(inputs["nodes"])
-    with pytest.raises(storage.OutputNotOwned):
+    with pytest.raises(manifests.OutputNotOwned):
         run_stage("train", Config(), inputs, inputs["nodes"], ("train",), body, writer=False, iteration=1)
     assert body.calls == 0
-    assert json.loads((tmp_path / "inputs" / "nodes" / storage.MANIFEST).read_text())["stage"] == "sample"
+    assert json.loads((tmp_path / "inputs" / "nodes" / manifests.MANIFEST).read_text())["stage"] == "sample"

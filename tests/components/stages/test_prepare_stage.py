@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import config_from_dict
 from arborl.components.envs.protocol import question_prompt
 from arborl.components.stages import prepare
@@ -49,7 +49,7 @@ def test_parquet_source_writes_prompts_v2_and_lists_bad_rows(tmp_path, files):
     assert schemas.read(res.outputs["facts"], schemas.FACTS).num_rows == 0
     assert storage.read_json(res.outputs["world"]) == {
         "source": "parquet", "files": {"train": [files["train"]], "val": [], "test": [files["test"]]}}
-    manifest = storage.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     metrics = manifest["metrics"]
     assert (metrics["train_prompts"], metrics["val_prompts"], metrics["test_prompts"]) == (3, 0, 2)
     assert metrics["rows"] == 11 and metrics["bad_rows_total"] == 6
@@ -69,7 +69,7 @@ def test_too_many_bad_rows_fail_the_stage_naming_file_and_rows(tmp_path, files):
     with pytest.raises(ValueError, match=re.escape(f"{files['train']} row 2: empty prompt")) as err:
         prepare.run(parquet_cfg([files["train"]], [files["test"]]), {}, out)
     assert "data.max_bad_fraction=0.01" in str(err.value)
-    assert storage.read_manifest(out) is None and not storage.exists(storage.join(out, schemas.PROMPTS_FILE))
+    assert manifests.read_manifest(out) is None and not storage.exists(storage.join(out, schemas.PROMPTS_FILE))
 
 
 def test_a_missing_file_fails_the_stage_naming_it(tmp_path, files):
@@ -77,7 +77,7 @@ def test_a_missing_file_fails_the_stage_naming_it(tmp_path, files):
     cfg = parquet_cfg([files["train"]], [files["test"]], val_files=[missing], max_bad_fraction=1.0)
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
         prepare.run(cfg, {}, str(tmp_path / "prepare"))
-    assert storage.read_manifest(str(tmp_path / "prepare")) is None
+    assert manifests.read_manifest(str(tmp_path / "prepare")) is None
 
 
 def test_a_split_without_usable_rows_is_an_error(tmp_path, files):

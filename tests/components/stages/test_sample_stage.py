@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config, WorldConfig
 from arborl.components.envs.retriever import FTSRetriever, RetrieverError
 from arborl.components.envs.world import QUESTION_TEMPLATE
@@ -23,7 +23,7 @@ def dirs(tmp_path_factory, policy, tokenizer, world_cfg):
     world = prepare.run(cfg, {}, str(root / "prepare")).out
     model = str(root / "model")
     save_policy(policy, tokenizer, model)
-    storage.write_manifest(model, stage="warmstart", inputs={}, config_hash="test", outputs={"model": model},
+    manifests.write_manifest(model, stage="warmstart", inputs={}, config_hash="test", outputs={"model": model},
                            metrics={}, started=0.0)
     return root, world, model
 
@@ -114,7 +114,7 @@ def _world_with_bad_prompts(root, world, bad_ids: dict[str, str]) -> str:
             p["messages"] = json.dumps([{"role": "user", "content": p["prompt"]}])
     schemas.write(prompts, schemas.PROMPTS, storage.join(out, "prompts.parquet"))
     storage.write_bytes(storage.join(out, "facts.parquet"), storage.read_bytes(storage.join(world, "facts.parquet")))
-    storage.write_manifest(out, stage="prepare", inputs={}, config_hash="test", outputs={}, metrics={}, started=0.0)
+    manifests.write_manifest(out, stage="prepare", inputs={}, config_hash="test", outputs={}, metrics={}, started=0.0)
     return out
 
 
@@ -145,14 +145,14 @@ def test_bad_prompts_are_recorded_left_out_and_fail_the_stage_past_the_limit(dir
     assert res.metrics["bad_prompt_fraction"] == pytest.approx(len(bad) / 20)
     nodes = schemas.read(res.outputs["nodes"], schemas.NODES).to_pylist()
     assert {n["prompt_id"] for n in nodes} == {p["prompt_id"] for p in drawn} - bad  # left out of training
-    assert storage.read_manifest(res.out)["metrics"]["bad_prompts"] == res.metrics["bad_prompts"]
+    assert manifests.read_manifest(res.out)["metrics"]["bad_prompts"] == res.metrics["bad_prompts"]
 
     strict = _cfg(prompts_per_iteration=20, max_bad_fraction=0.05)
     with pytest.raises(ValueError, match="sampling.max_bad_fraction=0.05") as err:
         sample.run(strict, {"model": model, "world": bad_world}, str(root / "bad-fail"), iteration=1)
     message = str(err.value)
     assert f"prompt_id {empty_id!r}: empty prompt" in message and long_id in message and victim["prompt_id"] in message
-    assert storage.read_manifest(str(root / "bad-fail")) is None  # a failed stage leaves no manifest
+    assert manifests.read_manifest(str(root / "bad-fail")) is None  # a failed stage leaves no manifest
 
 
 def test_chains_budget_sets_m_n_l_and_logs_them(dirs):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import load_config
 from arborl.components.stages import label, prepare, sample, train, warmstart
 from arborl.components.stages.train import CHECKPOINT_DIR
@@ -45,7 +45,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
                 "error": None} for r in rows if r["is_leaf"]]
     verify_out = str(root / "verify")
     schemas.write(rewards, schemas.REWARDS, storage.join(verify_out, "rewards.parquet"))
-    storage.write_manifest(verify_out, stage="verify", inputs={}, config_hash="seeded", outputs={}, metrics={},
+    manifests.write_manifest(verify_out, stage="verify", inputs={}, config_hash="seeded", outputs={}, metrics={},
                            started=time.time())
     advantages = label.run(cfg, {"nodes": nodes, "rewards": verify_out, "world": world}, str(root / "label")).out
     return {"model": model, "nodes": nodes, "advantages": advantages, "world": world}
@@ -100,12 +100,12 @@ def test_killed_train_stage_resumes_to_the_same_weights(inputs, tmp_path):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / storage.MANIFEST).exists()  # killed mid-way: no finished output
+    assert not (out / manifests.MANIFEST).exists()  # killed mid-way: no finished output
     assert list((out / CHECKPOINT_DIR).glob("step-*"))
 
     rerun = _run(inputs, out, "train.save_every_steps=2")
     assert "resuming from" in rerun.stderr
-    assert (out / storage.MANIFEST).exists() and not (out / CHECKPOINT_DIR).exists()
+    assert (out / manifests.MANIFEST).exists() and not (out / CHECKPOINT_DIR).exists()
     _assert_same(_weights(out), reference, atol=0.0)  # bit for bit
     assert any(not torch.equal(v, load_file(str(Path(inputs["model"]) / "model.safetensors"))[k])
                for k, v in reference.items())
@@ -120,8 +120,8 @@ def test_two_ranks_take_the_same_step_as_one(inputs, tmp_path):
     two = _run(inputs, tmp_path / "two", *step, ranks=2)
     assert '"world_size": 2' in two.stdout
     _assert_same(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-6)
-    one_metrics = storage.read_manifest(str(tmp_path / "one"))["metrics"]
-    two_metrics = storage.read_manifest(str(tmp_path / "two"))["metrics"]
+    one_metrics = manifests.read_manifest(str(tmp_path / "one"))["metrics"]
+    two_metrics = manifests.read_manifest(str(tmp_path / "two"))["metrics"]
     assert two_metrics["loss"] == pytest.approx(one_metrics["loss"], rel=1e-5, abs=1e-7)
     assert two_metrics["grad_norm"] == pytest.approx(one_metrics["grad_norm"], rel=1e-5)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config
 from arborl.components.stages import verify
 
@@ -50,7 +50,7 @@ PROMPTS = [prompt("a", "nq", ["paris"]), prompt("b", "nq", ["lyon"]), prompt("m"
 def artifact(root: Path, name: str, rows: list[dict], schema) -> str:
     out = str(root / name)
     schemas.write(rows, schema, storage.join(out, f"{schema.metadata[b'arborl.schema'].decode()}.parquet"))
-    storage.write_manifest(out, stage=name, inputs={}, config_hash="x", outputs={}, metrics={}, started=time.time())
+    manifests.write_manifest(out, stage=name, inputs={}, config_hash="x", outputs={}, metrics={}, started=time.time())
     return out
 
 

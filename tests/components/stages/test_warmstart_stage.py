@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests
 from arborl.components.config import ConfigError, load_config
 from arborl.components.models import load_policy, save_policy
 from arborl.components.stages import warmstart
@@ -31,7 +31,7 @@ def given(tiny_model, tokenizer, tmp_path) -> Path:
 def no_world(tmp_path) -> str:
     """A finished prepare output without any of its files: a stage that read the world would fail."""
     uri = str(tmp_path / "world")
-    storage.write_manifest(uri, stage="prepare", inputs={}, config_hash="none", outputs={}, metrics={},
+    manifests.write_manifest(uri, stage="prepare", inputs={}, config_hash="none", outputs={}, metrics={},
                            started=time.time())
     return uri
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
+from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.stages.train import OPTIMIZER_FILE, _carry_optimizer_state
-from arborl.components.storage import ArtifactError
 from arborl.components.training.checkpoint import (
     LEGACY_FILE,
     META_FILE,

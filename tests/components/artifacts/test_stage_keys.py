@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from arborl.components import stage_keys, storage
+from arborl.components.artifacts import manifests, stage_keys, storage
 
 
 def _finish(out: str, stage: str, inputs: dict[str, str], config_hash: str, content: bytes) -> dict:
     storage.write_bytes(storage.join(out, "data.bin"), content)
-    return storage.write_manifest(out, stage=stage, inputs=inputs, config_hash=config_hash, outputs={}, metrics={},
+    return manifests.write_manifest(out, stage=stage, inputs=inputs, config_hash=config_hash, outputs={}, metrics={},
                                   started=0.0, key=stage_keys.stage_key(stage, config_hash, inputs),
                                   files=stage_keys.file_digests(out))
 
@@ -61,10 +61,10 @@ def test_changed_or_missing_files_are_noticed_pruned_ones_are_not(tmp_path):
     os.remove(os.path.join(out, "data.bin"))
     assert stage_keys.changed_file(out, manifest) == "data.bin (missing)"
     # a retention prune deletes files on purpose and says so in the manifest: still finished
-    storage.write_json(storage.manifest_uri(out), {**manifest, "pruned": {"weights": True, "keep_iterations": 2}})
+    storage.write_json(manifests.manifest_uri(out), {**manifest, "pruned": {"weights": True, "keep_iterations": 2}})
     assert stage_keys.completed(out, stage="sample", inputs={}, config_hash="h") is not None
     # an old manifest without key or digests is stale
-    storage.write_json(storage.manifest_uri(out), {k: v for k, v in manifest.items() if k not in ("key", "files")})
+    storage.write_json(manifests.manifest_uri(out), {k: v for k, v in manifest.items() if k not in ("key", "files")})
     assert stage_keys.completed(out, stage="sample", inputs={}, config_hash="h") is None
 
 
@@ -72,7 +72,7 @@ def test_nothing_starts_on_a_pruned_or_unfinished_input(tmp_path):
     model = str(tmp_path / "iter_001" / "train")
     manifest = _finish(model, "train", {}, "h", b"weights")
     stage_keys.check_inputs("sample", {"model": model})
-    storage.write_json(storage.manifest_uri(model), {**manifest, "pruned": {"weights": True, "keep_iterations": 2}})
+    storage.write_json(manifests.manifest_uri(model), {**manifest, "pruned": {"weights": True, "keep_iterations": 2}})
     with pytest.raises(FileNotFoundError, match=r"'model' .* pruned \(run.keep_iterations=2\); nothing was changed"):
         stage_keys.check_inputs("sample", {"model": model})
     with pytest.raises(FileNotFoundError, match="missing or incomplete"):

@@ -19,7 +19,7 @@ import hashlib
 import json
 import posixpath
 
-from arborl.components import storage
+from arborl.components.artifacts import manifests, storage
 
 KEY_VERSION = 1  # bump when what a key covers changes: every earlier manifest is then stale
 SKIPPED_DIRS = ("_checkpoints",)  # a train stage's in-stage checkpoints: resume state, not its result
@@ -43,7 +43,7 @@ def file_digests(out_uri: str) -> dict[str, dict]:
     for name, info in sorted(fs.find(root, detail=True).items()):
         rel = posixpath.relpath(name, root)
         parts = rel.split("/")
-        if rel in (storage.MANIFEST, storage.MARKER) or parts[-1].startswith(storage.LOCK_FILE) \
+        if rel in (manifests.MANIFEST, manifests.MARKER) or parts[-1].startswith(storage.LOCK_FILE) \
                 or any(p in SKIPPED_DIRS for p in parts):
             continue
         out[rel] = {"size": int(info["size"]), "sha256": _sha256(fs, name)}
@@ -60,11 +60,11 @@ def stage_key(stage: str, config_hash: str, inputs: dict[str, str]) -> str | Non
     """The key of `stage` run with this config hash on these inputs; None while an input has no manifest."""
     ids = {}
     for name, uri in sorted(inputs.items()):
-        manifest = storage.read_manifest(uri)
+        manifest = manifests.read_manifest(uri)
         if manifest is None:
             return None
         ids[name] = identity(manifest)
-    body = {"version": KEY_VERSION, "stage": stage, "code_version": storage.CODE_VERSION,
+    body = {"version": KEY_VERSION, "stage": stage, "code_version": manifests.CODE_VERSION,
             "config_hash": config_hash, "inputs": ids}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -91,7 +91,7 @@ def check_inputs(stage: str, inputs: dict[str, str]) -> None:
     """Refuse to start `stage` (before its output is touched) when an input is unfinished or its weights were
     pruned by `run.keep_iterations`: that run can no longer produce this stage's result from it."""
     for name, uri in inputs.items():
-        manifest = storage.read_manifest(uri)
+        manifest = manifests.read_manifest(uri)
         if manifest is None:
             raise FileNotFoundError(f"stage {stage!r}: input {name!r} at {uri} is missing or incomplete (no manifest)")
         pruned = manifest.get("pruned")
@@ -105,7 +105,7 @@ def check_inputs(stage: str, inputs: dict[str, str]) -> None:
 def completed(out_uri: str, *, stage: str, inputs: dict[str, str], config_hash: str) -> dict | None:
     """The manifest of a finished `stage` at `out_uri` when it is the output these inputs and this config give
     (same key) and its files are intact; else None, and the stage must run again."""
-    manifest = storage.read_manifest(out_uri)
+    manifest = manifests.read_manifest(out_uri)
     if manifest is None or manifest.get("stage") != stage:
         return None
     key = stage_key(stage, config_hash, inputs)

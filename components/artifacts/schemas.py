@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 
 SCHEMA_VERSION = "1"
 

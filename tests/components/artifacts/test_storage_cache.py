@@ -1,4 +1,4 @@
-"""components.storage.local_dir: the bounded local cache of remote (S3, a local moto server) directories."""
+"""artifacts.local_cache.local_dir: the bounded local cache of remote (S3, a local moto server) directories."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arborl.components import storage
+from arborl.components.artifacts import local_cache, manifests, model_files, storage
 from arborl.components.config import Config, StorageConfig
 from arborl.components.models import load_policy, save_policy
 
@@ -39,21 +39,21 @@ def _cached(cache: Path) -> dict[str, str]:
 
 
 def test_least_recently_used_copies_beyond_the_bound_are_deleted(s3_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "CACHE_IN_USE_S", 0.0)
+    monkeypatch.setattr(local_cache, "CACHE_IN_USE_S", 0.0)
     cache = tmp_path / "cache"
     a, b, c = (_upload(s3_root, n, MB) for n in ("a", "b", "c"))
     bound = 2.5 * MB / 1e9  # room for two copies
     for uri in (a, b, a):  # a read again: b is now the least recently used
-        storage.local_dir(uri, cache, max_gb=bound)
+        local_cache.local_dir(uri, cache, max_gb=bound)
         time.sleep(0.02)
     assert sorted(_cached(cache).values()) == ["a", "b"]
-    assert (storage.local_dir(c, cache, max_gb=bound) / "config.json").exists()
+    assert (local_cache.local_dir(c, cache, max_gb=bound) / "config.json").exists()
     assert sorted(_cached(cache).values()) == ["a", "c"]
     time.sleep(0.02)
-    storage.local_dir(b, cache, max_gb=bound)  # fetched again; now a is the oldest
+    local_cache.local_dir(b, cache, max_gb=bound)  # fetched again; now a is the oldest
     assert sorted(_cached(cache).values()) == ["b", "c"]
     # no bound: nothing is deleted
-    storage.local_dir(a, cache, max_gb=None)
+    local_cache.local_dir(a, cache, max_gb=None)
     assert sorted(_cached(cache).values()) == ["a", "b", "c"]
 
 
@@ -61,13 +61,13 @@ def test_copies_in_use_are_kept_over_the_bound_until_they_age(s3_root, tmp_path)
     cache = tmp_path / "cache"
     uris = [_upload(s3_root, n, MB) for n in ("a", "b", "c")]
     for uri in uris:
-        storage.local_dir(uri, cache, max_gb=0)
+        local_cache.local_dir(uri, cache, max_gb=0)
     assert sorted(_cached(cache).values()) == ["a", "b", "c"]  # all read within CACHE_IN_USE_S
-    old = time.time() - storage.CACHE_IN_USE_S - 5
+    old = time.time() - local_cache.CACHE_IN_USE_S - 5
     for path in cache.iterdir():
         if _cached(cache).get(path.name) in ("a", "b"):
             os.utime(path / ".complete", (old, old))
-    storage.local_dir(uris[2], cache, max_gb=0)
+    local_cache.local_dir(uris[2], cache, max_gb=0)
     assert list(_cached(cache).values()) == ["c"]  # the copy just read is never deleted
 
 
@@ -80,17 +80,17 @@ def test_a_model_is_read_without_its_optimizer_state_and_within_the_configured_b
     torch.save({"state": {i: torch.zeros(1000) for i in range(20)}}, data)
     storage.write_bytes(storage.join(uri, "optimizer.pt"), data.getvalue())
     storage.write_bytes(storage.join(uri, "_checkpoints", "step-00000002", "state.pt"), data.getvalue())
-    storage.write_json(storage.join(uri, storage.MANIFEST), {"stage": "train"})
+    storage.write_json(storage.join(uri, manifests.MANIFEST), {"stage": "train"})
 
     model, _ = load_policy(uri, "cpu", Config().storage.cache_max_gb)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model.parameters())
     (copy,) = [p for p in (tmp_path / "arborl-cache").iterdir() if not p.name.startswith(".tmp-")]
     files = {str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()}
-    assert "config.json" in files and "model.safetensors" in files and storage.MANIFEST in files
+    assert "config.json" in files and "model.safetensors" in files and manifests.MANIFEST in files
     assert "optimizer.pt" not in files and not any(f.startswith("_checkpoints") for f in files)
 
     # another model over a bound of zero: the first copy goes once it is no longer in use
-    monkeypatch.setattr(storage, "CACHE_IN_USE_S", 0.0)
+    monkeypatch.setattr(local_cache, "CACHE_IN_USE_S", 0.0)
     other = storage.join(s3_root, "iter_002", "train")
     save_policy(tiny_model, tokenizer, other)
     load_policy(other, "cpu", cache_max_gb=0)
@@ -99,7 +99,7 @@ def test_a_model_is_read_without_its_optimizer_state_and_within_the_configured_b
 
 
 def test_the_bound_is_a_config_key_with_the_library_default():
-    assert StorageConfig().cache_max_gb == storage.CACHE_MAX_GB
+    assert StorageConfig().cache_max_gb == local_cache.CACHE_MAX_GB
     assert Config.model_validate({"storage": {"cache_max_gb": 1}}).storage.cache_max_gb == 1.0
     with pytest.raises(ValueError, match="cache_max_gb"):
         Config.model_validate({"storage": {"cache_max_gb": -1}})
@@ -108,4 +108,4 @@ def test_the_bound_is_a_config_key_with_the_library_default():
 def test_the_skipped_training_state_is_what_the_train_stage_writes():
     from arborl.components.stages.train import CHECKPOINT_DIR, OPTIMIZER_FILE
 
-    assert set(storage.TRAINING_STATE) == {OPTIMIZER_FILE, CHECKPOINT_DIR}
+    assert set(model_files.TRAINING_STATE) == {OPTIMIZER_FILE, CHECKPOINT_DIR}

@@ -15,13 +15,13 @@ import uuid
 
 import pytest
 
-from arborl.components import run_lock, storage
-from arborl.components.run_lock import LOCK_FILE, Holder, LockHeld, RunLock, read_holder
+from arborl.components.artifacts import manifests, run_lock, storage
+from arborl.components.artifacts.run_lock import LOCK_FILE, Holder, LockHeld, RunLock, read_holder
 
 # a second writer: takes the lock of argv[1], says so, holds it until stdin closes or says "release"
 HOLDER = """
 import sys
-from arborl.components.run_lock import LockHeld, RunLock
+from arborl.components.artifacts.run_lock import LockHeld, RunLock
 try:
     lock = RunLock(sys.argv[1], "test holder", heartbeat_every=0.2).acquire()
 except LockHeld as exc:
@@ -94,7 +94,7 @@ def test_a_lock_of_a_killed_process_on_this_host_is_taken_over_with_a_warning(ro
     holder = _start_holder(root)
     holder.kill()
     holder.wait(timeout=30)
-    with caplog.at_level(logging.WARNING, logger="arborl.components.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="arborl.components.artifacts.run_lock"):
         with RunLock(root, "arborl run") as lock:
             assert read_holder(root).pid == os.getpid() and not lock.lost
     warning = " ".join(r.getMessage() for r in caplog.records)
@@ -107,7 +107,7 @@ def test_a_lock_without_heartbeat_is_stale_a_fresh_one_from_another_host_is_not(
     with pytest.raises(LockHeld, match=r"host another-host, pid 4242, owner someone"):
         RunLock(root).acquire()
     _write_lock(root, heartbeat=time.time() - 120)
-    with caplog.at_level(logging.WARNING, logger="arborl.components.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="arborl.components.artifacts.run_lock"):
         with RunLock(root):
             assert read_holder(root).host == socket.gethostname()
     assert "no heartbeat for 120 s (limit 60 s)" in caplog.text
@@ -204,7 +204,7 @@ def test_stage_outputs_do_not_count_the_lock_as_content(tmp_path):
     """`arborl stage` locks its --out directory: the lock must not make it look like someone else's output."""
     out = str(tmp_path / "out")
     with RunLock(out, "arborl stage prepare"):
-        storage.check_output(out, stage="prepare")
-        storage.prepare_output(out, stage="prepare")
+        manifests.check_output(out, stage="prepare")
+        manifests.prepare_output(out, stage="prepare")
         assert storage.exists(storage.join(out, LOCK_FILE))
-    assert json.loads((tmp_path / "out" / storage.MARKER).read_text()) == {"stage": "prepare"}
+    assert json.loads((tmp_path / "out" / manifests.MARKER).read_text()) == {"stage": "prepare"}

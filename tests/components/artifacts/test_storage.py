@@ -8,7 +8,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from arborl.components import schemas, stage_keys, storage
+from arborl.components.artifacts import local_cache, manifests, schemas, stage_keys, storage
 from arborl.components.config import Config, config_from_dict
 from arborl.components.stages.base import run_stage
 
@@ -88,7 +88,7 @@ def test_upload_dir_and_local_dir_on_local_paths(tmp_path):
     assert (tmp_path / "dst" / "sub" / "b.txt").read_text() == "B"
     storage.upload_dir(src, str(src))  # same directory: a no-op, not a self-copy
     assert sorted(p.name for p in src.rglob("*")) == ["a.txt", "b.txt", "sub"]
-    assert storage.local_dir(str(tmp_path / "dst")) == tmp_path / "dst"
+    assert local_cache.local_dir(str(tmp_path / "dst")) == tmp_path / "dst"
 
 
 # --- run_stage and manifests -------------------------------------------------------------------------
@@ -122,13 +122,13 @@ def test_run_stage_runs_once_then_skips(tmp_path):
 
     first = run_stage("train", cfg, inputs, out, ("train",), body, iteration=1)
     assert body.calls == 1 and not first.skipped
-    manifest = storage.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     assert manifest["stage"] == "train"
     assert manifest["inputs"] == inputs
     assert manifest["config_hash"] == cfg.section_hash("train", iteration=1)
     assert manifest["outputs"] == {"data": storage.join(out, "data.json")}
     assert manifest["metrics"] == {"calls": 1}
-    assert manifest["code_version"] == storage.CODE_VERSION
+    assert manifest["code_version"] == manifests.CODE_VERSION
 
     second = run_stage("train", Config(), dict(inputs), out, ("train",), body, iteration=1)
     assert body.calls == 1 and second.skipped
@@ -162,7 +162,7 @@ def test_run_stage_reruns_when_config_section_params_or_inputs_change(tmp_path):
     run_stage("train", changed, {"world": other_world}, out, ("train",), body, iteration=2)
     assert body.calls == 4
     # another stage's output at the same place is not this stage's to replace
-    with pytest.raises(storage.OutputNotOwned, match="stage 'train'"):
+    with pytest.raises(manifests.OutputNotOwned, match="stage 'train'"):
         run_stage("label", changed, {"world": other_world}, out, ("train",), body, iteration=2)
     assert body.calls == 4
     assert storage.read_json(storage.join(out, "data.json")) == {"call": 4}
@@ -171,15 +171,15 @@ def test_run_stage_reruns_when_config_section_params_or_inputs_change(tmp_path):
 def test_half_written_output_is_wiped_and_rerun(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / storage.MARKER).write_text(json.dumps({"stage": "prepare"}))  # the stage had started here
+    (out / manifests.MARKER).write_text(json.dumps({"stage": "prepare"}))  # the stage had started here
     (out / "stale.parquet").write_bytes(b"half")
     (out / "sub").mkdir()
     (out / "sub" / "junk").write_text("x")
     body = Body(str(out))
     result = run_stage("prepare", Config(), {}, str(out), ("world",), body)
     assert body.calls == 1 and not result.skipped
-    assert sorted(p.name for p in out.iterdir()) == [storage.MANIFEST, storage.MARKER, "data.json"]
-    assert storage.read_json(str(out / storage.MARKER)) == {"stage": "prepare"}
+    assert sorted(p.name for p in out.iterdir()) == [manifests.MANIFEST, manifests.MARKER, "data.json"]
+    assert storage.read_json(str(out / manifests.MARKER)) == {"stage": "prepare"}
 
 
 def test_stale_manifest_output_is_wiped_before_rerun(tmp_path):
@@ -201,7 +201,7 @@ def test_failed_body_writes_no_manifest_and_reruns(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         run_stage("prepare", Config(), {}, out, ("world",), broken)
-    assert storage.read_manifest(out) is None
+    assert manifests.read_manifest(out) is None
     body = Body(out)
     assert not run_stage("prepare", Config(), {}, out, ("world",), body).skipped
     assert body.calls == 1
@@ -250,12 +250,12 @@ def test_s3_round_trip(s3_bucket, tmp_path):
     assert schemas.read(storage.join(base, "facts.parquet"), schemas.FACTS).to_pylist() == rows
 
     # manifests
-    assert storage.read_manifest(storage.join(base, "stage")) is None
+    assert manifests.read_manifest(storage.join(base, "stage")) is None
     stage = storage.join(base, "stage")
     storage.write_json(storage.join(stage, "out.json"), {"v": 1})
-    storage.write_manifest(stage, stage="s", inputs={}, config_hash="h", outputs={"o": "x"}, metrics={"m": 1.5},
+    manifests.write_manifest(stage, stage="s", inputs={}, config_hash="h", outputs={"o": "x"}, metrics={"m": 1.5},
                            started=0.0, key=stage_keys.stage_key("s", "h", {}), files=stage_keys.file_digests(stage))
-    manifest = storage.read_manifest(stage)
+    manifest = manifests.read_manifest(stage)
     assert manifest["stage"] == "s" and manifest["metrics"] == {"m": 1.5}
     assert set(manifest["files"]) == {"out.json"} and manifest["files"]["out.json"]["size"] > 0
     assert stage_keys.completed(stage, stage="s", inputs={}, config_hash="h")
@@ -270,10 +270,10 @@ def test_s3_round_trip(s3_bucket, tmp_path):
     storage.upload_dir(src, storage.join(base, "model"))
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="arborl-test", Prefix="run/model/")["Contents"])
     assert keys == ["run/model/config.json", "run/model/sub/weights.bin"]
-    local = storage.local_dir(storage.join(base, "model"), cache_root=tmp_path / "cache")
+    local = local_cache.local_dir(storage.join(base, "model"), cache_root=tmp_path / "cache")
     assert (local / "config.json").read_text() == '{"a": 1}'
     assert (local / "sub" / "weights.bin").read_bytes() == bytes(range(256))
-    assert storage.local_dir(storage.join(base, "model"), cache_root=tmp_path / "cache") == local  # cached
+    assert local_cache.local_dir(storage.join(base, "model"), cache_root=tmp_path / "cache") == local  # cached
 
     storage.remove(storage.join(base, "model"))
     assert not storage.exists(storage.join(base, "model", "config.json"))
@@ -287,14 +287,14 @@ def test_local_dir_sees_a_rewritten_remote_directory(s3_bucket, tmp_path):
     (src / "weights.bin").write_bytes(b"version 1")
     storage.upload_dir(src, uri)
     cache = tmp_path / "cache"
-    assert (storage.local_dir(uri, cache_root=cache) / "weights.bin").read_bytes() == b"version 1"
-    storage.write_json(storage.join(uri, storage.MARKER), {"stage": "train"})
+    assert (local_cache.local_dir(uri, cache_root=cache) / "weights.bin").read_bytes() == b"version 1"
+    storage.write_json(storage.join(uri, manifests.MARKER), {"stage": "train"})
     # the stage that made it runs again (e.g. after a config change): its output is wiped and rewritten
-    storage.prepare_output(uri, stage="train")
+    manifests.prepare_output(uri, stage="train")
     (src / "weights.bin").write_bytes(b"version 2")
     storage.upload_dir(src, uri)
     assert storage.read_bytes(storage.join(uri, "weights.bin")) == b"version 2"
-    assert (storage.local_dir(uri, cache_root=cache) / "weights.bin").read_bytes() == b"version 2"
+    assert (local_cache.local_dir(uri, cache_root=cache) / "weights.bin").read_bytes() == b"version 2"
 
 
 def test_local_dir_keeps_different_uris_apart(s3_bucket, tmp_path):
@@ -305,9 +305,9 @@ def test_local_dir_keeps_different_uris_apart(s3_bucket, tmp_path):
         (src / "weights.bin").write_bytes(content)
         storage.upload_dir(src, storage.join(root, name))
     cache = tmp_path / "cache"
-    a = storage.local_dir(storage.join(root, "run_1/model"), cache_root=cache)
+    a = local_cache.local_dir(storage.join(root, "run_1/model"), cache_root=cache)
     assert (a / "weights.bin").read_bytes() == b"first"
-    b = storage.local_dir(storage.join(root, "run/1/model"), cache_root=cache)
+    b = local_cache.local_dir(storage.join(root, "run/1/model"), cache_root=cache)
     assert (b / "weights.bin").read_bytes() == b"second"
 
 
@@ -325,16 +325,16 @@ def test_run_stage_on_s3_skips_when_done(s3_bucket):
 def test_prepare_output_keeps_the_named_entries(where, tmp_path, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")[0]
     out = storage.join(root, "train-out")
-    storage.prepare_output(out, stage="train")
+    manifests.prepare_output(out, stage="train")
     storage.write_bytes(storage.join(out, "model.safetensors"), b"half")
     storage.write_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt"), b"resume me")
-    storage.prepare_output(out, stage="train", keep=("_checkpoints",))
+    manifests.prepare_output(out, stage="train", keep=("_checkpoints",))
     assert not storage.exists(storage.join(out, "model.safetensors"))
     assert storage.read_bytes(storage.join(out, "_checkpoints", "step-00000002", "state.pt")) == b"resume me"
-    assert storage.read_json(storage.join(out, storage.MARKER)) == {"stage": "train"}
-    storage.prepare_output(out, stage="train")
+    assert storage.read_json(storage.join(out, manifests.MARKER)) == {"stage": "train"}
+    manifests.prepare_output(out, stage="train")
     assert not storage.exists(storage.join(out, "_checkpoints"))
-    assert storage.exists(storage.join(out, storage.MARKER))
+    assert storage.exists(storage.join(out, manifests.MARKER))
 
 
 # --- where outputs may go ------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def test_child_refuses_a_path_leaving_its_root(tmp_path):
 def test_refusals_pickle_across_processes():
     import pickle
 
-    err = pickle.loads(pickle.dumps(storage.OutputNotOwned("verify", "/x/out", "it is an existing file")))
+    err = pickle.loads(pickle.dumps(manifests.OutputNotOwned("verify", "/x/out", "it is an existing file")))
     assert isinstance(err, ValueError) and err.uri == "/x/out" and "/x/out" in str(err)
     err = pickle.loads(pickle.dumps(storage.OutsideRoot("/r", "/escaped")))
     assert err.root == "/r" and "/escaped" in str(err)
@@ -393,36 +393,36 @@ def test_refusals_pickle_across_processes():
 
 def test_prepare_output_writes_the_marker_before_the_stage_writes(tmp_path):
     out = str(tmp_path / "new" / "out")
-    storage.prepare_output(out, stage="verify")
-    assert os.listdir(out) == [storage.MARKER]
-    assert storage.read_json(storage.join(out, storage.MARKER)) == {"stage": "verify"}
-    storage.check_output(out, stage="verify")
-    with pytest.raises(storage.OutputNotOwned, match="stage 'verify'.*its _stage.json"):
-        storage.check_output(out, stage="label")
+    manifests.prepare_output(out, stage="verify")
+    assert os.listdir(out) == [manifests.MARKER]
+    assert storage.read_json(storage.join(out, manifests.MARKER)) == {"stage": "verify"}
+    manifests.check_output(out, stage="verify")
+    with pytest.raises(manifests.OutputNotOwned, match="stage 'verify'.*its _stage.json"):
+        manifests.check_output(out, stage="label")
     empty = tmp_path / "empty"
     empty.mkdir()
-    storage.prepare_output(str(empty), stage="label")  # an empty directory is fine
-    assert os.listdir(empty) == [storage.MARKER]
+    manifests.prepare_output(str(empty), stage="label")  # an empty directory is fine
+    assert os.listdir(empty) == [manifests.MARKER]
 
 
 def test_check_output_refusals_delete_nothing(tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    with pytest.raises(storage.OutputNotOwned, match="existing file"):
-        storage.prepare_output(str(file), stage="verify")
+    with pytest.raises(manifests.OutputNotOwned, match="existing file"):
+        manifests.prepare_output(str(file), stage="verify")
     assert file.read_text() == "mine"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    with pytest.raises(storage.OutputNotOwned, match="no stage's output.*notes.txt"):
-        storage.prepare_output(str(mine), stage="verify")
+    with pytest.raises(manifests.OutputNotOwned, match="no stage's output.*notes.txt"):
+        manifests.prepare_output(str(mine), stage="verify")
     assert os.listdir(mine) == ["notes.txt"]
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / storage.MARKER).write_text("not json")
-    with pytest.raises(storage.OutputNotOwned, match="names no stage"):
-        storage.prepare_output(str(broken), stage="verify")
-    assert (broken / storage.MARKER).read_text() == "not json"
+    (broken / manifests.MARKER).write_text("not json")
+    with pytest.raises(manifests.OutputNotOwned, match="names no stage"):
+        manifests.prepare_output(str(broken), stage="verify")
+    assert (broken / manifests.MARKER).read_text() == "not json"
 
 
 def test_s3_check_output_on_objects_and_prefixes(s3_bucket):
@@ -430,15 +430,15 @@ def test_s3_check_output_on_objects_and_prefixes(s3_bucket):
     base = f"{root}/ownership"  # the moto backend outlives one test: keep to a prefix of our own
     client.put_object(Bucket="arborl-test", Key="ownership/run/notes.txt", Body=b"mine")
     client.put_object(Bucket="arborl-test", Key="ownership/dir/notes.txt", Body=b"mine")
-    with pytest.raises(storage.OutputNotOwned, match=f"{base}/run/notes.txt: it is an existing file"):
-        storage.prepare_output(f"{base}/run/notes.txt", stage="verify")
-    with pytest.raises(storage.OutputNotOwned, match=f"{base}/dir/: it is a non-empty directory"):
-        storage.prepare_output(f"{base}/dir/", stage="verify")
-    storage.prepare_output(f"{base}/run2", stage="verify")  # `run` is no prefix of `run2`
-    storage.prepare_output(f"{base}/ru", stage="verify")
+    with pytest.raises(manifests.OutputNotOwned, match=f"{base}/run/notes.txt: it is an existing file"):
+        manifests.prepare_output(f"{base}/run/notes.txt", stage="verify")
+    with pytest.raises(manifests.OutputNotOwned, match=f"{base}/dir/: it is a non-empty directory"):
+        manifests.prepare_output(f"{base}/dir/", stage="verify")
+    manifests.prepare_output(f"{base}/run2", stage="verify")  # `run` is no prefix of `run2`
+    manifests.prepare_output(f"{base}/ru", stage="verify")
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="arborl-test", Prefix="ownership/")["Contents"])
-    assert keys == ["ownership/dir/notes.txt", f"ownership/ru/{storage.MARKER}", "ownership/run/notes.txt",
-                    f"ownership/run2/{storage.MARKER}"]
+    assert keys == ["ownership/dir/notes.txt", f"ownership/ru/{manifests.MARKER}", "ownership/run/notes.txt",
+                    f"ownership/run2/{manifests.MARKER}"]
 
 
 # --- unreadable artifacts: the error names the URI and what is wrong ----------------------------------
@@ -472,10 +472,10 @@ def test_non_json_file_and_manifest_name_the_file(tmp_path):
     assert str(err.value).startswith(f"{uri}: not a JSON file or truncated (")
     out = tmp_path / "stage"
     out.mkdir()
-    (out / storage.MANIFEST).write_bytes(b"\x80\x04not json")
+    (out / manifests.MANIFEST).write_bytes(b"\x80\x04not json")
     with pytest.raises(storage.ArtifactError) as err:
         stage_keys.completed(str(out), stage="s", inputs={}, config_hash="h")
-    assert str(out / storage.MANIFEST) in str(err.value) and "not a JSON file" in str(err.value)
+    assert str(out / manifests.MANIFEST) in str(err.value) and "not a JSON file" in str(err.value)
     assert isinstance(err.value, ValueError)  # callers that catch ValueError still do
 
 

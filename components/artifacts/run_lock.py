@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arborl.components import storage
+from arborl.components.artifacts import storage
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from arborl.components import storage
-from arborl.components.training.checkpoint import TRAINING_STATE_FILE
-from arborl.components.training.lora import BASE_FILE
+from arborl.components.artifacts import manifests, storage
+from arborl.components.artifacts.model_files import LORA_BASE_FILE, TRAINING_STATE, TRAINING_STATE_FILE
 
 REGISTERED_FILE = "registered_models.json"  # at the run root: {"models": [URIs]} of registered models
 PRUNED = "pruned"
@@ -50,7 +49,7 @@ def protect(root: str, model_uri: str) -> None:
 
 
 def _lora_base(model_uri: str) -> str | None:
-    pointer = storage.join(model_uri, BASE_FILE)
+    pointer = storage.join(model_uri, LORA_BASE_FILE)
     if not storage.exists(pointer):
         return None
     data = storage.read_json(pointer)
@@ -99,7 +98,7 @@ def _replay_anchor(models: dict[int, str], latest: int) -> str | None:
 def _prune_dir(uri: str, weights: bool, training_state: bool, keep: int) -> tuple[bool, bool]:
     """Mark the train output `uri` pruned and delete its weights and/or training state; (weights, training state)
     newly marked by this call."""
-    manifest = storage.read_manifest(uri)
+    manifest = manifests.read_manifest(uri)
     if not isinstance(manifest, dict) or manifest.get("stage") != "train":
         return False, False
     note = manifest.get(PRUNED) if isinstance(manifest.get(PRUNED), dict) else {}
@@ -110,13 +109,13 @@ def _prune_dir(uri: str, weights: bool, training_state: bool, keep: int) -> tupl
     if want != had:
         stamp = {"weights": want[0], "training_state": want[1], "keep_iterations": keep,
                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        storage.write_json(storage.manifest_uri(uri), {**manifest, PRUNED: stamp})
+        storage.write_json(manifests.manifest_uri(uri), {**manifest, PRUNED: stamp})
     fs, path = storage.filesystem(uri)
     here = path.rstrip("/")
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if entry.rstrip("/") == here or name in (storage.MANIFEST, storage.MARKER):
+        if entry.rstrip("/") == here or name in (manifests.MANIFEST, manifests.MARKER):
             continue
-        if want[0] or name in storage.TRAINING_STATE:
+        if want[0] or name in TRAINING_STATE:
             fs.rm(entry, recursive=True)
     return want[0] and not had[0], want[1] and not had[1]

@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from arborl.components import schemas, storage
+from arborl.components.artifacts import schemas, storage
 
 NODE_ROWS = [
     {
