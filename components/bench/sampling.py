@@ -33,6 +33,7 @@ from arborl.components.models import build_model, build_tokenizer, load_policy, 
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.budget import budget, planned_chains, random_expansion_cost
 from arborl.components.sampling.engine import HFBackend
+from arborl.components.sampling.rng import bench_decode_seed, bench_sampling_seed
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
@@ -70,7 +71,7 @@ def tree_vs_chain(backend: HFBackend, env: SearchEnv, prompts, cfg: Config, repe
             sampling = cfg.sampling.model_copy(update=shape)
             _sync(device)
             start = time.perf_counter()
-            trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 1000 + r)
+            trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=bench_sampling_seed(cfg.run.seed, r))
             _sync(device)
             seconds = time.perf_counter() - start
             _, metrics = budget(trees)
@@ -231,7 +232,7 @@ def run_benchmark(
     }
     result.update(tree_vs_chain(backend, env, prompt_list, cfg, repeats, device))
     # distinct contexts up to the largest batch: the backend prefills a repeated context once, `generate` would not
-    decode_rows = random.Random(cfg.run.seed + 1).sample(train, min(max(batch_sizes), len(train)))
+    decode_rows = random.Random(bench_decode_seed(cfg.run.seed)).sample(train, min(max(batch_sizes), len(train)))
     contexts = [list(c) for c in dict.fromkeys(tuple(prompt_ids(tokenizer, r["prompt"])) for r in decode_rows)]
     result["decode_contexts"] = len(contexts)
     result.update(backend_vs_generate(backend, contexts, batch_sizes, decode_tokens, repeats, device))

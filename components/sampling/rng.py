@@ -5,6 +5,9 @@ other sequences share the batch. Sharded sampling must give the same trees whate
 so each episode draws from its own generator, seeded from (run seed, prompt, tree, round, expansion)
 and re-seeded per turn: a row's draws depend only on its own seed and position, never on its batch
 neighbours or on how long they keep generating.
+
+The named seed streams below derive each of a run's random streams from `run.seed` (and the iteration). Their
+values are fixed: changing one changes the results of every run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,36 @@ def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any printable parts, the same in every process (unlike `hash`)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sampling_seed(run_seed: int, iteration: int) -> int:
+    """The sample stage's seed of one iteration: its trees' expansion draws and episodes (`sample_trees`)."""
+    return run_seed * 100_003 + iteration
+
+
+def prompt_draw_seed(run_seed: int, iteration: int) -> str:
+    """The draw of one iteration's training prompts from the train split (a `random.Random` seed string)."""
+    return f"{run_seed}-prompts-{iteration}"
+
+
+def train_shuffle_seed(run_seed: int, iteration: int) -> int:
+    """The train stage's mini-batch shuffles of one iteration (`trainer.policy_update`)."""
+    return run_seed * 7919 + iteration
+
+
+def evaluation_seed(run_seed: int) -> int:
+    """Every evaluation's sampled episodes and bootstrap intervals: the same noise for every model of a run."""
+    return run_seed + 17
+
+
+def bench_sampling_seed(run_seed: int, repeat: int) -> int:
+    """The sampling benchmark's trees and chains of one timed repeat."""
+    return run_seed * 1000 + repeat
+
+
+def bench_decode_seed(run_seed: int) -> int:
+    """The sampling benchmark's draw of the train prompts it times decoding on."""
+    return run_seed + 1
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -9,12 +9,8 @@ from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import evaluate_policy
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
+from arborl.components.sampling.rng import evaluation_seed
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
-
-
-def evaluation_seed(cfg: Config) -> int:
-    """The seed every evaluation of a config uses, so two models see the same sampling noise stream."""
-    return cfg.run.seed + 17
 
 
 def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[str, ...] = ("val", "test")
@@ -24,7 +20,7 @@ def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[st
     backend, env = loaded.backend, SearchEnv(load_retriever(world_uri, cfg), loaded.tokenizer, cfg.model.chat_template)
     prompts = [p for split in splits for p in load_prompts(world_uri, split)]
     return evaluate_policy(backend, env, prompts, cfg.agent, cfg.verify, cfg.evaluate.temperature,
-                           seed=evaluation_seed(cfg), pass_k=tuple(cfg.evaluate.pass_k),
+                           seed=evaluation_seed(cfg.run.seed), pass_k=tuple(cfg.evaluate.pass_k),
                            bootstrap=cfg.evaluate.bootstrap, max_tool_error_fraction=cfg.sampling.max_bad_fraction)
 
 

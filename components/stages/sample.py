@@ -23,6 +23,7 @@ from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.budget import plan, prompt_counts, summarize
 from arborl.components.sampling.mechanism import mechanism_metrics
+from arborl.components.sampling.rng import prompt_draw_seed, sampling_seed
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import Tree, node_rows
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
@@ -36,7 +37,7 @@ _LOAD_LOCK = threading.Lock()
 def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]:
     """The training prompts of one iteration: a seeded draw without replacement from the train split."""
     train = load_prompts(world_uri, "train")
-    rng = random.Random(f"{cfg.run.seed}-prompts-{iteration}")
+    rng = random.Random(prompt_draw_seed(cfg.run.seed, iteration))
     return rng.sample(train, min(cfg.sampling.prompts_per_iteration, len(train)))
 
 
@@ -130,7 +131,7 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
             prompts.append((row["prompt_id"], ids))
 
     sampling = plan(cfg.sampling, cfg.budget)
-    trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=cfg.run.seed * 100_003 + iteration,
+    trees = sample_trees(backend, env, prompts, sampling, cfg.agent, seed=sampling_seed(cfg.run.seed, iteration),
                          tokens_per_prompt=cfg.budget.tokens_per_prompt, max_rounds=cfg.budget.max_rounds,
                          token_stop=cfg.budget.token_stop)
     by_prompt: dict[str, list[Tree]] = {}

@@ -30,6 +30,7 @@ from arborl.components.advantages.registry import get_estimator
 from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
 from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
+from arborl.components.sampling.rng import train_shuffle_seed
 from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
 from arborl.components.training import checkpoint, distributed, lora, warm
 from arborl.components.training.packing import TreeUnit
@@ -213,7 +214,7 @@ def _update(cfg: Config, inputs: dict[str, str], out: str | None, iteration: int
                                        keep=cfg.train.keep_checkpoints)
 
     metrics = policy_update(wrapped, optimizer, units, cfg.train, tokenizer.pad_token_id,
-                            seed=cfg.run.seed * 7919 + iteration, ref_model=ref_model, dist=dist,
+                            seed=train_shuffle_seed(cfg.run.seed, iteration), ref_model=ref_model, dist=dist,
                             hooks=StepHooks(resume=resume, after_step=after_step))
     metrics["world_size"] = dist.world_size
     if cfg.train.flex_attention:
