@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterable
 
 from arborl.components import storage
-from arborl.components.training.checkpoint import TRAINING_STATE_FILE
 from arborl.components.training.lora import BASE_FILE
+from arborl.components.training.training_state import TRAINING_STATE_FILE
 
 REGISTERED_FILE = "registered_models.json"  # at the run root: {"models": [URIs]} of registered models
 PRUNED = "pruned"

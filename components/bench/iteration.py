@@ -26,7 +26,7 @@ import torch
 from arborl.components import storage
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import base_config
-from arborl.components.training import checkpoint, warm
+from arborl.components.training import training_state, warm
 
 ITERATION_STAGES = ("sample", "verify", "label", "train")
 
@@ -148,9 +148,9 @@ def model_io(model_config: str, workdir: str, checkpoint_every: int = 10) -> dic
     save_s = time.perf_counter() - started
     weights_bytes = _bytes(Path(out))
 
-    master = checkpoint.master_weights(dict(model.named_parameters(remove_duplicate=False)), "bfloat16")
+    master = training_state.master_weights(dict(model.named_parameters(remove_duplicate=False)), "bfloat16")
     started = time.perf_counter()
-    checkpoint.write_training_state(out, optimizer.state_dict(), master)
+    training_state.write_training_state(out, optimizer.state_dict(), master)
     state_save_s = time.perf_counter() - started
     state_bytes = _bytes(Path(out)) - weights_bytes
     del optimizer, master
@@ -159,7 +159,7 @@ def model_io(model_config: str, workdir: str, checkpoint_every: int = 10) -> dic
     load_policy(out, "cpu", dtype="bfloat16")
     load_s = time.perf_counter() - started
     started = time.perf_counter()
-    checkpoint.read_training_state(out)
+    training_state.read_training_state(out)
     state_load_s = time.perf_counter() - started
     storage.remove(out)
 
