@@ -919,7 +919,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (default `configs/tiny.yaml`) and apply `key.sub=value` overrides. A `.json` file (e.g. a
-    run's resolved `<run root>/config.json`) is read as JSON; a URI (s3://...) is read through components/storage,
+    run's resolved `<run root>/config.json`) is read as JSON; a URI (s3://...) is read through artifacts/storage.py,
     so stage containers share one resolved config.
 
     Raises ConfigError naming the file and the offending key.

@@ -1,7 +1,7 @@
 """`arborl compare`: Tree-GRPO and GRPO at equal cost, over seeds and a sweep of budgets — per seed one
 `train_pipeline` subflow that makes the world and warm start (`<name>-base-s<seed>`), then one per budget and
 method — then compare.json, an MLflow run with the sweep's plots, and a Prefect markdown table. The equal-cost rule
-(`budget.protocol`) and the statistics are in components/evaluation/compare.py."""
+(`budget.protocol`) is in components/evaluation/compare.py, the statistics in compare_stats.py."""
 
 from __future__ import annotations
 
@@ -14,21 +14,17 @@ from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import (
     METHODS,
-    RunRecord,
-    add_interpolations,
     base_config,
     budget_rule,
     chain_tokens,
-    compare_budget,
     method_config,
-    plot_budgets,
-    plot_curves,
     run_name,
     sweep,
-    sweep_table,
     token_budget,
     uses_tokens,
 )
+from arborl.components.evaluation.compare_plots import plot_budgets, plot_curves
+from arborl.components.evaluation.compare_stats import RunRecord, add_interpolations, compare_budget, sweep_table
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.stages.warmstart import gold_chain_unit
 from arborl.components.tracking import tracking_uri

@@ -29,7 +29,7 @@ from arborl.components.artifacts import manifests, storage
 from arborl.components.bench import breakdown
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import base_config
-from arborl.components.training import checkpoint, warm
+from arborl.components.training import training_state, warm
 
 ITERATION_STAGES = ("sample", "verify", "label", "train")
 
@@ -169,9 +169,9 @@ def model_io(model_config: str, workdir: str, checkpoint_every: int = 10) -> dic
     save_s = time.perf_counter() - started
     weights_bytes = _bytes(Path(out))
 
-    master = checkpoint.master_weights(dict(model.named_parameters(remove_duplicate=False)), "bfloat16")
+    master = training_state.master_weights(dict(model.named_parameters(remove_duplicate=False)), "bfloat16")
     started = time.perf_counter()
-    checkpoint.write_training_state(out, optimizer.state_dict(), master)
+    training_state.write_training_state(out, optimizer.state_dict(), master)
     state_save_s = time.perf_counter() - started
     state_bytes = _bytes(Path(out)) - weights_bytes
     del optimizer, master
@@ -180,7 +180,7 @@ def model_io(model_config: str, workdir: str, checkpoint_every: int = 10) -> dic
     load_policy(out, "cpu", dtype="bfloat16")
     load_s = time.perf_counter() - started
     started = time.perf_counter()
-    checkpoint.read_training_state(out)
+    training_state.read_training_state(out)
     state_load_s = time.perf_counter() - started
     storage.remove(out)
 

@@ -5,7 +5,7 @@ its shard of the trees, rank 0 writes the outputs. With `train.save_every_steps`
 under `<out>/_checkpoints/`, and a rerun after a crash or kill continues from the newest complete one.
 
 The output is a model directory in `train.save_dtype` plus its training state (`optimizer.pt`,
-`checkpoint.write_training_state`): the Adam state and, when the saved weights are rounded, the full-precision
+`training_state.write_training_state`): the Adam state and, when the saved weights are rounded, the full-precision
 master weights. The next iteration starts from the master weights when there are any, so a bfloat16 save loses
 no precision across iterations.
 
@@ -32,17 +32,17 @@ from arborl.components.config import Config
 from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.sampling.rng import train_shuffle_seed
 from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
-from arborl.components.training import checkpoint, distributed, lora, warm
+from arborl.components.training import checkpoint, distributed, lora, training_state, warm
 from arborl.components.training.packing import TreeUnit
 from arborl.components.training.trainer import StepHooks, build_units, policy_update
 
-OPTIMIZER_FILE = checkpoint.TRAINING_STATE_FILE  # the training state: optimizer state and master weights
+OPTIMIZER_FILE = training_state.TRAINING_STATE_FILE  # the training state: optimizer state and master weights
 CHECKPOINT_DIR = model_files.CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
 
-def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, state: checkpoint.TrainingState | None,
+def _carry_optimizer_state(optimizer: torch.optim.Optimizer, model_uri: str, state: training_state.TrainingState | None,
                            lr: float) -> None:
     """Adam moments carry over from the previous iteration's update (`state`, the training state of the model
     directory `model_uri`) when they fit these parameters."""
@@ -66,19 +66,20 @@ def _pruned_state(model_uri: str) -> bool:
 
 
 def _start_from_master(model: torch.nn.Module, model_uri: str, lora_base: str | None,
-                       state: checkpoint.TrainingState | None, map_location: str) -> None:
+                       state: training_state.TrainingState | None, map_location: str) -> None:
     """Put the full-precision master weights saved with the input model into `model` (under LoRA: into its
     frozen base, from the base's training state), so training continues from them, not from the saved copy."""
     if lora_base is None:
         if state is not None and state.master is not None:
-            checkpoint.restore_master(model, state.master, storage.join(model_uri, OPTIMIZER_FILE))
+            training_state.restore_master(model, state.master, storage.join(model_uri, OPTIMIZER_FILE))
         elif state is None and _pruned_state(model_uri):
             log.warning("%s: its training state was pruned (run.keep_iterations): training starts from its saved "
                         "weights with fresh Adam moments", model_uri)
         return
-    base_state = state if lora_base == model_uri else checkpoint.read_training_state(lora_base, map_location)
+    base_state = state if lora_base == model_uri else training_state.read_training_state(lora_base, map_location)
     if base_state is not None and base_state.master is not None:
-        checkpoint.restore_master(model.get_base_model(), base_state.master, storage.join(lora_base, OPTIMIZER_FILE))
+        training_state.restore_master(model.get_base_model(), base_state.master,
+                                      storage.join(lora_base, OPTIMIZER_FILE))
 
 
 def _keeps_warm(cfg: Config, dist: distributed.Dist) -> bool:
@@ -102,12 +103,12 @@ def _saved_without_state(model_uri: str) -> bool:
 
 
 def _input_state(cfg: Config, model_uri: str, dist: distributed.Dist, here: str
-                 ) -> checkpoint.TrainingState | None:
+                 ) -> training_state.TrainingState | None:
     """The training state to continue from: kept in memory, else on disk, else rebuilt by replaying the update
     that made `model_uri` (its state was never written: train.checkpoint_every)."""
     state = warm.training_state(model_uri)
     if state is None:
-        state = checkpoint.read_training_state(model_uri, here)
+        state = training_state.read_training_state(model_uri, here)
     if state is None and _saved_without_state(model_uri):
         _replay(cfg, model_uri, dist)
         state = warm.training_state(model_uri)
@@ -123,7 +124,7 @@ def _replay(cfg: Config, model_uri: str, dist: distributed.Dist) -> None:
     log.warning("train: %s was saved without its training state (train.checkpoint_every=%d): replaying iteration "
                 "%d's update to rebuild it", model_uri, cfg.train.checkpoint_every, iteration)
     model, _, tokenizer, optimizer, _, _ = _update(cfg, manifest["inputs"], None, iteration, dist)
-    master = checkpoint.master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
+    master = training_state.master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
     warm.keep_trained(model_uri, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
     if isinstance(manifest.get("pruned"), dict) and manifest["pruned"].get("weights"):
         return  # nothing to compare with (run.keep_iterations); the replays after it are checked
@@ -188,9 +189,10 @@ def _update(cfg: Config, inputs: dict[str, str], out: str | None, iteration: int
         if "reference" not in inputs:
             raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
         ref_model, _ = load_policy(inputs["reference"], here, cfg.storage.cache_max_gb)
-        ref_state = checkpoint.read_training_state(inputs["reference"], here)
+        ref_state = training_state.read_training_state(inputs["reference"], here)
         if ref_state is not None and ref_state.master is not None:
-            checkpoint.restore_master(ref_model, ref_state.master, storage.join(inputs["reference"], OPTIMIZER_FILE))
+            training_state.restore_master(ref_model, ref_state.master,
+                                          storage.join(inputs["reference"], OPTIMIZER_FILE))
         ref_model.requires_grad_(False)
     units = load_tree_units(inputs, tokenizer, cfg.model.chat_template)
 
@@ -234,14 +236,14 @@ def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, 
     if fsdp:
         state = distributed.full_state_dict(wrapped)  # a collective: every rank takes part
         if dist.is_main:  # FSDP's sharded optimizer state is not kept: only master weights, when rounded
-            checkpoint.write_training_state(out, None, checkpoint.master_weights(state, cfg.train.save_dtype))
+            training_state.write_training_state(out, None, training_state.master_weights(state, cfg.train.save_dtype))
             save_policy(wrapped.module, tokenizer, out, dtype=cfg.train.save_dtype, state_dict=state)
     elif dist.is_main:
         # under LoRA the adapter is saved at full precision and the base is unchanged: no master weights
-        master = None if lora_base is not None else checkpoint.master_weights(
+        master = None if lora_base is not None else training_state.master_weights(
             dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
         if write_state:
-            checkpoint.write_training_state(out, optimizer.state_dict(), master)
+            training_state.write_training_state(out, optimizer.state_dict(), master)
         lora.save_trained(model, tokenizer, out, lora_base, dtype=cfg.train.save_dtype)
         if _keeps_warm(cfg, dist):  # the next stages of this process take it from memory
             warm.keep_trained(out, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)

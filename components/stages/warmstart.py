@@ -2,7 +2,7 @@
 
 With `warmstart.enabled` false the stage trains nothing and reads nothing of the world: it saves `model.path` as
 the run's iteration-0 model. Either way the model is saved in `train.save_dtype`, with its full-precision master
-weights as training state (`checkpoint.write_training_state`) when that dtype rounds them.
+weights as training state (`training_state.write_training_state`) when that dtype rounds them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
 from arborl.components.training import warm
-from arborl.components.training.checkpoint import master_weights, write_training_state
+from arborl.components.training.training_state import master_weights, write_training_state
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 SECTIONS = ("world", "model", "warmstart", "search")  # demonstrations search with the configured retriever

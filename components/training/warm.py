@@ -87,7 +87,7 @@ def keep_trained(uri: str, model: torch.nn.Module, tokenizer: Any, optimizer: di
     """Keep a model just trained and saved to `uri` in `save_dtype`, with the training state it continues from
     (the optimizer state dict, the full-precision master weights or None). `model` is rounded in place to the
     saved weights and handed over: the caller must not use it afterwards."""
-    from arborl.components.training.checkpoint import TrainingState
+    from arborl.components.training.training_state import TrainingState
 
     if master is not None:  # views of the weights rounded below
         master = {k: v.detach().clone() for k, v in master.items()}

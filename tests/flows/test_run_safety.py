@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from arborl.components.artifacts import storage
-from arborl.flows.cli import LOCKED_EXIT, app
+from arborl.flows.cli import app
+from arborl.flows.cli.errors import LOCKED_EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "configs" / "micro.yaml")

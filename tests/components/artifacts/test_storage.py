@@ -1,4 +1,4 @@
-"""components.storage: atomic writes, JSON/Parquet helpers, stage manifests via run_stage, S3 round trip."""
+"""artifacts.storage and manifests: atomic writes, JSON/Parquet helpers, stage manifests via run_stage, S3."""
 
 from __future__ import annotations
 

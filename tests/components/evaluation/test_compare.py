@@ -1,5 +1,5 @@
-"""components.evaluation.compare: budgets and per-method configs, the paired interval of the sweep table on
-hand-made per-question rows, what each method spent, curves and aggregation."""
+"""components.evaluation.compare and compare_stats: budgets and per-method configs, the paired interval of the
+sweep table on hand-made per-question rows, what each method spent, curves and aggregation."""
 
 from __future__ import annotations
 
@@ -8,25 +8,27 @@ import pytest
 
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import (
-    RunRecord,
-    add_interpolations,
-    aggregate,
     base_config,
     budget_rule,
     chain_tokens,
-    compare_budget,
-    interpolated_difference,
     method_config,
-    paired_difference,
     parse_budgets,
-    question_differences,
-    run_curve,
     run_name,
-    spend,
     sweep,
-    sweep_table,
     token_budget,
     tree_sampling,
+)
+from arborl.components.evaluation.compare_stats import (
+    RunRecord,
+    add_interpolations,
+    aggregate,
+    compare_budget,
+    interpolated_difference,
+    paired_difference,
+    question_differences,
+    run_curve,
+    spend,
+    sweep_table,
 )
 from arborl.components.evaluation.metrics import paired_bootstrap
 

@@ -23,7 +23,7 @@ from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import load_config
 from arborl.components.stages import label, prepare, sample, train, warmstart
 from arborl.components.stages.train import CHECKPOINT_DIR
-from arborl.components.training import checkpoint
+from arborl.components.training import training_state
 
 ROOT = Path(__file__).resolve().parents[3]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -143,7 +143,7 @@ def test_lora_stage_saves_a_merged_model_and_continues_its_adapter(inputs, tmp_p
 
 
 def _master(out: Path) -> dict[str, torch.Tensor]:
-    state = checkpoint.read_training_state(str(out))
+    state = training_state.read_training_state(str(out))
     assert state is not None and state.master is not None
     return state.master
 
@@ -164,13 +164,13 @@ def test_bfloat16_saves_continue_from_the_float32_master_weights(inputs, tmp_pat
         for k, v in full.items():  # the float32 weights of a float32 run, bit for bit, after two iterations
             assert torch.equal(master[k], v), k
             assert torch.equal(saved[k], v.to(torch.bfloat16)), k
-        assert checkpoint.read_training_state(str(tmp_path / f"{it}-f32")).master is None  # exact: none kept
+        assert training_state.read_training_state(str(tmp_path / f"{it}-f32")).master is None  # exact: none kept
 
     # the master copy is what the next iteration starts from: without it, from the rounded weights, it differs
     rounded = tmp_path / "it1-rounded"
     shutil.copytree(tmp_path / "it1-bf16", rounded)
-    state = checkpoint.read_training_state(str(rounded))
-    checkpoint.write_training_state(str(rounded), state.optimizer, None)
+    state = training_state.read_training_state(str(rounded))
+    training_state.write_training_state(str(rounded), state.optimizer, None)
     train.run(cfg16, {**inputs, "model": str(rounded)}, str(tmp_path / "it2-rounded"), iteration=2)
     assert any(not torch.equal(_master(tmp_path / "it2-rounded")[k], v)
                for k, v in _weights(tmp_path / "it2-f32").items())

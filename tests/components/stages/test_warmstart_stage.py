@@ -14,7 +14,7 @@ from arborl.components.artifacts import manifests
 from arborl.components.config import ConfigError, load_config
 from arborl.components.models import load_policy, save_policy
 from arborl.components.stages import warmstart
-from arborl.components.training import checkpoint
+from arborl.components.training import training_state
 
 ROOT = Path(__file__).resolve().parents[3]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -48,7 +48,7 @@ def test_disabled_warm_start_saves_model_path_as_the_start_model(given, no_world
     assert source.keys() == saved.keys()
     for k, v in source.items():
         assert torch.equal(saved[k], v.to(getattr(torch, save_dtype))), k
-    state = checkpoint.read_training_state(str(out))
+    state = training_state.read_training_state(str(out))
     if save_dtype == "float32":
         assert state is None  # the saved copy is exact
     else:  # rounded: the next iteration starts from the full-precision weights

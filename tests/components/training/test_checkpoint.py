@@ -26,11 +26,13 @@ from arborl.components.training.checkpoint import (
     TENSORS_FILE,
     latest_checkpoint,
     load_checkpoint,
+    save_checkpoint,
+    step_dir,
+)
+from arborl.components.training.training_state import (
     master_weights,
     read_training_state,
     restore_master,
-    save_checkpoint,
-    step_dir,
     write_training_state,
 )
 

@@ -1,0 +1,5 @@
+"""`python -m arborl.flows.cli`: the `arborl` command."""
+
+from arborl.flows.cli import main
+
+main()
