@@ -16,13 +16,15 @@ the name up again to tell per-node from per-leaf advantages.
 Every estimator is a function `(rewards, parents, eps) -> advantages`: `rewards` maps each rewarded leaf
 (prompt_id, tree_id, node_id) to its reward, `parents` maps every node (prompt_id, tree_id, node_id) to its
 parent node_id (None for a first step), and the result maps each leaf (kind `leaf`) or each node (kind
-`node`) to its advantage. This module imports no torch and no config, so the config can use it.
+`node`) to its advantage. This module imports no torch. It checks `advantage.estimator` for the config
+(config/choices.py): the name is registered and can train with the train section's form and aggregation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from arborl.components.advantages.estimators import (
     LeafKey,
@@ -31,6 +33,7 @@ from arborl.components.advantages.estimators import (
     node_weights,
     process_advantages,
 )
+from arborl.components.config import choices
 
 LEAF, NODE = "leaf", "node"
 KINDS = (LEAF, NODE)
@@ -144,6 +147,16 @@ def check_training(name: str, form: str, aggregation: str) -> None:
     problem = get_estimator(name).training_problem(form, aggregation)
     if problem is not None:
         raise ValueError(problem)
+
+
+@choices.register_value("advantage.estimator")
+def _check_name(name: str) -> None:
+    get_estimator(name)
+
+
+@choices.register_config("advantage.estimator")
+def _check_fits_training(cfg: Any) -> None:
+    check_training(cfg.advantage.estimator, cfg.train.form, cfg.train.loss_aggregation)
 
 
 def leaf_advantages(

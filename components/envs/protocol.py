@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import re
 
+# Search-R1's instruction: the default `agent.prompt_template` for questions that are not chat messages yet.
+from arborl.components.config.environment import SEARCH_R1_TEMPLATE as SEARCH_R1_TEMPLATE
+
 QUESTION_OPEN, QUESTION_CLOSE = "<question>", "</question>"
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
 INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TAGS = [QUESTION_OPEN, QUESTION_CLOSE, SEARCH_OPEN, SEARCH_CLOSE, INFO_OPEN, INFO_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
 TURN_STOPS = (SEARCH_CLOSE, ANSWER_CLOSE)  # a generated turn ends at either closing tag (or EOS / the cap)
-
-# Search-R1's instruction: the default `agent.prompt_template` for questions that are not chat messages yet.
-SEARCH_R1_TEMPLATE = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
-    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
-    "<search> query </search> and it will return the top searched results between <information> and "
-    "</information>. You can search as many times as your want. If you find no further external knowledge needed, "
-    "you can directly provide the answer inside <answer> and </answer>, without detailed illustrations. For "
-    "example, <answer> Beijing </answer>. Question: {question}\n"
-)
 
 # What the environment answers to a turn that neither searches nor answers (`agent.on_invalid: continue`).
 INVALID_FEEDBACK = (

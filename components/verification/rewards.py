@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from arborl.components.config import choices
 from arborl.components.envs.protocol import extract_answer
 from arborl.components.verification.math_reward import extract_math_answer, load_math_verify, math_equal
 from arborl.components.verification.qa_em import (
@@ -96,6 +97,11 @@ def resolve_reward(spec: str) -> Builtin | UserReward:
         return load_user_reward(spec)
     raise ValueError(f"unknown reward {spec!r}: name a built-in ({', '.join(_REGISTRY)}) or a callable by "
                      "import path 'package.module:function'")
+
+
+@choices.register_value("verify.reward")
+def _check_reward_spec(spec: str) -> None:
+    resolve_reward(spec)
 
 
 def failed(response: str, error: str, settings: FormatScores) -> Outcome:

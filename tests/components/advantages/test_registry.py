@@ -191,10 +191,11 @@ def test_registration_errors(scratch_names):
         unregister_estimator("never_registered")
 
 
-def test_registry_imports_neither_torch_nor_the_config():
+def test_registry_imports_no_torch_and_checks_the_config_estimator():
     probe = ("import sys; import arborl.components.advantages.registry as r; "
-             "print(sorted(m for m in ('torch', 'arborl.components.config', 'pydantic') if m in sys.modules), "
-             "len(r.estimator_names()))")
+             "from arborl.components.config import choices; "
+             "print('torch' in sys.modules, len(r.estimator_names()), "
+             "choices.check_value('advantage.estimator', 'grpo'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["[]", "6"]
+    assert out.stdout.split() == ["False", "6", "grpo"]

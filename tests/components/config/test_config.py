@@ -12,12 +12,13 @@ from arborl.components.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
+    choices,
     config_from_dict,
     load_config,
     parse_override,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
@@ -290,7 +291,12 @@ def test_every_registered_estimator_is_accepted():
     assert {"tree", "tree_intra", "tree_inter", "grpo", "dr_grpo", "process"} <= set(names)
     for name in names:
         assert config_from_dict({"advantage": {"estimator": name}}).advantage.estimator == name
-        assert name in Config.model_fields["advantage"].default_factory.model_fields["estimator"].description
+        assert choices.check_value("advantage.estimator", name) == name  # the registry's own check
+
+
+def test_a_choice_no_registry_checks_is_an_error_not_a_pass():
+    with pytest.raises(RuntimeError, match="no registry checks 'agent.tool'"):
+        choices.check_value("agent.tool", "search")
 
 
 def test_unknown_estimator_names_the_key_and_the_choices(tmp_path):
