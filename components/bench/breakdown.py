@@ -27,7 +27,7 @@ INSIDE_STAGES = {
 
 
 def _outside_stages() -> dict[str, list[tuple[Any, str]]]:
-    from arborl.components.tracking import Tracker
+    from arborl.components.tracking.mlflow_run import Tracker
     from arborl.flows.dashboards import Dashboards
 
     dashboards = [name for name in vars(Dashboards) if not name.startswith("_") and callable(vars(Dashboards)[name])]

@@ -12,7 +12,7 @@ from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.models import save_policy
 from arborl.components.registry import CHALLENGER, register_final_model, run_versions
-from arborl.components.tracking import Tracker
+from arborl.components.tracking.mlflow_run import Tracker
 
 
 @pytest.fixture

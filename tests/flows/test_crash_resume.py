@@ -30,7 +30,7 @@ from arborl.components.artifacts.failpoints import ENV as FAILPOINT_ENV
 from arborl.components.artifacts.run_lock import LOCK_FILE
 from arborl.components.registry import CHALLENGER
 from arborl.components.stages.train import CHECKPOINT_DIR
-from arborl.components.tracking import RUN_ID_FILE
+from arborl.components.tracking.mlflow_run import RUN_ID_FILE
 from arborl.flows.pipeline import SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[2]

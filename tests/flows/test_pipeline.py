@@ -305,7 +305,7 @@ def test_a_policy_that_stops_searching_is_flagged_once(tmp_path):
     `arborl.search_collapse` (a real SQLite-backed MLflow run); above it, nothing."""
     import logging
 
-    from arborl.components.tracking import Tracker
+    from arborl.components.tracking.mlflow_run import Tracker
     from arborl.flows.dashboards import Dashboards
     from arborl.flows.pipeline import SEARCH_COLLAPSE_TAG, RunContext
     from arborl.flows.progress import get_reporter

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from arborl.components.config import Config
-from arborl.components.tracking import Tracker, TrackingUnavailable, check_tracking_uri
+from arborl.components.tracking.mlflow_run import Tracker, TrackingUnavailable, check_tracking_uri
 
 
 def _free_port() -> int:
@@ -97,7 +97,8 @@ def test_sqlite_store_created_once_by_processes_starting_together_and_damage_is_
 
     db = tmp_path / "store" / "mlflow.db"
     uri = f"sqlite:///{db}"
-    code = f"from arborl.components.tracking import check_tracking_uri; check_tracking_uri({uri!r}); print('ok')"
+    code = (f"from arborl.components.tracking.mlflow_run import check_tracking_uri; check_tracking_uri({uri!r}); "
+            "print('ok')")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     results = [p.communicate(timeout=120) for p in procs]

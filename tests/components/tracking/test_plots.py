@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from arborl.components.plots import (
+from arborl.components.tracking.plots import (
     aggregate_granularity,
     champion_figure,
     curves_figure,

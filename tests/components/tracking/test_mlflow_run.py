@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
-from arborl.components.tracking import RUN_ID_FILE, Tracker, git_commit, model_version_url, run_url
+from arborl.components.tracking.mlflow_run import RUN_ID_FILE, Tracker, git_commit, model_version_url, run_url
 
 
 def _setup(tmp_path, monkeypatch):
