@@ -30,8 +30,8 @@ from prefect.artifacts import (
 
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
-from arborl.components.plots import champion_figure, curves_figure, granularity_figure, stage_time_figure
-from arborl.components.tracking import Tracker, model_version_url
+from arborl.components.tracking.mlflow_run import Tracker, model_version_url
+from arborl.components.tracking.plots import champion_figure, curves_figure, granularity_figure, stage_time_figure
 from arborl.flows.links import artifact_key
 
 log = logging.getLogger("arborl.flows")

@@ -15,14 +15,14 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from arborl.components.artifacts import retention, stage_keys, storage
 from arborl.components.artifacts.run_lock import RunLock
 from arborl.components.config import Config
-from arborl.components.error_policy import is_transient
 from arborl.components.orchestration import make_executor
+from arborl.components.orchestration.error_policy import is_transient
 from arborl.components.registry import PROMOTE
 from arborl.components.stages import STAGES
 from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
 from arborl.components.stages import warmstart as warmstart_stage
-from arborl.components.tracking import Tracker
+from arborl.components.tracking.mlflow_run import Tracker
 from arborl.components.tracking.tags import (
     ITERATION_TAG,
     RUN_ROOT_TAG,
@@ -45,7 +45,7 @@ SUMMARY_KEYS = ("test_em", "test_em_sampled", "val_em", "val_em_sampled", "test_
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    """Prefect's retry condition: retry a stage only on a transient failure (components/error_policy.py)."""
+    """Prefect's retry condition: retry a stage only on a transient failure (orchestration/error_policy.py)."""
     try:
         state.result(raise_on_failure=True)
     except BaseException as exc:  # noqa: BLE001 - the task's own exception, re-raised by Prefect

@@ -1,5 +1,6 @@
-"""Running stages outside the flow's process: a child process, a docker container or a Kubernetes Job
-(`orchestration.executor`). See executors.py and specs.py."""
+"""Where and how stages run: outside the flow's process in a child process, a docker container or a Kubernetes
+Job (`orchestration.executor`: executors.py, specs.py); which failures are worth a retry (error_policy.py); and
+what is checked before a run starts (preflight.py)."""
 
 from arborl.components.orchestration.executors import (
     DockerExecutor,

@@ -46,11 +46,11 @@ def _load(config: Optional[Path | str], overrides: Optional[list[str]]):
 
 @contextlib.contextmanager
 def _locked(root: str, command: str):
-    """Hold the writer's lock of `root` (`<root>/_lock.json`, components/run_lock.py) while the command runs;
+    """Hold the writer's lock of `root` (`<root>/_lock.json`, components/artifacts/run_lock.py) while the command runs;
     when another live writer holds it, exit at once (code 3) with a one-line message naming the holder. A local
     `root` that exists but is no directory is not locked: nothing can be written there, and the command says so."""
-    from arborl.components import storage
-    from arborl.components.run_lock import LockHeld, RunLock
+    from arborl.components.artifacts import storage
+    from arborl.components.artifacts.run_lock import LockHeld, RunLock
 
     local = Path(storage.filesystem(root)[1]) if storage.is_local(root) else None
     if local is not None and local.exists() and not local.is_dir():
@@ -72,7 +72,7 @@ def _locked(root: str, command: str):
 
 def _run_root(cfg) -> str:
     """`<run.output_root>/<run.name>`: what `arborl run` writes and `arborl run` / `promote` lock."""
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     try:
         return storage.child(cfg.run.output_root, cfg.run.name)
@@ -85,7 +85,7 @@ def _check_tracking(cfg) -> None:
     """With tracking on, fail at once (code 1, one line naming the URL) when its store cannot be used."""
     if not cfg.tracking.enabled:
         return
-    from arborl.components.tracking import TrackingUnavailable, check_tracking_uri, tracking_uri
+    from arborl.components.tracking.mlflow_run import TrackingUnavailable, check_tracking_uri, tracking_uri
 
     try:
         check_tracking_uri(tracking_uri(cfg))
@@ -95,9 +95,9 @@ def _check_tracking(cfg) -> None:
 
 
 def _preflight(cfg) -> None:
-    """What the run needs from outside its config (components/preflight.py): each problem one line on stderr,
+    """What the run needs from outside its config (orchestration/preflight.py): each problem one line on stderr,
     then exit 2."""
-    from arborl.components.preflight import preflight
+    from arborl.components.orchestration.preflight import preflight
 
     problems = preflight(cfg)
     for problem in problems:

@@ -25,10 +25,11 @@ def exit_on_errors(what: str, log_dir: str | None = None):
     (another writer's lock, an output location that is not this stage's), 1 for anything else. The traceback goes
     to `<log_dir>/errors.log` where a local `log_dir` is given (appended, with the time and command), to the
     stage's log in Prefect, and, with `arborl --debug`, to the console."""
+    from arborl.components.artifacts.manifests import OutputNotOwned
+    from arborl.components.artifacts.run_lock import LockHeld
+    from arborl.components.artifacts.storage import ArtifactError
     from arborl.components.config import ConfigError
     from arborl.components.evaluation.evaluate import ToolErrors
-    from arborl.components.run_lock import LockHeld
-    from arborl.components.storage import ArtifactError, OutputNotOwned
     from arborl.components.verification.scoring import RewardErrors
 
     try:
@@ -60,7 +61,7 @@ def _log_traceback(log_dir: str | None, what: str, exc: BaseException) -> str | 
     import datetime
     import traceback
 
-    from arborl.components import storage
+    from arborl.components.artifacts import storage
 
     if log_dir is None or not storage.is_local(log_dir):
         return None

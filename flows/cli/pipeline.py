@@ -48,8 +48,8 @@ def run(ctx: typer.Context, config: Optional[Path] = ConfigOpt, overrides: Optio
     ctx.with_resource(_locked(_run_root(cfg), f"arborl run {config or 'configs/tiny.yaml'}"))
     _check_tracking(cfg)  # before Prefect starts: an unreachable tracking server fails in seconds
     _prefect_env()
+    from arborl.components.artifacts.storage import ArtifactError
     from arborl.components.data.snapshots import SnapshotError
-    from arborl.components.storage import ArtifactError
     from arborl.flows.logs import console_logging
     from arborl.flows.pipeline import SUMMARY_FILE, train_pipeline
     from arborl.flows.progress import RichReporter, set_reporter
@@ -126,7 +126,7 @@ def stage(
         except ValueError as exc:
             err_console.print(f"[red]--shard: {exc}[/red]")
             raise typer.Exit(2) from None
-    from arborl.components.storage import OutputNotOwned, check_output
+    from arborl.components.artifacts.manifests import OutputNotOwned, check_output
 
     try:  # before the lock, which lives inside --out: a location this stage may not write is left untouched
         check_output(out, stage=name, inputs=given)
@@ -149,8 +149,8 @@ def merge_shards(
     iteration: int = typer.Option(1, "--iteration", help="Iteration number."),
 ) -> None:
     """Join finished sample shards into one sample output (nodes.parquet, prompt_stats.json, manifest)."""
+    from arborl.components.artifacts.manifests import OutputNotOwned, check_output
     from arborl.components.stages.sample import merge
-    from arborl.components.storage import OutputNotOwned, check_output
 
     cfg = _load(config, [])
     inputs = {f"shard{i:05d}": uri for i, uri in enumerate(shards)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from arborl.components.config import ConfigError
-from arborl.components.error_policy import is_transient
+from arborl.components.orchestration.error_policy import is_transient
 from arborl.components.verification.scoring import RewardErrors
 
 

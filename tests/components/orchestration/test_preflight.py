@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from arborl.components.config import Config
-from arborl.components.preflight import preflight
+from arborl.components.orchestration.preflight import preflight
 from arborl.flows.cli import app
 from tests.models_bpe import CHAT_TEMPLATE, bpe_tokenizer
 
