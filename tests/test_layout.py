@@ -1,5 +1,6 @@
-"""The project's layout: no import cycles between its modules, and an install that ships every subpackage
-under the one import root `arborl` (components/ → arborl.components, flows/ → arborl.flows)."""
+"""The project's layout: no import cycles between its modules, layers that import only downwards, no module over
+400 lines, and an install that ships every subpackage under the one import root `arborl` (components/ →
+arborl.components, flows/ → arborl.flows)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"components": "arborl.components", "flows": "arborl.flows"}  # folder → import name
+MAX_LINES = 400
+
+# The layers, lowest first: a module imports modules of its own layer and of the layers below, never above. The
+# foundations (artifacts, config, tracking) know nothing of the domain; the registry gets its evaluator passed
+# in rather than importing the stages; the benchmarks drive flows, and the command line drives everything.
+LAYERS = (
+    ("artifacts", ("arborl.components.artifacts",)),
+    ("config", ("arborl.components.config",)),
+    ("tracking", ("arborl.components.tracking",)),
+    ("domain", tuple(f"arborl.components.{p}" for p in (
+        "advantages", "data", "envs", "evaluation", "models", "orchestration", "sampling", "training",
+        "verification", "viewer"))),
+    ("registry", ("arborl.components.registry",)),
+    ("stages", ("arborl.components.stages",)),
+    ("flows", ("arborl.flows",)),
+    ("bench", ("arborl.components.bench",)),
+    ("cli", ("arborl.flows.cli",)),
+)
+WIRING = {"arborl.components", "arborl.flows"}  # the package roots: `arborl.components` registers config checks
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
@@ -125,6 +145,30 @@ def find_cycles(graph: dict[str, set[str]]) -> list[str]:
     return [" -> ".join(cycle_in(c, graph)) for c in strongly_connected(graph)]
 
 
+def layer_of(module: str, layers=LAYERS) -> int:
+    """The index of the layer `module` belongs to: the one with the longest matching package prefix."""
+    best, best_len = -1, -1
+    for i, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = i, len(prefix)
+    if best < 0:
+        raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS")
+    return best
+
+
+def layer_violations(graph: dict[str, set[str]], layers=LAYERS, wiring=frozenset(WIRING)) -> list[str]:
+    """Every import of a module from a higher layer, written `a (layer) -> b (layer)`."""
+    out = []
+    for module in sorted(set(graph) - wiring):
+        mine = layer_of(module, layers)
+        for imported in sorted(graph[module] - wiring):
+            theirs = layer_of(imported, layers)
+            if theirs > mine:
+                out.append(f"{module} ({layers[mine][0]}) -> {imported} ({layers[theirs][0]})")
+    return out
+
+
 # --- the cycle finder on hand-made graphs ----------------------------------------------------------------
 
 
@@ -173,6 +217,27 @@ def test_no_import_cycles():
     function counts too, since it only postpones the cycle."""
     cycles = find_cycles(import_graph(project_modules()))
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_layer_check_on_a_hand_made_graph():
+    layers = (("low", ("x.low",)), ("mid", ("x.mid",)), ("top", ("x.mid.top",)))
+    graph = {"x.low.a": set(), "x.mid.b": {"x.low.a"}, "x.mid.top.c": {"x.mid.b"}, "x.low.d": {"x.mid.top.c"}}
+    assert layer_violations(graph, layers, frozenset()) == ["x.low.d (low) -> x.mid.top.c (top)"]
+    with pytest.raises(AssertionError, match="x.other belongs to no layer"):
+        layer_violations({"x.other": set()}, layers, frozenset())
+
+
+def test_layers_import_only_downwards():
+    """The foundations (artifacts, config, tracking) import nothing of the domain, the registry no stage, and no
+    component imports a flow except the benchmarks that drive one."""
+    violations = layer_violations(import_graph(project_modules()))
+    assert not violations, "imports from a higher layer:\n" + "\n".join(violations)
+
+
+def test_no_module_is_over_400_lines():
+    lines = {name: len(path.read_text().splitlines()) for name, path in project_modules().items()}
+    long = {name: n for name, n in lines.items() if n > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def _pyproject() -> dict:
