@@ -32,7 +32,7 @@ from arborl.components.config import Config
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.evaluation.metrics import paired_bootstrap
 from arborl.components.stages.base import load_prompts
-from arborl.components.tracking.mlflow_run import check_tracking_uri, tracking_uri
+from arborl.components.tracking.store import check_tracking_uri, tracking_uri
 from arborl.components.tracking.tags import (
     CONFIG_HASH_TAG,
     DATA_SNAPSHOT_TAG,

@@ -27,7 +27,7 @@ from arborl.components.evaluation.compare_plots import plot_budgets, plot_curves
 from arborl.components.evaluation.compare_stats import RunRecord, add_interpolations, compare_budget, sweep_table
 from arborl.components.evaluation.evaluate import question_scores
 from arborl.components.stages.warmstart import gold_chain_unit
-from arborl.components.tracking.mlflow_run import tracking_uri
+from arborl.components.tracking.store import tracking_uri
 from arborl.flows.pipeline import iteration_dir, train_pipeline
 
 

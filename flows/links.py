@@ -96,7 +96,7 @@ def mark_stale_runs(cfg: Config) -> list[str]:
 def mlflow_run_tags(cfg: Config, config_file: str | None) -> dict[str, str]:
     """What ties the MLflow run to its origin: the Prefect flow run (id, name, URL when known), the git commit
     of the working directory (when it is a git repository), the config file and the config's hash."""
-    from arborl.components.tracking.mlflow_run import git_commit
+    from arborl.components.tracking.store import git_commit
 
     tags = {**flow_run_links(), CONFIG_HASH_TAG: cfg.section_hash()}
     if config_file:

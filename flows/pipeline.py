@@ -301,7 +301,8 @@ def _train(cfg: Config, root: str, config_file: str | None, lineage: dict[str, s
         last_eval, last_eval_iter = warm_eval, 0
         history: list[dict] = []
         for it in range(1, cfg.run.iterations + 1):
-            with ctx.tracker.batched(it):  # one MLflow request for the iteration's metrics
+            evaluated = it % cfg.run.eval_every == 0 or it == cfg.run.iterations
+            with ctx.tracker.batched(it, final=evaluated):  # one MLflow request per tracking.update_every_s
                 model, row, evaluation = run_iteration(ctx, it, world, model, warm_model)
             history.append(row)
             prune_iterations(ctx, it, warm_model)

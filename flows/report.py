@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from arborl.components.config import Config
-from arborl.components.tracking.mlflow_run import check_tracking_uri, model_version_url, run_url, tracking_uri
+from arborl.components.tracking.store import check_tracking_uri, model_version_url, run_url, tracking_uri
 from arborl.components.tracking.tags import DATA_SNAPSHOT_TAG, ORIGIN_TAG, PARENT_VERSION_TAG, RUN_ID_TAG
 
 COLUMNS = ("version", "created", "run", "lineage", "decision", "metric", "scores", "delta", "champion", "aliases")

@@ -15,14 +15,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from arborl.components.artifacts import schemas, stage_keys, storage
-from arborl.components.training import checkpoint, lora
+from arborl.components.artifacts import manifests, schemas, stage_keys
+from arborl.components.training import lora, training_state
 
 # category -> (owner, attribute) of every function it times; owners are looked up where the callers find them
 INSIDE_STAGES = {
-    "model_saves": [(lora, "save_trained"), (checkpoint, "write_training_state")],
+    "model_saves": [(lora, "save_trained"), (training_state, "write_training_state")],
     "artifact_writes": [(schemas, "write")],
-    "manifests": [(storage, "write_manifest"), (stage_keys, "file_digests")],
+    "manifests": [(manifests, "write_manifest"), (stage_keys, "file_digests")],
 }
 
 

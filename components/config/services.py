@@ -19,6 +19,11 @@ class TrackingConfig(Strict):
         True, description="Log MLflow system metrics (system/*: CPU, memory, disk, network, GPU) for the run, "
         "sampled every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).",
     )
+    update_every_s: float = Field(
+        5.0, ge=0, le=3600, description="Seconds between updates of a run's live records: the batched MLflow "
+        "metrics and the Prefect progress and iteration-table artifacts. Evaluated iterations and the last one always "
+        "update; 0 updates after every iteration.",
+    )
 
 
 class StorageConfig(Strict):

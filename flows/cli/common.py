@@ -85,7 +85,7 @@ def _check_tracking(cfg) -> None:
     """With tracking on, fail at once (code 1, one line naming the URL) when its store cannot be used."""
     if not cfg.tracking.enabled:
         return
-    from arborl.components.tracking.mlflow_run import TrackingUnavailable, check_tracking_uri, tracking_uri
+    from arborl.components.tracking.store import TrackingUnavailable, check_tracking_uri, tracking_uri
 
     try:
         check_tracking_uri(tracking_uri(cfg))

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from arborl.components.config import load_config
-from arborl.components.tracking.mlflow_run import git_commit
+from arborl.components.tracking.store import git_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs" / "micro.yaml"

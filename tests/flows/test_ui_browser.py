@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from arborl.components.config import load_config
-from arborl.components.tracking.mlflow_run import model_version_url, run_url
+from arborl.components.tracking.store import model_version_url, run_url
 from tests.components.viewer.test_tree_html import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.integration.servers import BIN, Service, free_port, running
 

@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
-from arborl.components.tracking.mlflow_run import RUN_ID_FILE, Tracker, git_commit, model_version_url, run_url
+from arborl.components.tracking.mlflow_run import RUN_ID_FILE, Tracker
+from arborl.components.tracking.store import git_commit, model_version_url, run_url
 
 
 def _setup(tmp_path, monkeypatch):
@@ -104,8 +105,8 @@ def test_system_metrics_are_sampled_until_finish_and_can_be_turned_off(tmp_path,
     off.finish()
 
 
-def test_metrics_of_a_batched_block_go_in_one_request(tmp_path, monkeypatch):
-    cfg, root, client = _setup(tmp_path, monkeypatch)
+def test_batched_blocks_wait_for_update_every_s_then_go_in_one_request(tmp_path, monkeypatch):
+    cfg, root, client = _setup(tmp_path, monkeypatch)  # tracking.update_every_s: 5 (the default)
     tracker = Tracker(cfg, root)
     sent = []
     real = tracker.client.log_batch
@@ -114,16 +115,36 @@ def test_metrics_of_a_batched_block_go_in_one_request(tmp_path, monkeypatch):
         tracker.log_metrics({"reward_mean": 0.5, "leaves": 24}, step=3, prefix="verify/")
         tracker.log_metrics({"loss": -0.1}, step=3, prefix="train/")
         assert sent == []
-    assert len(sent) == 1
+    assert sent == [] and not tracker.logged(3)  # within 5 s of the start: the metrics wait
+    with tracker.batched(4, final=True):  # an evaluated iteration: sent at once, with step 3's
+        tracker.log_metrics({"loss": 0.3}, step=4, prefix="train/")
+    assert len(sent) == 1 and len(sent[0]["metrics"]) == 4 and tracker.logged(4)
     try:
-        with tracker.batched(4):
-            tracker.log_metrics({"loss": 0.2}, step=4, prefix="train/")
+        with tracker.batched(5):
+            tracker.log_metrics({"loss": 0.2}, step=5, prefix="train/")
             raise RuntimeError("a stage failed")
     except RuntimeError:
         pass
-    assert len(sent) == 2  # sent although the block failed
+    assert len(sent) == 2  # sent although not due: the block failed
     history = client.get_metric_history(tracker.run_id, "train/loss")
-    assert [(m.step, m.value) for m in history] == [(3, -0.1), (4, 0.2)]
+    assert [(m.step, m.value) for m in history] == [(3, -0.1), (4, 0.3), (5, 0.2)]
     assert client.get_run(tracker.run_id).data.metrics["verify/leaves"] == 24
     again = Tracker(cfg, root)  # a rerun resumes the run and knows which steps reached it
-    assert again.resumed and again.logged(4) and not again.logged(5)
+    assert again.resumed and again.logged(5) and not again.logged(6)
+
+
+def test_update_every_s_zero_sends_every_block_and_finish_sends_what_waits(tmp_path, monkeypatch):
+    cfg, root, client = _setup(tmp_path, monkeypatch)
+    every = Tracker(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"update_every_s": 0.0})}),
+                    root)
+    with every.batched(1):
+        every.log_metrics({"loss": 1.0}, step=1, prefix="train/")
+    assert every.logged(1)
+    every.finish()
+    waiting = Tracker(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "t2"})}),
+                      storage.join(cfg.run.output_root, "t2"))
+    with waiting.batched(1):
+        waiting.log_metrics({"loss": 2.0}, step=1, prefix="train/")
+    assert client.get_metric_history(waiting.run_id, "train/loss") == []
+    waiting.finish()  # the run ends: what waited is sent
+    assert [m.value for m in client.get_metric_history(waiting.run_id, "train/loss")] == [2.0]

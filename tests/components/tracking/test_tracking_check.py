@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from arborl.components.config import Config
-from arborl.components.tracking.mlflow_run import Tracker, TrackingUnavailable, check_tracking_uri
+from arborl.components.tracking.mlflow_run import Tracker
+from arborl.components.tracking.store import TrackingUnavailable, check_tracking_uri
 
 
 def _free_port() -> int:
