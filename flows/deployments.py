@@ -88,7 +88,7 @@ def retrain(config: str, overrides: list[str] | None = None, iterations: int | N
     A challenger that is not promoted leaves `champion` as it was; the flow run still completes, with the
     decision in its return value (`registry.decision`) and the `arborl.challenger.rejected` event emitted."""
     from arborl.components.data.snapshots import resolve_snapshot
-    from arborl.components.registry import champion_version, download_champion
+    from arborl.components.registry.store import champion_version, download_champion
 
     cfg = resolve_snapshot(load(config, overrides, iterations))
     if not (cfg.registry.enabled and cfg.tracking.enabled):

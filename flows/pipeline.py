@@ -17,7 +17,7 @@ from arborl.components.artifacts.run_lock import RunLock
 from arborl.components.config import Config
 from arborl.components.orchestration import make_executor
 from arborl.components.orchestration.error_policy import is_transient
-from arborl.components.registry import PROMOTE
+from arborl.components.registry.gate import PROMOTE
 from arborl.components.stages import STAGES
 from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
@@ -269,7 +269,7 @@ def train_pipeline(config: dict, config_file: str | None = None, lineage: dict[s
     flow run's logs (flows/logs.py).
     """
     from arborl.components.data.snapshots import resolve_snapshot
-    from arborl.components.registry import lineage_tags
+    from arborl.components.registry.store import lineage_tags
 
     cfg = resolve_snapshot(Config.model_validate(config))
     lineage = {**lineage_tags(cfg), **(lineage or {})}
@@ -358,16 +358,17 @@ def _save_summary(ctx: RunContext, summary: dict, config_file: str | None) -> No
 
 @task(name="register", task_run_name="register")
 def register_task(cfg: Config, run_id: str, model: str, metrics: dict, tags: dict[str, str]) -> str:
-    from arborl.components.registry import register_final_model
+    from arborl.components.registry.store import register_final_model
 
     return register_final_model(cfg, run_id, model, metrics, tags)
 
 
 @task(name="promote", task_run_name="promote")
 def promote_task(cfg: Config) -> dict:
-    from arborl.components.registry import promote
+    from arborl.components.registry.promotion import promote
+    from arborl.components.stages.evaluate import evaluate_model
 
-    result = promote(cfg)
+    result = promote(cfg, evaluate_model)
     decision = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(result.decision).items()}
     return {**asdict(result), "decision": decision, "markdown": result.markdown()}
 

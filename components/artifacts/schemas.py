@@ -7,6 +7,7 @@ incompatible version fails with a clear message instead of a KeyError deep in a 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from arborl.components.artifacts import storage
 
@@ -190,3 +191,11 @@ def read(uri: str, schema: pa.Schema) -> pa.Table:
     if missing:
         raise SchemaError(f"{uri}: missing columns {missing}")
     return table.select(schema.names)
+
+
+def read_prompts(world_uri: str, split: str | None = None) -> list[dict]:
+    """Rows of the prepare output's prompts artifact (of one split when given), in file order."""
+    table = read(storage.join(world_uri, PROMPTS_FILE), PROMPTS)
+    if split is not None:  # filtered in Arrow: a Parquet dataset's splits can be large
+        table = table.filter(pc.equal(table["split"], split))
+    return table.to_pylist()

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.compute as pc
 import torch
 
 from arborl.components.artifacts import manifests, schemas, stage_keys, storage
@@ -91,11 +90,3 @@ def load_retriever(world_uri: str, cfg: Config) -> Retriever:
                              backoff_s=search.backoff_s)
     return FTSRetriever.from_facts(schemas.read(storage.join(world_uri, schemas.FACTS_FILE), schemas.FACTS),
                                    top_k=search.topk)
-
-
-def load_prompts(world_uri: str, split: str | None = None) -> list[dict]:
-    """Rows of the prepare output's prompts artifact (of one split when given), in file order."""
-    table = schemas.read(storage.join(world_uri, schemas.PROMPTS_FILE), schemas.PROMPTS)
-    if split is not None:  # filtered in Arrow: a Parquet dataset's splits can be large
-        table = table.filter(pc.equal(table["split"], split))
-    return table.to_pylist()

@@ -10,7 +10,7 @@ from arborl.components.evaluation.evaluate import evaluate_policy
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.rng import evaluation_seed
-from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
 
 
 def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[str, ...] = ("val", "test")
@@ -18,7 +18,7 @@ def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[st
     """Evaluate the model directory at `model_uri` on the world's questions of `splits`: (rows, metrics)."""
     loaded = load_backend(cfg, model_uri, device(cfg), cfg.evaluate.batch_size)
     backend, env = loaded.backend, SearchEnv(load_retriever(world_uri, cfg), loaded.tokenizer, cfg.model.chat_template)
-    prompts = [p for split in splits for p in load_prompts(world_uri, split)]
+    prompts = [p for split in splits for p in schemas.read_prompts(world_uri, split)]
     return evaluate_policy(backend, env, prompts, cfg.agent, cfg.verify, cfg.evaluate.temperature,
                            seed=evaluation_seed(cfg.run.seed), pass_k=tuple(cfg.evaluate.pass_k),
                            bootstrap=cfg.evaluate.bootstrap, max_tool_error_fraction=cfg.sampling.max_bad_fraction)

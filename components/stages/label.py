@@ -15,7 +15,7 @@ from arborl.components.advantages.signal import signal_metrics
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.sampling.mechanism import POOL_CUT
-from arborl.components.stages.base import StageResult, load_prompts, run_stage
+from arborl.components.stages.base import StageResult, run_stage
 from arborl.components.viewer.tree_html import build_html
 
 
@@ -83,7 +83,7 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
     for r in report:
         for k in ("branch_points", "informative_sets", "mean_abs_dv", "mean_abs_advantage", "preference_pairs"):
             metrics[f"depth{r['depth']}_{k}"] = r[k]
-    prompts = {p["prompt_id"]: p["prompt"] for p in load_prompts(inputs["world"])}
+    prompts = {p["prompt_id"]: p["prompt"] for p in schemas.read_prompts(inputs["world"])}
     if cfg.advantage.export_preferences:
         pairs = preference_pairs(forest, prompts, margin)
         outputs["preferences"] = storage.join(out, schemas.PREFERENCES_FILE)

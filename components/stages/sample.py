@@ -26,7 +26,7 @@ from arborl.components.sampling.mechanism import mechanism_metrics
 from arborl.components.sampling.rng import prompt_draw_seed, sampling_seed
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import Tree, node_rows
-from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
 
 SECTIONS = ("sampling", "agent", "budget", "search", "model")
 # transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
@@ -36,7 +36,7 @@ _LOAD_LOCK = threading.Lock()
 
 def iteration_prompts(cfg: Config, world_uri: str, iteration: int) -> list[dict]:
     """The training prompts of one iteration: a seeded draw without replacement from the train split."""
-    train = load_prompts(world_uri, "train")
+    train = schemas.read_prompts(world_uri, "train")
     rng = random.Random(prompt_draw_seed(cfg.run.seed, iteration))
     return rng.sample(train, min(cfg.sampling.prompts_per_iteration, len(train)))
 

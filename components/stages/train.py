@@ -31,7 +31,7 @@ from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
 from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.sampling.rng import train_shuffle_seed
-from arborl.components.stages.base import StageResult, device, load_prompts, run_stage
+from arborl.components.stages.base import StageResult, device, run_stage
 from arborl.components.training import checkpoint, distributed, lora, training_state, warm
 from arborl.components.training.packing import TreeUnit
 from arborl.components.training.trainer import StepHooks, build_units, policy_update
@@ -154,7 +154,7 @@ def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, 
                 for a in adv if a["leaf_advantage"] is not None}
     wanted = {n["prompt_id"] for n in nodes}
     prompts = {p["prompt_id"]: row_prompt_ids(tokenizer, p, chat_template)
-               for p in load_prompts(inputs["world"]) if p["prompt_id"] in wanted}
+               for p in schemas.read_prompts(inputs["world"]) if p["prompt_id"] in wanted}
     per_node = None  # labelled by a per-node estimator (registry kind "node"): the weights as labelled
     if any(get_estimator(name).per_node for name in {a["estimator"] for a in adv}):
         per_node = {(a["prompt_id"], a["tree_id"], a["node_id"]): (a["adv_pos"], a["adv_neg"], a["multiplicity"])

@@ -11,7 +11,7 @@ from typing import Any
 
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
-from arborl.components.stages.base import StageResult, load_prompts, run_stage
+from arborl.components.stages.base import StageResult, run_stage
 from arborl.components.verification.calls import sample_from_prompt
 from arborl.components.verification.scoring import RewardErrors, check_reward_errors, score_samples
 
@@ -42,7 +42,7 @@ def _metric_name(verifier: str) -> str:
 def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Score every leaf's root→leaf response with its prompt's reward → rewards.parquet."""
     nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
-    prompts = {p["prompt_id"]: p for p in load_prompts(inputs["world"])}
+    prompts = {p["prompt_id"]: p for p in schemas.read_prompts(inputs["world"])}
     leaves = leaf_responses(nodes)
     samples = []
     for pid, tid, leaf, response in leaves:

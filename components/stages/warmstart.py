@@ -19,7 +19,7 @@ from arborl.components.config import Config
 from arborl.components.envs.demos import Segment, build_demonstrations, gold_chain_tokens
 from arborl.components.envs.world import World, vocabulary
 from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
-from arborl.components.stages.base import StageResult, device, load_prompts, load_retriever, run_stage
+from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
 from arborl.components.training import warm
 from arborl.components.training.training_state import master_weights, write_training_state
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
@@ -58,14 +58,14 @@ def gold_chain_unit(cfg: Config, world_uri: str) -> float:
         raise ValueError("budget.chain_unit 'gold' needs the synthetic world and its built model (data.source "
                          "'synthetic', model.path null): use 'warmstart'")
     world = load_world(world_uri)
-    return gold_chain_tokens(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "val"),
+    return gold_chain_tokens(world, load_retriever(world_uri, cfg), schemas.read_prompts(world_uri, "val"),
                              build_tokenizer(vocabulary(world)))
 
 
 def demonstrations(cfg: Config, world_uri: str) -> tuple[World, list[list[Segment]]]:
     """The prepared world at `world_uri` and the warm start's demonstration episodes on its train questions."""
     world = load_world(world_uri)
-    episodes = build_demonstrations(world, load_retriever(world_uri, cfg), load_prompts(world_uri, "train"),
+    episodes = build_demonstrations(world, load_retriever(world_uri, cfg), schemas.read_prompts(world_uri, "train"),
                                     cfg.warmstart, cfg.run.seed)
     return world, episodes
 

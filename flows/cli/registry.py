@@ -37,7 +37,7 @@ def seed_champion(
         err_console.print("[red]seed-champion needs tracking.enabled (the registry lives in the MLflow store)[/red]")
         raise typer.Exit(2)
     _check_tracking(cfg)
-    from arborl.components.registry import seed_champion as seed
+    from arborl.components.registry.store import seed_champion as seed
 
     version = seed(cfg, model)
     console.print(f"registered {escape(cfg.registry.model_name)} v{version} from {escape(model)} as champion",
@@ -60,9 +60,10 @@ def promote(
         raise typer.Exit(2)
     ctx.with_resource(_locked(_run_root(cfg), "arborl promote"))
     _check_tracking(cfg)
-    from arborl.components.registry import promote as run_promotion
+    from arborl.components.registry.promotion import promote as run_promotion
+    from arborl.components.stages.evaluate import evaluate_model
 
-    result = run_promotion(cfg, questions)
+    result = run_promotion(cfg, evaluate_model, questions)
     console.print(result.markdown())
     if result.out:
         console.print(f"rows and decision: {result.out}/")

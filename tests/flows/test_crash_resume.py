@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from arborl.components.artifacts import manifests, storage
 from arborl.components.artifacts.failpoints import ENV as FAILPOINT_ENV
 from arborl.components.artifacts.run_lock import LOCK_FILE
-from arborl.components.registry import CHALLENGER
+from arborl.components.registry.gate import CHALLENGER
 from arborl.components.stages.train import CHECKPOINT_DIR
 from arborl.components.tracking.mlflow_run import RUN_ID_FILE
 from arborl.flows.pipeline import SUMMARY_FILE

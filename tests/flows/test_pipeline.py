@@ -269,7 +269,8 @@ def test_a_changed_reward_reruns_everything_downstream_and_registers_the_new_wei
     downstream of it (their inputs' URIs are the same, their contents are not); prepare, the warm start and sample
     are skipped. The new weights get their own MLflow run (its params are the new config's) and their own
     registered version, tagged with their digest; no version is registered twice from the same weights."""
-    from arborl.components.registry import WEIGHTS_TAG, weights_digest
+    from arborl.components.registry.store import weights_digest
+    from arborl.components.tracking.tags import WEIGHTS_TAG
     from arborl.flows.pipeline import train_pipeline
 
     # its own model name: the rejected-challenger events of another test's arborl-micro v2 are not mixed up with it

@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 
 from arborl.components.artifacts import retention, storage
 from arborl.components.config import load_config
-from arborl.components.registry import CHALLENGER, CHAMPION, promote, register_final_model
+from arborl.components.registry.gate import CHALLENGER, CHAMPION
+from arborl.components.registry.promotion import promote
+from arborl.components.registry.store import register_final_model
 from arborl.components.stages import STAGES
+from arborl.components.stages.evaluate import evaluate_model
 from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +97,7 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
 
     # first model: becomes champion because it beats its warm start (the random init)
     assert register(models["small"]) == "1"
-    first = promote(gate_cfg)
+    first = promote(gate_cfg, evaluate_model)
     assert first.decision.decision == "promote" and first.baseline == "warm start", first.decision
     assert first.decision.delta > 0 and first.decision.ci_low > 0 and champion() == "1"
 
@@ -109,7 +112,7 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
 
     # a better challenger moves champion
     assert register(models["large"]) == "3"
-    better = promote(gate_cfg)
+    better = promote(gate_cfg, evaluate_model)
     assert better.decision.decision == "promote" and better.champion_before == "1", better.decision
     assert better.decision.challenger > better.decision.baseline and champion() == "3"
     assert str(client.get_model_version_by_alias("gated", CHALLENGER).version) == "3"
@@ -119,6 +122,6 @@ def test_pipeline_registers_challenger_and_the_gate_moves_champion_only_when_bet
     source = client.get_model_version("gated", "4").source  # models:/<logged model id>
     location = client.get_logged_model(source.split("/")[-1]).artifact_location
     Path(storage.filesystem(location)[1], "model", "model.safetensors").unlink()
-    broken = promote(gate_cfg)
+    broken = promote(gate_cfg, evaluate_model)
     assert broken.decision.decision == "incomplete" and "challenger evaluation failed" in broken.decision.reason
     assert champion() == "3" and client.get_model_version("gated", "4").tags["gate.decision"] == "incomplete"

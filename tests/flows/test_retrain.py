@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from arborl.components.artifacts import manifests
 from arborl.components.config import load_config
 from arborl.components.envs.retrieval_server import start_in_thread
-from arborl.components.registry import CHALLENGER, CHAMPION
+from arborl.components.registry.gate import CHALLENGER, CHAMPION
 from arborl.components.stages import STAGES
 from arborl.flows.cli import app
 

@@ -13,7 +13,6 @@ from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import config_from_dict
 from arborl.components.envs.protocol import question_prompt
 from arborl.components.stages import prepare
-from arborl.components.stages.base import load_prompts
 from tests.components.data.test_verl_parquet import search_r1_file, search_r1_row, search_r1_schema, write
 
 SMALL_WORLD = {"num_people": 60, "num_train": 12, "num_val": 4, "num_test": 6}
@@ -44,8 +43,9 @@ def test_parquet_source_writes_prompts_v2_and_lists_bad_rows(tmp_path, files):
     table = schemas.read(res.outputs["prompts"], schemas.PROMPTS)  # checks name, version 2 and columns
     assert table.schema.metadata[b"arborl.schema_version"] == b"2"
     assert {"messages", "ability", "reward_model"} <= set(table.column_names)
-    assert [p["prompt_id"] for p in load_prompts(out, "test")] == ["test-nq-0", "test-nq-1"]
-    assert [p["prompt_id"] for p in load_prompts(out, "train")] == ["train-nq-0", "train-hotpotqa-0", "train-train:8"]
+    assert [p["prompt_id"] for p in schemas.read_prompts(out, "test")] == ["test-nq-0", "test-nq-1"]
+    train = schemas.read_prompts(out, "train")
+    assert [p["prompt_id"] for p in train] == ["train-nq-0", "train-hotpotqa-0", "train-train:8"]
     assert schemas.read(res.outputs["facts"], schemas.FACTS).num_rows == 0
     assert storage.read_json(res.outputs["world"]) == {
         "source": "parquet", "files": {"train": [files["train"]], "val": [], "test": [files["test"]]}}
@@ -89,7 +89,7 @@ def test_a_split_without_usable_rows_is_an_error(tmp_path, files):
 def test_synthetic_prompts_are_one_user_message_of_the_template(tmp_path):
     cfg = config_from_dict({"world": SMALL_WORLD, "agent": {"prompt_template": "<question> {question} </question>"}})
     res = prepare.run(cfg, {}, str(tmp_path / "prepare"))
-    rows = load_prompts(res.out)
+    rows = schemas.read_prompts(res.out)
     assert res.metrics["train_prompts"] == 12 and len(rows) == 22
     for row in rows:
         question = json.loads(row["extra_info"])["question"]
@@ -103,7 +103,7 @@ def test_synthetic_prompts_are_one_user_message_of_the_template(tmp_path):
     assert prepare.config_hash(other) != prepare.config_hash(cfg)
     res = prepare.run(other, {}, str(tmp_path / "prepare"))
     assert not res.skipped
-    assert load_prompts(res.out, "val")[0]["prompt"].startswith("Question: ")
+    assert schemas.read_prompts(res.out, "val")[0]["prompt"].startswith("Question: ")
 
 
 def test_the_hash_covers_the_data_section():

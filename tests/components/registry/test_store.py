@@ -1,5 +1,5 @@
-"""components.registry against a real SQLite MLflow store: one version per run, the model kept in the run's
-own experiment and artifact location, nothing written to the working directory."""
+"""registry.store and registry.promotion against a real SQLite MLflow store: one version per run, the model kept
+in the run's own experiment and artifact location, nothing written to the working directory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.models import save_policy
-from arborl.components.registry import CHALLENGER, register_final_model, run_versions
+from arborl.components.registry.gate import CHALLENGER
+from arborl.components.registry.store import register_final_model, run_versions
 from arborl.components.tracking.mlflow_run import Tracker
 
 
@@ -70,7 +71,8 @@ def test_a_version_is_tagged_with_its_weights_and_other_weights_are_another_vers
     tagged with the digest of the weights it was registered from; the same weights come back as the same one."""
     import torch
 
-    from arborl.components.registry import WEIGHTS_TAG, weights_digest
+    from arborl.components.registry.store import weights_digest
+    from arborl.components.tracking.tags import WEIGHTS_TAG
 
     cfg, run_id, model_dir, client, _ = tracked_run
     first = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5})
@@ -87,11 +89,12 @@ def test_a_version_is_tagged_with_its_weights_and_other_weights_are_another_vers
 
 
 def test_promote_refuses_a_run_root_outside_the_output_root(tracked_run, tmp_path):
-    from arborl.components.registry import promote
+    from arborl.components.registry.promotion import promote
+    from arborl.components.stages.evaluate import evaluate_model
 
     cfg, run_id, model_dir, client, _ = tracked_run
     version = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5},
                                    extra_tags={"arborl.run_root": str(tmp_path / "elsewhere")})
     with pytest.raises(ValueError, match=r"arborl.run_root=.*elsewhere.* lies outside run.output_root"):
-        promote(cfg)
+        promote(cfg, evaluate_model)
     assert not (tmp_path / "elsewhere").exists() and version == "1"

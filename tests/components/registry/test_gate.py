@@ -1,4 +1,4 @@
-"""components.registry.gate: the promotion decision on per-question scores (better / worse / tie / incomplete)."""
+"""registry.gate: the promotion decision on per-question scores (better / worse / tie / incomplete)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from arborl.components.registry import INCOMPLETE, PROMOTE, REJECT, gate, paired_scores
+from arborl.components.registry.gate import INCOMPLETE, PROMOTE, REJECT, gate, paired_scores
 
 RNG = np.random.default_rng(0)
 BASE = RNG.binomial(1, 0.4, size=200).astype(float)
@@ -78,7 +78,8 @@ def test_decision_tags_are_strings():
 
 
 def test_promotion_description_states_the_decision_with_its_numbers():
-    from arborl.components.registry import GateDecision, Promotion
+    from arborl.components.registry.gate import GateDecision
+    from arborl.components.registry.promotion import Promotion
 
     better = BASE.copy()
     better[np.flatnonzero(BASE == 0)[:40]] = 1.0
