@@ -15,8 +15,9 @@ import uuid
 
 import pytest
 
-from arborl.components.artifacts import manifests, run_lock, storage
-from arborl.components.artifacts.run_lock import LOCK_FILE, Holder, LockHeld, RunLock, read_holder
+from arborl.components.artifacts import lock_files, manifests, storage
+from arborl.components.artifacts.lock_files import Holder
+from arborl.components.artifacts.run_lock import LOCK_FILE, LockHeld, RunLock, read_holder
 
 # a second writer: takes the lock of argv[1], says so, holds it until stdin closes or says "release"
 HOLDER = """
@@ -190,11 +191,11 @@ def test_two_takeovers_of_one_stale_lock_end_with_one_holder(root):
     """Both writers read the same stale lock; the first replaces it, the second's replace is refused."""
     _write_lock(root, heartbeat=time.time() - 120)
     uri = storage.join(root, LOCK_FILE)
-    file = run_lock._LocalFile(storage.filesystem(uri)[1]) if storage.is_local(uri) else run_lock._S3Object(uri)
+    file = lock_files.lock_file(uri)
     stale = file.read()
     first = Holder.me("first")
     file.swap(first.to_bytes(), stale)
-    with pytest.raises(run_lock._Conflict):
+    with pytest.raises(lock_files.Conflict):
         file.swap(Holder.me("second").to_bytes(), stale)
     assert read_holder(root).token == first.token
     assert RunLock(root)._stale_reason(file.read()) is None  # the first taker's lock is live
