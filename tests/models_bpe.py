@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from arborl.components.config import WarmstartConfig
 from arborl.components.envs.protocol import SEARCH_R1_TEMPLATE, TAGS
-from arborl.components.models import row_prompt_ids
+from arborl.components.training.models import row_prompt_ids
 from arborl.components.training.warmstart import supervised_train
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

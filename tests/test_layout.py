@@ -21,7 +21,7 @@ LAYERS = (
     ("config", ("arborl.components.config",)),
     ("tracking", ("arborl.components.tracking",)),
     ("domain", tuple(f"arborl.components.{p}" for p in (
-        "advantages", "data", "envs", "evaluation", "models", "orchestration", "sampling", "training",
+        "advantages", "data", "envs", "evaluation", "orchestration", "sampling", "training",
         "verification", "viewer"))),
     ("registry", ("arborl.components.registry",)),
     ("stages", ("arborl.components.stages",)),

@@ -146,7 +146,7 @@ def model_io(model_config: str, workdir: str, checkpoint_every: int = 10) -> dic
     random weights, on the CPU, under `workdir`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from arborl.components.models import build_tokenizer, load_policy, save_policy
+    from arborl.components.training.models import build_tokenizer, load_policy, save_policy
 
     if model_config not in MODEL_CONFIGS:
         raise ValueError(f"--model-config {model_config!r}: choose one of {', '.join(MODEL_CONFIGS)}")

@@ -29,12 +29,12 @@ from arborl.components.config import Config
 from arborl.components.envs.demos import build_demonstrations
 from arborl.components.envs.retriever import FTSRetriever
 from arborl.components.envs.world import build_world, make_questions, vocabulary
-from arborl.components.models import build_model, build_tokenizer, load_policy, prompt_ids
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.budget import budget, planned_chains, random_expansion_cost
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.rng import bench_decode_seed, bench_sampling_seed
 from arborl.components.sampling.scheduler import sample_trees
+from arborl.components.training.models import build_model, build_tokenizer, load_policy, prompt_ids
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 
 TREE = {"trees_per_prompt": 2, "expansions_per_round": 2, "expansion_rounds": 1, "keep_leaves": None}

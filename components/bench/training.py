@@ -19,11 +19,11 @@ import torch
 
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
-from arborl.components.models import load_policy
 from arborl.components.stages import STAGES
 from arborl.components.stages.base import device
 from arborl.components.stages.train import load_tree_units
 from arborl.components.training import trainer
+from arborl.components.training.models import load_policy
 from arborl.components.training.packing import TreeUnit, leaf_scales
 
 

@@ -18,10 +18,10 @@ import torch
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
 from arborl.components.envs.world import vocabulary
-from arborl.components.models import build_model, build_tokenizer
 from arborl.components.stages import STAGES
 from arborl.components.stages.base import device
 from arborl.components.stages.warmstart import demonstrations
+from arborl.components.training.models import build_model, build_tokenizer
 from arborl.components.training.warmstart import Demo, masked_lm_loss, packed_batch, tokenize_demo
 
 

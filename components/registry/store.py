@@ -113,7 +113,7 @@ def register_final_model(
     import torch
     import transformers
 
-    from arborl.components.models import load_policy
+    from arborl.components.training.models import load_policy
 
     client = _client(cfg)
     name = cfg.registry.model_name

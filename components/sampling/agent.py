@@ -32,9 +32,9 @@ import torch
 from arborl.components.config import AgentConfig
 from arborl.components.envs import protocol
 from arborl.components.envs.retriever import MEMO_ENTRIES, FTSRetriever, RetrieverError
-from arborl.components.models import row_prompt_ids
 from arborl.components.sampling.generation import GenerationBackend, StopStrings, token_pieces
 from arborl.components.sampling.rng import Generators, row_generators, stable_seed
+from arborl.components.training.models import row_prompt_ids
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from arborl.components.config import Config
-from arborl.components.models import load_policy
 from arborl.components.sampling.generation import GenerationBackend
+from arborl.components.training.models import load_policy
 
 BACKENDS = ("hf", "generate", "vllm")
 

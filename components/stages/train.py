@@ -29,10 +29,10 @@ from transformers import PreTrainedTokenizerBase
 from arborl.components.advantages.registry import get_estimator
 from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
-from arborl.components.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.sampling.rng import train_shuffle_seed
 from arborl.components.stages.base import StageResult, device, run_stage
 from arborl.components.training import checkpoint, distributed, lora, training_state, warm
+from arborl.components.training.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.training.packing import TreeUnit
 from arborl.components.training.trainer import StepHooks, build_units, policy_update
 

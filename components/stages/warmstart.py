@@ -18,9 +18,9 @@ from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.envs.demos import Segment, build_demonstrations, gold_chain_tokens
 from arborl.components.envs.world import World, vocabulary
-from arborl.components.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
 from arborl.components.training import warm
+from arborl.components.training.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.training.training_state import master_weights, write_training_state
 from arborl.components.training.warmstart import supervised_train, tokenize_demo
 

@@ -19,7 +19,7 @@ from arborl.components.artifacts import local_cache, storage
 from arborl.components.artifacts.model_files import LORA_BASE_FILE
 from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.config import LoraSettings
-from arborl.components.models import check_safetensors, describe_error, load_policy, save_policy
+from arborl.components.training.models import check_safetensors, describe_error, load_policy, save_policy
 
 if TYPE_CHECKING:
     from peft import PeftModel

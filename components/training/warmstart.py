@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from arborl.components.config import WarmstartConfig
 from arborl.components.envs.demos import Segment
-from arborl.components.models import bos, encode
+from arborl.components.training.models import bos, encode
 
 Demo = tuple[list[int], list[bool]]
 

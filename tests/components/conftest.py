@@ -23,7 +23,7 @@ from arborl.components.config import ModelConfig, SearchConfig, WarmstartConfig,
 from arborl.components.envs.demos import demonstration  # noqa: E402
 from arborl.components.envs.retriever import FTSRetriever  # noqa: E402
 from arborl.components.envs.world import RELATIONS, build_world, make_questions, vocabulary  # noqa: E402
-from arborl.components.models import build_model, build_tokenizer  # noqa: E402
+from arborl.components.training.models import build_model, build_tokenizer  # noqa: E402
 from arborl.components.training.warmstart import supervised_train, tokenize_demo  # noqa: E402
 
 SEED = 0

@@ -12,8 +12,8 @@ import torch
 
 from arborl.components.artifacts import manifests, retention, stage_keys, storage
 from arborl.components.artifacts.storage import ArtifactError
-from arborl.components.models import load_policy, save_policy
 from arborl.components.training.lora import BASE_FILE
+from arborl.components.training.models import load_policy, save_policy
 
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json"}
 

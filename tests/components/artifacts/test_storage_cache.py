@@ -14,7 +14,7 @@ import torch
 
 from arborl.components.artifacts import local_cache, manifests, model_files, storage
 from arborl.components.config import Config, StorageConfig
-from arborl.components.models import load_policy, save_policy
+from arborl.components.training.models import load_policy, save_policy
 
 MB = 1_000_000
 

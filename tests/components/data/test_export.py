@@ -12,7 +12,7 @@ from arborl.components.config import load_config
 from arborl.components.data import verl_parquet
 from arborl.components.envs.retrieval_server import load_corpus
 from arborl.components.envs.world import build_world, make_questions, vocabulary
-from arborl.components.models import build_tokenizer, row_prompt_ids
+from arborl.components.training.models import build_tokenizer, row_prompt_ids
 from arborl.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -215,7 +215,7 @@ def test_gold_chain_tokens_count_the_model_words_of_noise_free_chains(world, que
     is the mean number of words the model writes in a noise-free demonstration: one search per hop, then the answer."""
     from arborl.components.envs.demos import gold_chain_tokens
     from arborl.components.envs.world import vocabulary
-    from arborl.components.models import build_tokenizer
+    from arborl.components.training.models import build_tokenizer
 
     rows = questions["val"]
     expected = []

@@ -23,8 +23,8 @@ from arborl.components.envs.world import (
     make_questions,
     vocabulary,
 )
-from arborl.components.models import build_tokenizer, encode
 from arborl.components.stages.prepare import prepare_world
+from arborl.components.training.models import build_tokenizer, encode
 
 SEED = 0
 

@@ -10,10 +10,10 @@ from mlflow import MlflowClient
 
 from arborl.components.artifacts import storage
 from arborl.components.config import Config
-from arborl.components.models import save_policy
 from arborl.components.registry.gate import CHALLENGER
 from arborl.components.registry.store import register_final_model, run_versions
 from arborl.components.tracking.mlflow_run import Tracker
+from arborl.components.training.models import save_policy
 
 
 @pytest.fixture

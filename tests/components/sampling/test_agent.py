@@ -8,10 +8,10 @@ import torch
 
 from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.envs.protocol import ANSWER_CLOSE, SEARCH_CLOSE
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.scheduler import sample_trees
+from arborl.components.training.models import prompt_ids
 
 
 @pytest.fixture(scope="module")

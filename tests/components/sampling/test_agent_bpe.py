@@ -14,12 +14,12 @@ import torch
 from arborl.components.advantages.registry import leaf_advantages
 from arborl.components.config import AgentConfig, SamplingConfig, TrainConfig
 from arborl.components.envs import protocol
-from arborl.components.models import row_prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.reference_backend import GenerateBackend
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import node_rows
+from arborl.components.training.models import row_prompt_ids
 from arborl.components.training.trainer import build_units, policy_update
 from tests.models_bpe import bpe_tokenizer, qwen2_model, teach_search_format
 

@@ -157,10 +157,10 @@ def test_token_budget_expands_each_prompt_until_it_is_reached(policy, tokenizer,
     """Tree mode: expansion rounds go on per prompt until its generated tokens reach the budget; chain mode:
     one more chain per round. A prompt stops at the first round that reaches the budget."""
     from arborl.components.config import AgentConfig, SamplingConfig
-    from arborl.components.models import prompt_ids
     from arborl.components.sampling.agent import SearchEnv
     from arborl.components.sampling.engine import HFBackend
     from arborl.components.sampling.scheduler import sample_trees
+    from arborl.components.training.models import prompt_ids
 
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:5]]
@@ -221,10 +221,10 @@ def test_nearest_token_budget_ends_near_it_either_side(policy, tokenizer, retrie
     """token_stop=nearest: prompts end near the budget, over or under, where `reach` always ends over it; chain mode
     adds at most M chains a round."""
     from arborl.components.config import AgentConfig, SamplingConfig
-    from arborl.components.models import prompt_ids
     from arborl.components.sampling.agent import SearchEnv
     from arborl.components.sampling.engine import HFBackend
     from arborl.components.sampling.scheduler import sample_trees
+    from arborl.components.training.models import prompt_ids
 
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:12]]
@@ -261,10 +261,10 @@ def test_exact_token_budget_spends_it_to_the_token(policy, tokenizer, retriever,
     """token_stop=exact: every prompt generates exactly the budget, trees (rounds = 1) and chains (0) alike; the
     episodes its last share cut short end with finish reason `budget` and are counted as budget_cuts."""
     from arborl.components.config import AgentConfig, SamplingConfig
-    from arborl.components.models import prompt_ids
     from arborl.components.sampling.agent import SearchEnv
     from arborl.components.sampling.engine import HFBackend
     from arborl.components.sampling.scheduler import sample_trees
+    from arborl.components.training.models import prompt_ids
 
     backend = HFBackend(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     prompts = [(q["prompt_id"], prompt_ids(tokenizer, q["prompt"])) for q in questions["train"][:12]]

@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 
 from arborl.components.config import AgentConfig, SamplingConfig
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import SearchEnv, Step
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.expansion import DepthStratifiedPolicy, EntropyPolicy, RandomPolicy, make_policy
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import ROOT, Tree
+from arborl.components.training.models import prompt_ids
 
 
 def _step(logprobs, leaf=False):

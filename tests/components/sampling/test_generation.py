@@ -18,10 +18,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from arborl.components.config import ModelConfig
-from arborl.components.models import build_model
 from arborl.components.sampling import vllm_backend
 from arborl.components.sampling.generation import StopStrings, cut_turn, token_pieces
 from arborl.components.sampling.vllm_backend import VLLMBackend
+from arborl.components.training.models import build_model
 
 TAGS = ("</search>", "</answer>")
 # Qwen2's pre-tokenizer split: punctuation runs take trailing newlines, so `>` merges with what follows it

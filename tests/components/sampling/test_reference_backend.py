@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from arborl.components.config import AgentConfig, Config
-from arborl.components.models import prompt_ids, save_policy
 from arborl.components.sampling.agent import Episode, SearchEnv, run_episodes
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.engine import HFBackend
@@ -19,6 +18,7 @@ from arborl.components.sampling.generation import GenerationBackend, StopStrings
 from arborl.components.sampling.reference_backend import GenerateBackend
 from arborl.components.sampling.rng import row_generators
 from arborl.components.sampling.vllm_backend import VLLMBackend
+from arborl.components.training.models import prompt_ids, save_policy
 from tests.components.sampling.test_generation import (
     TAGS,
     bpe_tokenizer,

@@ -12,13 +12,13 @@ import torch
 from arborl.components.artifacts import schemas
 from arborl.components.config import AgentConfig, SamplingConfig
 from arborl.components.envs.protocol import INFO_CLOSE, INFO_OPEN, TURN_STOPS
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import Episode, SearchEnv, Step, run_episodes
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.expansion import make_policy
 from arborl.components.sampling.rng import stable_seed
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import ROOT, Node, Tree, node_rows
+from arborl.components.training.models import prompt_ids
 
 AGENT = AgentConfig(max_turns=4, max_tokens_per_turn=12, max_total_tokens=200)
 FINISH = {"answer", "eos", "length", "max_turns"}

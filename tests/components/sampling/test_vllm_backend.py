@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from arborl.components.config import AgentConfig, SamplingConfig
-from arborl.components.models import prompt_ids, save_policy
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.scheduler import sample_trees
+from arborl.components.training.models import prompt_ids, save_policy
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")

@@ -11,8 +11,8 @@ from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config, WorldConfig
 from arborl.components.envs.retriever import FTSRetriever, RetrieverError
 from arborl.components.envs.world import QUESTION_TEMPLATE
-from arborl.components.models import save_policy
 from arborl.components.stages import prepare, sample
+from arborl.components.training.models import save_policy
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from arborl.components.artifacts import manifests
 from arborl.components.config import ConfigError, load_config
-from arborl.components.models import load_policy, save_policy
 from arborl.components.stages import warmstart
 from arborl.components.training import training_state
+from arborl.components.training.models import load_policy, save_policy
 
 ROOT = Path(__file__).resolve().parents[3]
 MICRO = ROOT / "configs" / "micro.yaml"

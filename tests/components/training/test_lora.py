@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from arborl.components.config import LoraSettings
-from arborl.components.models import load_policy, save_policy
 from arborl.components.training.lora import ADAPTER_DIR, BASE_FILE, load_for_training, save_trained, wrap
+from arborl.components.training.models import load_policy, save_policy
 
 SETTINGS = LoraSettings(enabled=True, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
 

@@ -16,12 +16,12 @@ import torch
 
 from arborl.components.advantages.registry import leaf_advantages
 from arborl.components.config import AgentConfig, SamplingConfig, TrainConfig
-from arborl.components.models import prompt_ids
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.engine import HFBackend
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import node_rows
 from arborl.components.training import trainer
+from arborl.components.training.models import prompt_ids
 from arborl.components.training.packing import leaf_scales
 from arborl.components.training.trainer import (
     build_units,

@@ -10,7 +10,7 @@ import torch
 
 from arborl.components.config import ModelConfig, WarmstartConfig
 from arborl.components.envs.demos import demonstration
-from arborl.components.models import build_model, encode
+from arborl.components.training.models import build_model, encode
 from arborl.components.training.warmstart import pack_rows, packed_batch, supervised_train, tokenize_demo
 
 SEGMENTS = [

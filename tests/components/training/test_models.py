@@ -1,4 +1,4 @@
-"""components.models: model directories load, and every load error names the directory, the file and what is
+"""training.models: model directories load, and every load error names the directory, the file and what is
 wrong (also through `arborl stage`, as one line with exit status 2)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.artifacts.storage import ArtifactError
 from arborl.components.config import LoraSettings, ModelConfig
-from arborl.components.models import (
+from arborl.components.training import lora
+from arborl.components.training.models import (
     PICKLED_WEIGHTS_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -24,10 +25,9 @@ from arborl.components.models import (
     load_policy,
     save_policy,
 )
-from arborl.components.training import lora
 from arborl.flows.cli import app
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MICRO = str(ROOT / "configs" / "micro.yaml")
 TINY = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
 
@@ -195,7 +195,7 @@ def test_load_policy_in_bfloat16(tmp_path, tokenizer):
 
 
 def test_prompt_ids_put_bos_only_where_the_tokenizer_has_one(tokenizer):
-    from arborl.components.models import prompt_ids, row_prompt_ids
+    from arborl.components.training.models import prompt_ids, row_prompt_ids
 
     ids = prompt_ids(tokenizer, "<question> x </question>")
     assert ids[0] == tokenizer.bos_token_id
