@@ -1,5 +1,8 @@
 """train: one clipped policy-gradient update on the labelled trees → the next model directory.
 
+`train_policy` reads as three steps, as in a torchtune recipe: `setup` (model, optimizer state, reference,
+training units), `train` (`policy_update`, with `StepCheckpoints` as its checkpoint hooks) and `save`.
+
 Runs in one process or under `torchrun` (DDP; FSDP on CUDA): every rank reads the same inputs and trains on
 its shard of the trees, rank 0 writes the outputs. With `train.save_every_steps` the stage checkpoints
 under `<out>/_checkpoints/`, and a rerun after a crash or kill continues from the newest complete one.
@@ -19,6 +22,7 @@ that each replay reproduces the saved weights bit for bit; the weights then equa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -34,7 +38,7 @@ from arborl.components.stages.base import StageResult, device, run_stage
 from arborl.components.training import checkpoint, distributed, lora, training_state, warm
 from arborl.components.training.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.training.packing import TreeUnit
-from arborl.components.training.trainer import StepHooks, build_units, policy_update
+from arborl.components.training.trainer import build_units, policy_update
 
 OPTIMIZER_FILE = training_state.TRAINING_STATE_FILE  # the training state: optimizer state and master weights
 CHECKPOINT_DIR = model_files.CHECKPOINT_DIR
@@ -123,9 +127,11 @@ def _replay(cfg: Config, model_uri: str, dist: distributed.Dist) -> None:
     iteration = int(manifest["metrics"]["iteration"])
     log.warning("train: %s was saved without its training state (train.checkpoint_every=%d): replaying iteration "
                 "%d's update to rebuild it", model_uri, cfg.train.checkpoint_every, iteration)
-    model, _, tokenizer, optimizer, _, _ = _update(cfg, manifest["inputs"], None, iteration, dist)
+    s = setup(cfg, manifest["inputs"], dist)
+    train(cfg, s, iteration, dist, StepCheckpoints(cfg, s, manifest["inputs"], None, iteration, dist))
+    model = s.model
     master = training_state.master_weights(dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
-    warm.keep_trained(model_uri, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
+    warm.keep_trained(model_uri, model, s.tokenizer, s.optimizer.state_dict(), master, cfg.train.save_dtype)
     if isinstance(manifest.get("pruned"), dict) and manifest["pruned"].get("weights"):
         return  # nothing to compare with (run.keep_iterations); the replays after it are checked
     saved = load_file(str(model_dir(model_uri, cfg.storage.cache_max_gb) / WEIGHTS_FILE))
@@ -162,94 +168,133 @@ def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, 
     return build_units(prompts, nodes, leaf_adv, node_weights=per_node)
 
 
-def _update(cfg: Config, inputs: dict[str, str], out: str | None, iteration: int, dist: distributed.Dist
-            ) -> tuple[torch.nn.Module, torch.nn.Module, PreTrainedTokenizerBase, torch.optim.Optimizer,
-                       dict[str, Any], str | None]:
-    """The policy update of iteration `iteration`: (the model with its trained weights at full precision, the
-    same wrapped for DDP/FSDP, the tokenizer, the optimizer, the metrics, the LoRA base or None). In-stage
-    checkpoints go under `out` (None: none, as in a replay)."""
+@dataclass
+class TrainSetup:
+    """What one policy update works on: the model at full precision (`wrapped` for DDP/FSDP), its tokenizer,
+    the optimizer with the carried Adam moments, the frozen reference (train.kl_coef > 0), the LoRA base (None:
+    full fine-tuning) and the labelled trees as training units."""
+
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer
+    ref_model: torch.nn.Module | None
+    lora_base: str | None
+    units: list[TreeUnit]
+    device: str
+    attention: str  # the model's attention implementation, restored after training with flex_attention
+
+
+def setup(cfg: Config, inputs: dict[str, str], dist: distributed.Dist) -> TrainSetup:
+    """Load the input model (from its master weights when it has them), its optimizer state, the reference and
+    the training units."""
     here = distributed.device_of(dist, device(cfg))
-    fsdp = dist.mode == "fsdp"
     state = _input_state(cfg, inputs["model"], dist, here)  # first: a replay rebuilds the input model too
     model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here,
-                                                                cfg.storage.cache_max_gb)
+                                                         cfg.storage.cache_max_gb)
     _start_from_master(model, inputs["model"], lora_base, state, here)
     if cfg.train.gradient_checkpointing:
         distributed.enable_gradient_checkpointing(model)
-    saved_attention = model.config._attn_implementation
+    attention = model.config._attn_implementation
     if cfg.train.flex_attention:
         model.set_attn_implementation("flex_attention")
     wrapped = distributed.wrap(model, dist)  # FSDP shards the parameters: build the optimizer after it
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.train.lr)
-    if not fsdp:  # FSDP's optimizer state is sharded; it starts fresh each iteration
+    if dist.mode != "fsdp":  # FSDP's optimizer state is sharded; it starts fresh each iteration
         _carry_optimizer_state(optimizer, inputs["model"], state, cfg.train.lr)
     del state  # the moments are in the optimizer now
-    ref_model = None
-    if cfg.train.kl_coef > 0:
-        if "reference" not in inputs:
-            raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
-        ref_model, _ = load_policy(inputs["reference"], here, cfg.storage.cache_max_gb)
-        ref_state = training_state.read_training_state(inputs["reference"], here)
-        if ref_state is not None and ref_state.master is not None:
-            training_state.restore_master(ref_model, ref_state.master,
-                                          storage.join(inputs["reference"], OPTIMIZER_FILE))
-        ref_model.requires_grad_(False)
     units = load_tree_units(inputs, tokenizer, cfg.model.chat_template)
+    return TrainSetup(model, wrapped, tokenizer, optimizer, _reference(cfg, inputs, here), lora_base, units, here,
+                      attention)
 
-    ckpt_root = storage.join(out, CHECKPOINT_DIR) if out is not None else ""
-    fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)
-    every = cfg.train.save_every_steps if out is not None else 0
 
-    def resume() -> tuple[int, dict[str, list[float]]]:
-        uri = checkpoint.latest_checkpoint(ckpt_root, fingerprint) if every else None
+def _reference(cfg: Config, inputs: dict[str, str], here: str) -> torch.nn.Module | None:
+    """The frozen warm-start model of the KL penalty (train.kl_coef > 0), at its full precision; else None."""
+    if cfg.train.kl_coef <= 0:
+        return None
+    if "reference" not in inputs:
+        raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
+    ref_model, _ = load_policy(inputs["reference"], here, cfg.storage.cache_max_gb)
+    ref_state = training_state.read_training_state(inputs["reference"], here)
+    if ref_state is not None and ref_state.master is not None:
+        training_state.restore_master(ref_model, ref_state.master, storage.join(inputs["reference"], OPTIMIZER_FILE))
+    ref_model.requires_grad_(False)
+    return ref_model
+
+
+class StepCheckpoints:
+    """In-stage checkpoints (train.save_every_steps) under `<out>/_checkpoints/`, as `policy_update`'s hooks:
+    `resume` continues from the newest one made with the same settings and inputs, `after_step` saves every
+    `save_every_steps` optimizer steps (rank 0). Without `out` (a replay) there are none."""
+
+    def __init__(self, cfg: Config, s: TrainSetup, inputs: dict[str, str], out: str | None, iteration: int,
+                 dist: distributed.Dist):
+        self.cfg, self.s, self.dist = cfg, s, dist
+        self.root = storage.join(out, CHECKPOINT_DIR) if out is not None else ""
+        self.fingerprint = cfg.section_hash("train", iteration=iteration, inputs=inputs)
+        self.every = cfg.train.save_every_steps if out is not None else 0
+
+    def resume(self) -> tuple[int, dict[str, list[float]]]:
+        uri = checkpoint.latest_checkpoint(self.root, self.fingerprint) if self.every else None
         if uri is None:
             return 0, {}
-        info = checkpoint.load_checkpoint(uri, model=model, optimizer=optimizer, fingerprint=fingerprint,
-                                          map_location=here)
+        info = checkpoint.load_checkpoint(uri, model=self.s.model, optimizer=self.s.optimizer,
+                                          fingerprint=self.fingerprint, map_location=self.s.device)
         log.warning("train: resuming from %s (optimizer step %d)", uri, info["step"])
         return info["step"], info["extra"]["history"]
 
-    def after_step(step: int, history: dict[str, list[float]]) -> None:
-        if every and step % every == 0 and dist.is_main:
-            checkpoint.save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer,
-                                       extra={"history": history}, fingerprint=fingerprint,
-                                       keep=cfg.train.keep_checkpoints)
+    def after_step(self, step: int, history: dict[str, list[float]]) -> None:
+        if self.every and step % self.every == 0 and self.dist.is_main:
+            checkpoint.save_checkpoint(self.root, step, model=self.s.model, optimizer=self.s.optimizer,
+                                       extra={"history": history}, fingerprint=self.fingerprint,
+                                       keep=self.cfg.train.keep_checkpoints)
 
-    metrics = policy_update(wrapped, optimizer, units, cfg.train, tokenizer.pad_token_id,
-                            seed=train_shuffle_seed(cfg.run.seed, iteration), ref_model=ref_model, dist=dist,
-                            hooks=StepHooks(resume=resume, after_step=after_step))
+
+def train(cfg: Config, s: TrainSetup, iteration: int, dist: distributed.Dist, hooks: StepCheckpoints
+          ) -> dict[str, Any]:
+    """The policy update of iteration `iteration` on `s` (the optimizer steps of `policy_update`); its metrics."""
+    metrics = policy_update(s.wrapped, s.optimizer, s.units, cfg.train, s.tokenizer.pad_token_id,
+                            seed=train_shuffle_seed(cfg.run.seed, iteration), ref_model=s.ref_model, dist=dist,
+                            hooks=hooks)
     metrics["world_size"] = dist.world_size
     if cfg.train.flex_attention:
-        model.set_attn_implementation(saved_attention)
-    return model, wrapped, tokenizer, optimizer, metrics, lora_base
+        s.model.set_attn_implementation(s.attention)
+    return metrics
+
+
+def save(cfg: Config, s: TrainSetup, out: str, iteration: int, dist: distributed.Dist) -> bool:
+    """Rank 0 writes the updated model to `out` in train.save_dtype, with its training state unless that stays
+    in memory (train.checkpoint_every), keeps it warm for the next stages of this process, and removes the
+    in-stage checkpoints; returns whether the training state was written."""
+    write_state = _writes_state(cfg, dist, iteration)
+    if dist.mode == "fsdp":
+        state = distributed.full_state_dict(s.wrapped)  # a collective: every rank takes part
+        if dist.is_main:  # FSDP's sharded optimizer state is not kept: only master weights, when rounded
+            training_state.write_training_state(out, None, training_state.master_weights(state, cfg.train.save_dtype))
+            save_policy(s.wrapped.module, s.tokenizer, out, dtype=cfg.train.save_dtype, state_dict=state)
+    elif dist.is_main:
+        # under LoRA the adapter is saved at full precision and the base is unchanged: no master weights
+        master = None if s.lora_base is not None else training_state.master_weights(
+            dict(s.model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
+        if write_state:
+            training_state.write_training_state(out, s.optimizer.state_dict(), master)
+        lora.save_trained(s.model, s.tokenizer, out, s.lora_base, dtype=cfg.train.save_dtype)
+        if _keeps_warm(cfg, dist):  # the next stages of this process take it from memory
+            warm.keep_trained(out, s.model, s.tokenizer, s.optimizer.state_dict(), master, cfg.train.save_dtype)
+    if dist.is_main:
+        storage.remove(storage.join(out, CHECKPOINT_DIR))  # the finished model supersedes them
+    distributed.barrier(dist)
+    return write_state
 
 
 def train_policy(cfg: Config, inputs: dict[str, str], out: str, iteration: int, dist: distributed.Dist
                  ) -> tuple[dict[str, str], dict[str, Any]]:
-    """One policy update of the input model on the labelled trees (this rank's shard of them); rank 0 writes
-    the updated model, with its training state unless it stays in memory (train.checkpoint_every), to `out`."""
-    model, wrapped, tokenizer, optimizer, metrics, lora_base = _update(cfg, inputs, out, iteration, dist)
-    fsdp = dist.mode == "fsdp"
-    ckpt_root = storage.join(out, CHECKPOINT_DIR)
-    write_state = _writes_state(cfg, dist, iteration)
-    metrics["iteration"], metrics["state_saved"] = iteration, float(write_state)
-    if fsdp:
-        state = distributed.full_state_dict(wrapped)  # a collective: every rank takes part
-        if dist.is_main:  # FSDP's sharded optimizer state is not kept: only master weights, when rounded
-            training_state.write_training_state(out, None, training_state.master_weights(state, cfg.train.save_dtype))
-            save_policy(wrapped.module, tokenizer, out, dtype=cfg.train.save_dtype, state_dict=state)
-    elif dist.is_main:
-        # under LoRA the adapter is saved at full precision and the base is unchanged: no master weights
-        master = None if lora_base is not None else training_state.master_weights(
-            dict(model.named_parameters(remove_duplicate=False)), cfg.train.save_dtype)
-        if write_state:
-            training_state.write_training_state(out, optimizer.state_dict(), master)
-        lora.save_trained(model, tokenizer, out, lora_base, dtype=cfg.train.save_dtype)
-        if _keeps_warm(cfg, dist):  # the next stages of this process take it from memory
-            warm.keep_trained(out, model, tokenizer, optimizer.state_dict(), master, cfg.train.save_dtype)
-    if dist.is_main:
-        storage.remove(ckpt_root)  # the finished model supersedes them
-    distributed.barrier(dist)
+    """One policy update of the input model on the labelled trees (this rank's shard of them): set up, train,
+    save to `out`."""
+    s = setup(cfg, inputs, dist)
+    metrics = train(cfg, s, iteration, dist, StepCheckpoints(cfg, s, inputs, out, iteration, dist))
+    metrics["iteration"] = iteration
+    metrics["state_saved"] = float(save(cfg, s, out, iteration, dist))
     return {"model": out}, metrics
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -227,14 +227,14 @@ def _microbatch_loss(model, mb: list[Row], divisor: float, cfg: TrainConfig, pad
     stats["loss"] += float(loss.detach())
 
 
-@dataclass
-class StepHooks:
+class StepHooks(Protocol):
     """Checkpoint/resume hooks of `policy_update`. `resume()` runs once the old (and reference) log-probs
     are computed and returns the optimizer steps already taken (0: none) with the metric history saved
     then; `after_step(step, history)` runs after every optimizer step."""
 
-    resume: Callable[[], tuple[int, dict[str, list[float]]]]
-    after_step: Callable[[int, dict[str, list[float]]], None]
+    def resume(self) -> tuple[int, dict[str, list[float]]]: ...
+
+    def after_step(self, step: int, history: dict[str, list[float]]) -> None: ...
 
 
 def policy_update(
