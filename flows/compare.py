@@ -26,6 +26,7 @@ from arborl.components.evaluation.compare import (
 from arborl.components.evaluation.compare_plots import plot_budgets, plot_curves
 from arborl.components.evaluation.compare_stats import RunRecord, add_interpolations, compare_budget, sweep_table
 from arborl.components.evaluation.evaluate import question_scores
+from arborl.components.stages.contract import StageResult
 from arborl.components.stages.warmstart import gold_chain_unit
 from arborl.components.tracking.store import tracking_uri
 from arborl.flows.pipeline import iteration_dir, train_pipeline
@@ -35,11 +36,12 @@ def _root(cfg: Config) -> str:
     return storage.child(cfg.run.output_root, cfg.run.name)
 
 
-def _manifest(out: str) -> dict:
+def _finished(out: str) -> StageResult:
+    """The finished stage output at `out`, from its manifest."""
     manifest = manifests.read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"{out}: no finished stage output (no manifest)")
-    return manifest
+    return StageResult.from_manifest(out, manifest)
 
 
 def _record(cfg: Config, summary: dict) -> RunRecord:
@@ -48,18 +50,18 @@ def _record(cfg: Config, summary: dict) -> RunRecord:
     root = _root(cfg)
     rec = RunRecord(cfg.run.seed, summary, cfg)
     for it in range(1, summary["iterations"] + 1):
-        sample = _manifest(storage.child(iteration_dir(root, it), "sample"))
-        rec.sample.append(sample["metrics"])
-        rec.prompt_stats.append(storage.read_json(sample["outputs"]["prompt_stats"]))
-        rec.label.append(_manifest(storage.child(iteration_dir(root, it), "label"))["metrics"])
+        sample = _finished(storage.child(iteration_dir(root, it), "sample"))
+        rec.sample.append(sample.metrics)
+        rec.prompt_stats.append(storage.read_json(sample.outputs["prompt_stats"]))
+        rec.label.append(_finished(storage.child(iteration_dir(root, it), "label")).metrics)
     last = summary["final_iteration_evaluated"]
     out = storage.child(root, "warmstart_eval") if last == 0 else storage.child(iteration_dir(root, last), "eval")
-    rows = schemas.read(_manifest(out)["outputs"]["eval"], schemas.EVAL).to_pylist()
+    rows = schemas.read(_finished(out).outputs["eval"], schemas.EVAL).to_pylist()
     rec.test_em = question_scores(rows, "em", split="test")
     for row in summary["history"]:  # the evaluations after the warm start: the primary metric's points
         if "test_em" in row:
             out = storage.child(iteration_dir(root, row["iteration"]), "eval")
-            rows = schemas.read(_manifest(out)["outputs"]["eval"], schemas.EVAL).to_pylist()
+            rows = schemas.read(_finished(out).outputs["eval"], schemas.EVAL).to_pylist()
             rec.sampled_test_em[row["iteration"]] = question_scores(rows, "em_sampled", split="test")
     return rec
 
@@ -81,7 +83,7 @@ def compare_pipeline(config: dict, seeds: int = 3, budgets: list[float] | None =
             if cfg.budget.chain_unit == "gold":
                 units[seed] = gold_chain_unit(base, storage.child(_root(base), "prepare"))
             else:
-                units[seed] = chain_tokens(_manifest(storage.child(_root(base), "warmstart_eval"))["metrics"])
+                units[seed] = chain_tokens(_finished(storage.child(_root(base), "warmstart_eval")).metrics)
         for i, chains in enumerate(points):
             tokens = token_budget(cfg, chains, units[seed]) if uses_tokens(cfg, chains) else None
             for method in METHODS:

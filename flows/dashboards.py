@@ -35,6 +35,7 @@ from prefect.artifacts import (
 
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
+from arborl.components.stages.contract import StageResult
 from arborl.components.tracking.mlflow_run import Tracker
 from arborl.components.tracking.plots import champion_figure, curves_figure, granularity_figure, stage_time_figure
 from arborl.components.tracking.store import model_version_url
@@ -117,12 +118,12 @@ class Dashboards:
         else:
             update_progress_artifact(self.progress_id, value)
 
-    def labelled(self, iteration: int, label: dict) -> None:
+    def labelled(self, iteration: int, label: StageResult) -> None:
         """Collect the label stage's granularity report and send the whole table and the tree viewer to MLflow.
 
         Both replace earlier uploads, so a resumed run never duplicates rows."""
-        outputs = label["outputs"]
-        self._row(iteration)["preference_pairs"] = label["metrics"].get("preference_pairs")
+        outputs = label.outputs
+        self._row(iteration)["preference_pairs"] = label.metrics.get("preference_pairs")
         if "trees" in outputs:
             self.tracker.log_text(storage.read_bytes(outputs["trees"]).decode(), f"trees/iter_{iteration:03d}.html")
         if "granularity" not in outputs:  # a label output from before the granularity report existed
@@ -134,13 +135,14 @@ class Dashboards:
         self.tracker.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in self.granularity]},
                               schemas.GRANULARITY_FILE)
 
-    def iteration_finished(self, iteration: int, sample: dict, verify: dict, train: dict) -> None:
+    def iteration_finished(self, iteration: int, sample: StageResult, verify: StageResult, train: StageResult
+                           ) -> None:
         """Add the iteration's row to the Prefect table artifact: created at the first iteration of this flow
         run, then updated in place (one artifact per flow run, not one version per iteration)."""
         row = self._row(iteration)
-        row.update({k: sample["metrics"][k] for k in SAMPLE_KEYS if k in sample["metrics"]})
-        row.update({k: verify["metrics"][k] for k in VERIFY_KEYS if k in verify["metrics"]})
-        row["loss"] = train["metrics"].get("loss")
+        row.update({k: sample.metrics[k] for k in SAMPLE_KEYS if k in sample.metrics})
+        row.update({k: verify.metrics[k] for k in VERIFY_KEYS if k in verify.metrics})
+        row["loss"] = train.metrics.get("loss")
         table = [{k: _round(self.rows[i].get(k)) for k in TABLE_COLUMNS} for i in sorted(self.rows) if i > 0]
         description = f"run {self.run_name}: iterations 1–{iteration} of {self.iterations}"
         if not self._due("table", self._final(iteration)):

@@ -14,6 +14,8 @@ from uuid import UUID
 
 from prefect.logging.handlers import APILogHandler
 
+from arborl.components.stages.contract import StageResult
+
 ROOT_LOGGER = "arborl"
 log = logging.getLogger("arborl.flows")
 
@@ -54,14 +56,14 @@ def stage_started(label: str, out: str) -> None:
     log.info("%s started → %s", label, out)
 
 
-def stage_finished(label: str, result: dict, wall_seconds: float) -> None:
+def stage_finished(label: str, result: StageResult, wall_seconds: float) -> None:
     """One INFO line: finished (stage seconds and key metrics) or skipped (a finished output was found)."""
-    metrics = key_metrics(result["stage"], result.get("metrics") or {})
-    if result["skipped"]:
+    metrics = key_metrics(result.stage, result.metrics or {})
+    if result.skipped:
         log.info("%s skipped in %.2f s: finished output found at %s (it took %.1f s; %s)", label, wall_seconds,
-                 result["out"], result["seconds"], metrics or "no metrics")
+                 result.out, result.seconds, metrics or "no metrics")
     else:
-        log.info("%s finished in %.1f s: %s", label, result["seconds"], metrics or "no metrics")
+        log.info("%s finished in %.1f s: %s", label, result.seconds, metrics or "no metrics")
 
 
 class RunLogHandler(APILogHandler):

@@ -22,6 +22,15 @@ from arborl.components.stages import STAGES
 from arborl.components.stages import prepare as prepare_stage
 from arborl.components.stages import sample as sample_stage
 from arborl.components.stages import warmstart as warmstart_stage
+from arborl.components.stages.contract import (
+    EvaluateInputs,
+    LabelInputs,
+    SampleInputs,
+    StageResult,
+    TrainInputs,
+    VerifyInputs,
+    WarmstartInputs,
+)
 from arborl.components.tracking.mlflow_run import Tracker
 from arborl.components.tracking.tags import (
     ITERATION_TAG,
@@ -54,7 +63,7 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 @task(name="stage", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
-def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
+def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, params: dict[str, Any]) -> StageResult:
     from prefect.context import TaskRunContext
 
     context = TaskRunContext.get()
@@ -65,11 +74,11 @@ def run_stage_task(name: str, cfg: Config, inputs: dict[str, str], out: str, par
     extra = {"on_step": reporter.warmstart_step} if name == "warmstart" else {}
     started = time.time()
     if cfg.orchestration.executor == "inprocess":
-        result = asdict(STAGES[name](cfg, inputs, out, **params, **extra))
+        result = STAGES[name](cfg, inputs, out, **params, **extra)
     else:  # its own process, container or Job, reading the run's resolved config (components/orchestration)
         result = make_executor(cfg).run(name, run_config_uri(cfg), inputs, out, params)
     logs.stage_finished(label, result, time.time() - started)
-    reporter.stage_finished(name, params.get("iteration"), result["seconds"], result["skipped"])
+    reporter.stage_finished(name, params.get("iteration"), result.seconds, result.skipped)
     return result
 
 
@@ -80,7 +89,7 @@ def run_config_uri(cfg: Config) -> str:
 
 
 def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, *, step: int | None = None,
-           **params: Any) -> dict:
+           **params: Any) -> StageResult:
     """Run stage `name` as a task run named `<name>-it<NNN>` (iteration `params["iteration"]`, else `step`) or
     `<name>` for a one-off stage."""
     label = logs.task_run_label(name, params.get("iteration", step))
@@ -88,12 +97,12 @@ def _stage(name: str, cfg: Config, inputs: dict[str, str], out: str, *, step: in
 
 
 @task(name="sample-merge", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
-def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) -> dict:
-    return asdict(sample_stage.merge(cfg, shards, out, iteration))
+def merge_shards_task(cfg: Config, shards: list[str], out: str, iteration: int) -> StageResult:
+    return sample_stage.merge(cfg, shards, out, iteration)
 
 
 @flow(name="arborl-sample-shards")
-def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: list[dict]) -> list[dict]:
+def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: list[dict]) -> list[StageResult]:
     """The shards of one sample stage, mapped over the subflow's task runner: a process pool, one worker
     process per shard, or the workers of the Dask cluster at `orchestration.dask_address` (GPU jobs in
     production)."""
@@ -103,7 +112,7 @@ def sample_shards(cfg: Config, inputs: dict[str, str], outs: list[str], params: 
     return [f.result() for f in futures]
 
 
-def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> dict:
+def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> StageResult:
     """The sample stage; with `sampling.shards` > 1 its shards run at once (Prefect `.map`), then merge."""
     n = cfg.sampling.shards
     if n == 1:
@@ -112,8 +121,8 @@ def _sample(cfg: Config, inputs: dict[str, str], out: str, iteration: int) -> di
     params = [{"iteration": iteration, "shard": (i, n)} for i in range(n)]
     shards = sample_shards.with_options(task_runner=_shard_runner(cfg, n))(cfg, inputs, outs, params)
     merged = merge_shards_task.with_options(task_run_name=f"sample-merge-it{iteration:03d}")(
-        cfg, [r["out"] for r in shards], out, iteration)
-    merged["seconds"] += max(r["seconds"] for r in shards)  # shards run side by side
+        cfg, [r.out for r in shards], out, iteration)
+    merged.seconds += max(r.seconds for r in shards)  # shards run side by side
     return merged
 
 
@@ -137,7 +146,7 @@ def reused_warmstart(cfg: Config, source_root: str) -> tuple[str, str]:
     warm = warmstart_stage.SECTIONS
     for stage, uri, inputs, sections, config_hash in (
             ("prepare", world, {}, prepare_stage.SECTIONS, prepare_stage.config_hash(cfg)),
-            ("warmstart", model, {"world": world}, warm, cfg.section_hash(*warm))):
+            ("warmstart", model, WarmstartInputs(world=world).as_uris(), warm, cfg.section_hash(*warm))):
         if stage_keys.completed(uri, stage=stage, inputs=inputs, config_hash=config_hash) is None:
             raise ValueError(f"run.warmstart_from={source_root!r}: {uri} holds no finished {stage} output made "
                              f"with this config's {'/'.join(sections)} settings and seed")
@@ -171,14 +180,14 @@ class RunContext:
         self.tracker.set_tags({SEARCH_COLLAPSE_TAG: f"iteration {it}: {calls:.2f} tool calls per trajectory, "
                                                     f"warm start {ref:.2f}"})
 
-    def record(self, result: dict, step: int, prefix: str) -> dict:
+    def record(self, result: StageResult, step: int, prefix: str) -> StageResult:
         """Count a stage result's seconds and log its metrics at `step` (not again for a stage a resumed
         MLflow run already logged: `Tracker.logged`); returns `result`."""
-        self.stage_seconds[result["stage"]] += result["seconds"]
-        self.dash.timed(step, result["stage"], result["seconds"])
-        if not (result["skipped"] and self.tracker.resumed and self.tracker.logged(step)):
-            self.tracker.log_metrics(result["metrics"], step=step, prefix=prefix)
-            self.tracker.log_metrics({f"{result['stage']}_seconds": result["seconds"]}, step=step, prefix="time/")
+        self.stage_seconds[result.stage] += result.seconds
+        self.dash.timed(step, result.stage, result.seconds)
+        if not (result.skipped and self.tracker.resumed and self.tracker.logged(step)):
+            self.tracker.log_metrics(result.metrics, step=step, prefix=prefix)
+            self.tracker.log_metrics({f"{result.stage}_seconds": result.seconds}, step=step, prefix="time/")
         return result
 
 
@@ -187,16 +196,17 @@ def world_and_warm_start(ctx: RunContext) -> tuple[str, str]:
     cfg, root = ctx.cfg, ctx.root
     if cfg.run.warmstart_from:
         return reused_warmstart(cfg, cfg.run.warmstart_from)
-    world = ctx.record(_stage("prepare", cfg, {}, storage.child(root, "prepare")), 0, "prepare/")["out"]
-    model = ctx.record(_stage("warmstart", cfg, {"world": world}, storage.child(root, "warmstart")), 0,
-                       "warmstart/")["out"]
+    world = ctx.record(_stage("prepare", cfg, {}, storage.child(root, "prepare")), 0, "prepare/").out
+    model = ctx.record(_stage("warmstart", cfg, WarmstartInputs(world=world).as_uris(),
+                              storage.child(root, "warmstart")), 0, "warmstart/").out
     return world, model
 
 
 def evaluate(ctx: RunContext, iteration: int, model: str, world: str, out: str) -> dict:
     """The evaluate stage on `model`, logged at step `iteration` and shown; returns its metrics."""
-    metrics = ctx.record(_stage("evaluate", ctx.cfg, {"model": model, "world": world}, out, step=iteration),
-                         iteration, "eval/")["metrics"]
+    metrics = ctx.record(_stage("evaluate", ctx.cfg, EvaluateInputs(model=model, world=world).as_uris(), out,
+                                step=iteration),
+                         iteration, "eval/").metrics
     ctx.reporter.evaluated(iteration, metrics)
     ctx.dash.evaluated(iteration, metrics)
     return metrics
@@ -209,26 +219,25 @@ def run_iteration(ctx: RunContext, it: int, world: str, model: str, warm_model: 
     iteration is not evaluated)."""
     cfg, dash = ctx.cfg, ctx.dash
     iter_dir = iteration_dir(ctx.root, it)
-    sampled = ctx.record(_sample(cfg, {"model": model, "world": world}, storage.child(iter_dir, "sample"), it), it,
-                         "sample/")
-    ctx.watch_search(it, sampled["metrics"])
+    sampled = ctx.record(_sample(cfg, SampleInputs(model=model, world=world).as_uris(),
+                                 storage.child(iter_dir, "sample"), it), it, "sample/")
+    ctx.watch_search(it, sampled.metrics)
     dash.progress(it, 0.5)
-    verified = ctx.record(_stage("verify", cfg, {"nodes": sampled["out"], "world": world},
+    verified = ctx.record(_stage("verify", cfg, VerifyInputs(nodes=sampled.out, world=world).as_uris(),
                                  storage.child(iter_dir, "verify"), step=it), it, "verify/")
-    labelled = ctx.record(_stage("label", cfg, {"nodes": sampled["out"], "rewards": verified["out"], "world": world},
+    labelled = ctx.record(_stage("label", cfg, LabelInputs(nodes=sampled.out, rewards=verified.out,
+                                                           world=world).as_uris(),
                                  storage.child(iter_dir, "label"), step=it), it, "label/")
     dash.labelled(it, labelled)
-    train_inputs = {"model": model, "nodes": sampled["out"], "advantages": labelled["out"], "world": world}
-    if cfg.train.kl_coef > 0:
-        train_inputs["reference"] = warm_model
-    trained = ctx.record(_stage("train", cfg, train_inputs, storage.child(iter_dir, "train"), iteration=it), it,
-                         "train/")
-    model = trained["out"]
+    train_inputs = TrainInputs(model=model, nodes=sampled.out, advantages=labelled.out, world=world,
+                               reference=warm_model if cfg.train.kl_coef > 0 else None)
+    trained = ctx.record(_stage("train", cfg, train_inputs.as_uris(), storage.child(iter_dir, "train"),
+                                iteration=it), it, "train/")
+    model = trained.out
     dash.progress(it, 1.0)
-    row = {"iteration": it, "reward_mean": verified["metrics"]["reward_mean"], "loss": trained["metrics"]["loss"],
-           "trajectories": sampled["metrics"]["trajectories"],
-           "generated_tokens": sampled["metrics"]["generated_tokens"],
-           **{k: sampled["metrics"][k] for k in MECHANISM_KEYS if k in sampled["metrics"]}}
+    row = {"iteration": it, "reward_mean": verified.metrics["reward_mean"], "loss": trained.metrics["loss"],
+           "trajectories": sampled.metrics["trajectories"], "generated_tokens": sampled.metrics["generated_tokens"],
+           **{k: sampled.metrics[k] for k in MECHANISM_KEYS if k in sampled.metrics}}
     evaluation = None
     if it % cfg.run.eval_every == 0 or it == cfg.run.iterations:
         evaluation = evaluate(ctx, it, model, world, storage.child(iter_dir, "eval"))

@@ -128,9 +128,9 @@ def trees_on_device(device: str) -> dict:
     from arborl.components.config import load_config
     from arborl.components.envs.retriever import FTSRetriever
     from arborl.components.envs.world import build_world, make_questions, vocabulary
-    from arborl.components.models import build_model, build_tokenizer, prompt_ids
     from arborl.components.sampling.agent import SearchEnv
     from arborl.components.sampling.scheduler import sample_trees
+    from arborl.components.training.models import build_model, build_tokenizer, prompt_ids
 
     cfg = load_config()
     world = build_world(cfg.world, 0)

@@ -15,16 +15,18 @@ MAX_LINES = 400
 
 # The layers, lowest first: a module imports modules of its own layer and of the layers below, never above. The
 # foundations (artifacts, config, tracking) know nothing of the domain; the registry gets its evaluator passed
-# in rather than importing the stages; the benchmarks drive flows, and the command line drives everything.
+# in rather than importing the stages; the executors run stages elsewhere; the benchmarks drive flows, and the
+# command line drives everything.
 LAYERS = (
     ("artifacts", ("arborl.components.artifacts",)),
     ("config", ("arborl.components.config",)),
     ("tracking", ("arborl.components.tracking",)),
     ("domain", tuple(f"arborl.components.{p}" for p in (
-        "advantages", "data", "envs", "evaluation", "orchestration", "sampling", "training",
+        "advantages", "data", "envs", "evaluation", "sampling", "training",
         "verification", "viewer"))),
     ("registry", ("arborl.components.registry",)),
     ("stages", ("arborl.components.stages",)),
+    ("orchestration", ("arborl.components.orchestration",)),
     ("flows", ("arborl.flows",)),
     ("bench", ("arborl.components.bench",)),
     ("cli", ("arborl.flows.cli",)),

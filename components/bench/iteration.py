@@ -29,6 +29,7 @@ from arborl.components.artifacts import manifests, storage
 from arborl.components.bench import breakdown
 from arborl.components.config import Config
 from arborl.components.evaluation.compare import base_config
+from arborl.components.stages.contract import StageResult
 from arborl.components.training import training_state, warm
 
 ITERATION_STAGES = ("sample", "verify", "label", "train")
@@ -52,6 +53,10 @@ def _cold() -> Any:
         yield
     finally:
         warm.remember = saved
+
+
+def _finished(path: Path) -> StageResult:
+    return StageResult.from_manifest(str(path), manifests.read_manifest(str(path)))
 
 
 def _bytes(path: Path) -> int:
@@ -81,15 +86,13 @@ def _one_run(cfg: Config, name: str, base_root: str, iterations: int, checkpoint
     for it in range(1, iterations + 1):
         it_dir = Path(storage.filesystem(iteration_dir(root, it))[1])
         for stage in ITERATION_STAGES:
-            stage_seconds[stage] += float(manifests.read_manifest(str(it_dir / stage))["seconds"])
+            stage_seconds[stage] += _finished(it_dir / stage).seconds
             written += _bytes(it_dir / stage)
         train_written += _bytes(it_dir / "train")
         if (it_dir / "eval").exists():
-            eval_seconds += float(manifests.read_manifest(str(it_dir / "eval"))["seconds"])
-    for extra in ("warmstart_eval",):
-        manifest = manifests.read_manifest(str(local / extra))
-        if manifest is not None:
-            eval_seconds += float(manifest["seconds"])
+            eval_seconds += _finished(it_dir / "eval").seconds
+    if (local / "warmstart_eval").exists():
+        eval_seconds += _finished(local / "warmstart_eval").seconds
     per_iteration = (wall - eval_seconds) / iterations
     in_stages = sum(stage_seconds.values()) / iterations
     out: dict[str, float] = {"seconds_per_iteration": per_iteration, "outside_stages_per_iteration":

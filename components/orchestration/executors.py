@@ -1,6 +1,6 @@
 """Executors: run one stage outside the calling process — a child `arborl stage` process, a `docker run`
-container or a Kubernetes Job — and return what the in-process call returns (the `StageResult` fields as a dict),
-read back from the stage's manifest.
+container or a Kubernetes Job — and return what the in-process call returns (a `StageResult`), read back from
+the stage's manifest.
 
 The stage process reads the run's resolved config from a URI (`<run root>/config.json`), its inputs and output
 are URIs, so it needs nothing from the caller but shared storage."""
@@ -19,6 +19,7 @@ from typing import IO, Any
 from arborl.components.artifacts import manifests, storage
 from arborl.components.config import Config
 from arborl.components.orchestration.specs import docker_run_spec, kubernetes_job_manifest, stage_command
+from arborl.components.stages.contract import StageResult
 
 log = logging.getLogger("arborl.orchestration")
 TAIL_LINES = 20  # lines of a failed stage's output quoted in the error
@@ -44,9 +45,10 @@ class Executor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def run(self, name: str, config_uri: str, inputs: dict[str, str], out: str, params: dict[str, Any]) -> dict:
-        """Run the stage and return {stage, out, outputs, metrics, seconds, skipped} from its manifest; `skipped`
-        when the manifest already there before was left as it was (the stage found its output finished)."""
+    def run(self, name: str, config_uri: str, inputs: dict[str, str], out: str, params: dict[str, Any]
+            ) -> StageResult:
+        """Run the stage and return its result, read from its manifest; `skipped` when the manifest already there
+        before was left as it was (the stage found its output finished)."""
         before = manifests.read_manifest(out)
         started = time.time()
         self.execute(name, config_uri, inputs, out, params)
@@ -54,8 +56,7 @@ class Executor:
         if manifest is None or manifest.get("stage") != name:
             raise StageFailed(name, self.where, 0, [], f"it exited without a manifest of stage {name} in {out}")
         log.debug("stage %s ran %s in %.1fs", name, self.where, time.time() - started)
-        return {"stage": name, "out": out, "outputs": manifest["outputs"], "metrics": manifest["metrics"],
-                "seconds": manifest["seconds"], "skipped": before is not None and before == manifest}
+        return StageResult.from_manifest(out, manifest, skipped=before is not None and before == manifest)
 
     def execute(self, name: str, config_uri: str, inputs: dict[str, str], out: str, params: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,16 +16,7 @@ from arborl.components.artifacts import manifests, schemas, stage_keys, storage
 from arborl.components.config import Config
 from arborl.components.envs.http_retriever import HTTPRetriever
 from arborl.components.envs.retriever import FTSRetriever, Retriever
-
-
-@dataclass
-class StageResult:
-    stage: str
-    out: str
-    outputs: dict[str, str]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    skipped: bool = False
+from arborl.components.stages.contract import StageResult
 
 
 def run_stage(
@@ -57,7 +47,7 @@ def run_stage(
     config_hash = cfg.section_hash(*sections, **params)
     done = stage_keys.completed(out, stage=stage, inputs=inputs, config_hash=config_hash)
     if done is not None:
-        return StageResult(stage, out, done["outputs"], done["metrics"], done["seconds"], skipped=True)
+        return StageResult.from_manifest(out, done)
     stage_keys.check_inputs(stage, inputs)  # before anything of `out` is wiped
     key = stage_keys.stage_key(stage, config_hash, inputs)
     if writer:

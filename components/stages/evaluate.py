@@ -10,7 +10,8 @@ from arborl.components.evaluation.evaluate import evaluate_policy
 from arborl.components.sampling.agent import SearchEnv
 from arborl.components.sampling.backends import load_backend
 from arborl.components.sampling.rng import evaluation_seed
-from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
+from arborl.components.stages.base import device, load_retriever, run_stage
+from arborl.components.stages.contract import EvaluateInputs, StageResult
 
 
 def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[str, ...] = ("val", "test")
@@ -26,7 +27,8 @@ def evaluate_model(cfg: Config, model_uri: str, world_uri: str, splits: tuple[st
 
 def evaluate_outputs(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, float]]:
     """Evaluate the input model on the val and test questions → eval.parquet (per-question rows) and metrics."""
-    rows, metrics = evaluate_model(cfg, inputs["model"], inputs["world"])
+    given = EvaluateInputs.from_uris(inputs)
+    rows, metrics = evaluate_model(cfg, given.model, given.world)
     uri = storage.join(out, schemas.EVAL_FILE)
     schemas.write(rows, schemas.EVAL, uri)
     return {"eval": uri}, metrics

@@ -15,7 +15,8 @@ from arborl.components.advantages.signal import signal_metrics
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.sampling.mechanism import POOL_CUT
-from arborl.components.stages.base import StageResult, run_stage
+from arborl.components.stages.base import run_stage
+from arborl.components.stages.contract import LabelInputs, StageResult
 from arborl.components.viewer.tree_html import build_html
 
 
@@ -43,8 +44,9 @@ def without_pool_cuts(nodes: list[dict], rewards: list[dict]) -> tuple[list[dict
 def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Advantages and token weights of every node from the leaves' rewards, then the granularity report,
     the preference pairs and the tree viewer."""
-    nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
-    rewards = schemas.read(storage.join(inputs["rewards"], schemas.REWARDS_FILE), schemas.REWARDS).to_pylist()
+    given = LabelInputs.from_uris(inputs)
+    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    rewards = schemas.read(storage.join(given.rewards, schemas.REWARDS_FILE), schemas.REWARDS).to_pylist()
     est = cfg.advantage.estimator
     all_nodes = nodes
     nodes, rewards, excluded = without_pool_cuts(nodes, rewards)
@@ -83,7 +85,7 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
     for r in report:
         for k in ("branch_points", "informative_sets", "mean_abs_dv", "mean_abs_advantage", "preference_pairs"):
             metrics[f"depth{r['depth']}_{k}"] = r[k]
-    prompts = {p["prompt_id"]: p["prompt"] for p in schemas.read_prompts(inputs["world"])}
+    prompts = {p["prompt_id"]: p["prompt"] for p in schemas.read_prompts(given.world)}
     if cfg.advantage.export_preferences:
         pairs = preference_pairs(forest, prompts, margin)
         outputs["preferences"] = storage.join(out, schemas.PREFERENCES_FILE)

@@ -10,7 +10,8 @@ from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.data import snapshots, verl_parquet
 from arborl.components.envs.world import build_world, make_questions
-from arborl.components.stages.base import StageResult, run_stage
+from arborl.components.stages.base import run_stage
+from arborl.components.stages.contract import StageResult
 
 SECTIONS = ("world", "data")
 SPLITS = ("train", "val", "test")

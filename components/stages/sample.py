@@ -26,7 +26,8 @@ from arborl.components.sampling.mechanism import mechanism_metrics
 from arborl.components.sampling.rng import prompt_draw_seed, sampling_seed
 from arborl.components.sampling.scheduler import sample_trees
 from arborl.components.sampling.tree import Tree, node_rows
-from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
+from arborl.components.stages.base import device, load_retriever, run_stage
+from arborl.components.stages.contract import SampleInputs, StageResult
 
 SECTIONS = ("sampling", "agent", "budget", "search", "model")
 # transformers' from_pretrained initialises on a process-global meta device: shards that run as threads
@@ -113,12 +114,13 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
                  shard: tuple[int, int] | None = None) -> tuple[dict[str, str], dict]:
     """Grow the trees of this iteration's prompts (with `shard=(i, n)`, every n-th from the i-th) with the input
     model; write their nodes and the per-prompt stats under `out`."""
+    given = SampleInputs.from_uris(inputs)
     with _LOAD_LOCK:  # vllm runs where it is installed: the Dockerfile's `sampler` image
-        loaded = load_backend(cfg, inputs["model"], device(cfg))
+        loaded = load_backend(cfg, given.model, device(cfg))
     backend, tokenizer, model_context = loaded.backend, loaded.tokenizer, loaded.context_window
-    env = SearchEnv(load_retriever(inputs["world"], cfg), tokenizer, cfg.model.chat_template)
+    env = SearchEnv(load_retriever(given.world, cfg), tokenizer, cfg.model.chat_template)
     index, count = shard or (0, 1)
-    chosen = list(enumerate(iteration_prompts(cfg, inputs["world"], iteration)))[index::count]
+    chosen = list(enumerate(iteration_prompts(cfg, given.world, iteration)))[index::count]
     context = min(cfg.agent.max_total_tokens, model_context or 1 << 62)
 
     stats: dict[str, dict] = {}
@@ -168,10 +170,10 @@ def merge_shards(cfg: Config, shards: list[str], out: str, iteration: int) -> tu
     stats: dict[str, dict] = {}
     planned: dict = {}
     for uri in shards:
-        manifest = manifests.read_manifest(uri)
-        rows += schemas.read(manifest["outputs"]["nodes"], schemas.NODES).to_pylist()
-        stats.update(storage.read_json(manifest["outputs"]["prompt_stats"]))
-        planned.update({k: v for k, v in manifest["metrics"].items() if k.startswith("plan_")})
+        shard = StageResult.from_manifest(uri, manifests.read_manifest(uri))
+        rows += schemas.read(shard.outputs["nodes"], schemas.NODES).to_pylist()
+        stats.update(storage.read_json(shard.outputs["prompt_stats"]))
+        planned.update({k: v for k, v in shard.metrics.items() if k.startswith("plan_")})
     outputs, metrics = _finish(cfg, out, schemas.NODES_FILE, rows, stats, {**planned, "shards": len(shards)})
     check_bad_fraction(cfg, stats, f"sample iteration {iteration} ({len(shards)} shards)")
     return outputs, metrics

@@ -34,7 +34,8 @@ from arborl.components.advantages.registry import get_estimator
 from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
 from arborl.components.sampling.rng import train_shuffle_seed
-from arborl.components.stages.base import StageResult, device, run_stage
+from arborl.components.stages.base import device, run_stage
+from arborl.components.stages.contract import StageResult, TrainInputs
 from arborl.components.training import checkpoint, distributed, lora, training_state, warm
 from arborl.components.training.models import WEIGHTS_FILE, load_policy, model_dir, row_prompt_ids, save_policy
 from arborl.components.training.packing import TreeUnit
@@ -154,13 +155,14 @@ def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, 
                     ) -> list[TreeUnit]:
     """The labelled trees of the `nodes`, `advantages` and `world` inputs as training units, prompts
     tokenized with `tokenizer` as sampling did (`models.row_prompt_ids`)."""
-    nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
-    adv = schemas.read(storage.join(inputs["advantages"], schemas.ADVANTAGES_FILE), schemas.ADVANTAGES).to_pylist()
+    given = TrainInputs.from_uris(inputs)
+    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    adv = schemas.read(storage.join(given.advantages, schemas.ADVANTAGES_FILE), schemas.ADVANTAGES).to_pylist()
     leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
                 for a in adv if a["leaf_advantage"] is not None}
     wanted = {n["prompt_id"] for n in nodes}
     prompts = {p["prompt_id"]: row_prompt_ids(tokenizer, p, chat_template)
-               for p in schemas.read_prompts(inputs["world"]) if p["prompt_id"] in wanted}
+               for p in schemas.read_prompts(given.world) if p["prompt_id"] in wanted}
     per_node = None  # labelled by a per-node estimator (registry kind "node"): the weights as labelled
     if any(get_estimator(name).per_node for name in {a["estimator"] for a in adv}):
         per_node = {(a["prompt_id"], a["tree_id"], a["node_id"]): (a["adv_pos"], a["adv_neg"], a["multiplicity"])
@@ -188,11 +190,12 @@ class TrainSetup:
 def setup(cfg: Config, inputs: dict[str, str], dist: distributed.Dist) -> TrainSetup:
     """Load the input model (from its master weights when it has them), its optimizer state, the reference and
     the training units."""
+    given = TrainInputs.from_uris(inputs)
     here = distributed.device_of(dist, device(cfg))
-    state = _input_state(cfg, inputs["model"], dist, here)  # first: a replay rebuilds the input model too
-    model, tokenizer, lora_base = lora.load_for_training(inputs["model"], cfg.train.lora, here,
+    state = _input_state(cfg, given.model, dist, here)  # first: a replay rebuilds the input model too
+    model, tokenizer, lora_base = lora.load_for_training(given.model, cfg.train.lora, here,
                                                          cfg.storage.cache_max_gb)
-    _start_from_master(model, inputs["model"], lora_base, state, here)
+    _start_from_master(model, given.model, lora_base, state, here)
     if cfg.train.gradient_checkpointing:
         distributed.enable_gradient_checkpointing(model)
     attention = model.config._attn_implementation
@@ -201,23 +204,23 @@ def setup(cfg: Config, inputs: dict[str, str], dist: distributed.Dist) -> TrainS
     wrapped = distributed.wrap(model, dist)  # FSDP shards the parameters: build the optimizer after it
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.train.lr)
     if dist.mode != "fsdp":  # FSDP's optimizer state is sharded; it starts fresh each iteration
-        _carry_optimizer_state(optimizer, inputs["model"], state, cfg.train.lr)
+        _carry_optimizer_state(optimizer, given.model, state, cfg.train.lr)
     del state  # the moments are in the optimizer now
     units = load_tree_units(inputs, tokenizer, cfg.model.chat_template)
-    return TrainSetup(model, wrapped, tokenizer, optimizer, _reference(cfg, inputs, here), lora_base, units, here,
+    return TrainSetup(model, wrapped, tokenizer, optimizer, _reference(cfg, given, here), lora_base, units, here,
                       attention)
 
 
-def _reference(cfg: Config, inputs: dict[str, str], here: str) -> torch.nn.Module | None:
+def _reference(cfg: Config, given: TrainInputs, here: str) -> torch.nn.Module | None:
     """The frozen warm-start model of the KL penalty (train.kl_coef > 0), at its full precision; else None."""
     if cfg.train.kl_coef <= 0:
         return None
-    if "reference" not in inputs:
+    if given.reference is None:
         raise KeyError("train.kl_coef > 0 needs a 'reference' input (the frozen warm-start model)")
-    ref_model, _ = load_policy(inputs["reference"], here, cfg.storage.cache_max_gb)
-    ref_state = training_state.read_training_state(inputs["reference"], here)
+    ref_model, _ = load_policy(given.reference, here, cfg.storage.cache_max_gb)
+    ref_state = training_state.read_training_state(given.reference, here)
     if ref_state is not None and ref_state.master is not None:
-        training_state.restore_master(ref_model, ref_state.master, storage.join(inputs["reference"], OPTIMIZER_FILE))
+        training_state.restore_master(ref_model, ref_state.master, storage.join(given.reference, OPTIMIZER_FILE))
     ref_model.requires_grad_(False)
     return ref_model
 

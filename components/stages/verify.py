@@ -11,7 +11,8 @@ from typing import Any
 
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
-from arborl.components.stages.base import StageResult, run_stage
+from arborl.components.stages.base import run_stage
+from arborl.components.stages.contract import StageResult, VerifyInputs
 from arborl.components.verification.calls import sample_from_prompt
 from arborl.components.verification.scoring import RewardErrors, check_reward_errors, score_samples
 
@@ -41,8 +42,9 @@ def _metric_name(verifier: str) -> str:
 
 def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Score every leaf's root→leaf response with its prompt's reward → rewards.parquet."""
-    nodes = schemas.read(storage.join(inputs["nodes"], schemas.NODES_FILE), schemas.NODES).to_pylist()
-    prompts = {p["prompt_id"]: p for p in schemas.read_prompts(inputs["world"])}
+    given = VerifyInputs.from_uris(inputs)
+    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    prompts = {p["prompt_id"]: p for p in schemas.read_prompts(given.world)}
     leaves = leaf_responses(nodes)
     samples = []
     for pid, tid, leaf, response in leaves:

@@ -18,7 +18,8 @@ from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
 from arborl.components.envs.demos import Segment, build_demonstrations, gold_chain_tokens
 from arborl.components.envs.world import World, vocabulary
-from arborl.components.stages.base import StageResult, device, load_retriever, run_stage
+from arborl.components.stages.base import device, load_retriever, run_stage
+from arborl.components.stages.contract import StageResult, WarmstartInputs
 from arborl.components.training import warm
 from arborl.components.training.models import build_model, build_tokenizer, load_policy, save_policy
 from arborl.components.training.training_state import master_weights, write_training_state
@@ -74,7 +75,8 @@ def warm_start(cfg: Config, inputs: dict[str, str], out: str, on_step: Callable 
                ) -> tuple[dict[str, str], dict[str, Any]]:
     """Supervised training of a fresh (or `model.path`) policy on demonstrations of the world's train
     questions; the model directory is `out`."""
-    world, episodes = demonstrations(cfg, inputs["world"])
+    given = WarmstartInputs.from_uris(inputs)
+    world, episodes = demonstrations(cfg, given.world)
     if cfg.model.path:
         model, tokenizer = load_policy(cfg.model.path, device(cfg), cfg.storage.cache_max_gb)
     else:

@@ -96,7 +96,8 @@ def stage(
     """Run one stage alone on given input URIs (e.g. as its own container). Holds the lock of its --out directory
     (`<out>/_lock.json`; under torchrun, rank 0 does): a second command writing the same --out exits at once
     (code 3)."""
-    from arborl.components.stages import STAGE_INPUTS, STAGE_OPTIONAL_INPUTS, STAGE_PARAMS, STAGES
+    from arborl.components.stages import STAGES
+    from arborl.components.stages.contract import PARAMS, MissingInput, inputs_of
 
     if name not in STAGES:
         err_console.print(f"[red]unknown stage {name!r}[/red]; choose one of {', '.join(STAGES)}")
@@ -109,12 +110,12 @@ def stage(
             raise typer.Exit(2)
         key, uri = item.split("=", 1)
         given[key] = uri
-    expected, optional = set(STAGE_INPUTS[name]), set(STAGE_OPTIONAL_INPUTS.get(name, ()))
-    if not expected <= set(given) <= expected | optional:
-        extra = f" (optional: {sorted(optional)})" if optional else ""
-        err_console.print(f"[red]stage {name} needs --in for {sorted(expected)}{extra}, got {sorted(given)}[/red]")
-        raise typer.Exit(2)
-    params = {"iteration": iteration} if "iteration" in STAGE_PARAMS.get(name, ()) else {}
+    try:
+        inputs_of(name, given)
+    except MissingInput as exc:
+        err_console.print(f"[red]--in: {exc}[/red]")
+        raise typer.Exit(2) from None
+    params = {"iteration": iteration} if "iteration" in PARAMS.get(name, ()) else {}
     if shard is not None:
         from arborl.components.stages.sample import parse_shard
 
@@ -137,8 +138,7 @@ def stage(
         ctx.with_resource(_locked(out, f"arborl stage {name}"))
     with exit_on_errors(f"stage {name}"):
         result = STAGES[name](cfg, given, out, **params)
-    console.print_json(json.dumps({"stage": name, "out": result.out, "skipped": result.skipped,
-                                   "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}))
+    console.print_json(json.dumps(result.to_dict()))
 
 
 def merge_shards(
@@ -162,6 +162,5 @@ def merge_shards(
     ctx.with_resource(_locked(out, "arborl merge-shards"))
     with exit_on_errors("merge-shards"):
         result = merge(cfg, shards, out, iteration)
-    console.print_json(json.dumps({"stage": "sample", "out": result.out, "skipped": result.skipped,
-                                   "outputs": result.outputs, "metrics": result.metrics}))
+    console.print_json(json.dumps(result.to_dict()))
 

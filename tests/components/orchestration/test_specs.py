@@ -19,7 +19,8 @@ import pytest
 from arborl.components.config import load_config
 from arborl.components.orchestration import docker_run_spec, kubernetes_job_manifest, stage_command
 from arborl.components.orchestration.specs import workload_name
-from arborl.components.stages import STAGE_INPUTS, STAGES
+from arborl.components.stages import STAGES
+from arborl.components.stages.contract import INPUTS
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S_SCHEMA_VERSION = "1.32.0"  # the Kubernetes API version the Jobs are validated against (strict schemas)
@@ -42,7 +43,7 @@ def config(executor: str, *overrides: str):
 
 
 def stage_call(name: str, iteration: int = 3, shard: tuple[int, int] | None = None) -> tuple:
-    inputs = {key: f"{S3_ROOT}/micro/{key}-dir" for key in STAGE_INPUTS[name]}
+    inputs = {key: f"{S3_ROOT}/micro/{key}-dir" for key in INPUTS[name].required()}
     params = {"iteration": iteration} if name in ("sample", "train") else {}
     if shard is not None:
         params["shard"] = shard
