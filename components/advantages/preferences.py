@@ -31,94 +31,20 @@ Granularity report, one row per depth d:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import combinations
 
-NodeKey = tuple[str, int, int]  # (prompt_id, tree_id, node_id)
+from arborl.components.sampling.forest import Forest, NodeKey
+
 TIE = 1e-9  # value gaps below this are ties (V is a mean of float32 rewards)
 
 
-@dataclass
-class Forest:
-    """The nodes of many trees, grouped under one root per prompt, with V(n) for every node."""
-
-    nodes: dict[NodeKey, dict]
-    children: dict[NodeKey, list[NodeKey]] = field(default_factory=dict)
-    first_steps: dict[str, list[NodeKey]] = field(default_factory=dict)  # the prompt root's children
-    values: dict[NodeKey, float] = field(default_factory=dict)
-
-    def path(self, key: NodeKey) -> list[NodeKey]:
-        """Nodes from the first step down to `key`."""
-        out: list[NodeKey] = []
-        cur: NodeKey | None = key
-        while cur is not None:
-            out.append(cur)
-            parent = self.nodes[cur]["parent_id"]
-            cur = None if parent is None else (cur[0], cur[1], parent)
-        return out[::-1]
-
-    def extreme_path(self, key: NodeKey, best: bool) -> list[NodeKey]:
-        """`key`, then at each step its highest-value (best) or lowest-value child, down to a leaf."""
-        out = [key]
-        while self.children[out[-1]]:
-            pick = max if best else min
-            out.append(pick(self.children[out[-1]], key=lambda c: self.values[c]))  # first one wins ties
-        return out
-
-    def sibling_sets(self) -> Iterator[tuple[str, NodeKey | None, list[NodeKey]]]:
-        """(prompt_id, branch node — None for the prompt, children) for every branch point, in a stable order."""
-        for pid in sorted(self.first_steps):
-            if len(self.first_steps[pid]) >= 2:
-                yield pid, None, self.first_steps[pid]
-        for key in sorted(self.children):
-            if len(self.children[key]) >= 2:
-                yield key[0], key, self.children[key]
-
-
 def build_forest(nodes: list[dict], rewards: list[dict]) -> Forest:
-    """Index node rows (NODES schema) and reward rows (REWARDS schema) and compute V(n) for every node.
+    """The forest of node rows (NODES schema) with V(n) from the leaves' reward rows (REWARDS schema).
 
     Raises ValueError naming the node when a leaf has no reward, a reward has no leaf, a parent is missing,
     or a non-leaf node has no leaf below it.
     """
-    forest = Forest({(n["prompt_id"], n["tree_id"], n["node_id"]): n for n in nodes})
-    if len(forest.nodes) != len(nodes):
-        raise ValueError("nodes: duplicate (prompt_id, tree_id, node_id) rows")
-    forest.children = {k: [] for k in forest.nodes}
-    first: dict[str, list[NodeKey]] = defaultdict(list)
-    for key in sorted(forest.nodes):
-        parent = forest.nodes[key]["parent_id"]
-        if parent is None:
-            first[key[0]].append(key)
-            continue
-        pkey = (key[0], key[1], parent)
-        if pkey not in forest.nodes:
-            raise ValueError(f"nodes: node {key} has parent_id {parent}, which is not a node of its tree")
-        forest.children[pkey].append(key)
-    forest.first_steps = dict(first)
-
-    reward = {}
-    for r in rewards:
-        key = (r["prompt_id"], r["tree_id"], r["leaf_id"])
-        if key not in forest.nodes or not forest.nodes[key]["is_leaf"]:
-            raise ValueError(f"rewards: leaf_id {key} is not a leaf node")
-        reward[key] = float(r["reward"])
-    total: dict[NodeKey, float] = defaultdict(float)
-    count: dict[NodeKey, int] = defaultdict(int)
-    for key, node in forest.nodes.items():
-        if not node["is_leaf"]:
-            continue
-        if key not in reward:
-            raise ValueError(f"rewards: leaf {key} has no reward row")
-        for anc in forest.path(key):
-            total[anc] += reward[key]
-            count[anc] += 1
-    for key in forest.nodes:
-        if count[key] == 0:
-            raise ValueError(f"nodes: non-leaf node {key} has no leaf below it")
-        forest.values[key] = total[key] / count[key]
-    return forest
+    return Forest.from_rows(nodes).with_rewards(rewards)
 
 
 def _text(forest: Forest, keys: list[NodeKey]) -> str:

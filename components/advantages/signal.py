@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-from arborl.components.advantages.preferences import TIE, Forest, NodeKey
+from arborl.components.advantages.preferences import TIE
+from arborl.components.sampling.forest import Forest, NodeKey
 
 ZERO = 1e-9  # advantages below this in size are zero (a group with no spread gives exactly 0)
 

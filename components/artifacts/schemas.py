@@ -74,6 +74,15 @@ NODES = _schema(
     ],
 )
 
+PROMPT_TOKENS_FILE = "prompt_tokens.parquet"  # sample: the prompt token ids the trees grew from
+PROMPT_TOKENS = _schema(
+    "prompt_tokens",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    ],
+)
+
 REWARDS_FILE = "rewards.parquet"
 REWARDS = _schema(
     "rewards",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from arborl.components.sampling.forest import Forest
+
 TRUNCATED = ("max_turns", "length")
 POOL_CUT = "budget"
 
@@ -26,19 +28,16 @@ def mechanism_metrics(rows: list[dict]) -> dict[str, float]:
     `first_step_answer_frac`, `truncated_frac`, `pool_cut_frac`, and `truncated_depth<d>_frac` /
     `pool_cut_depth<d>_frac` (over the leaves at depth d), `truncated_round<r>_frac` / `pool_cut_round<r>_frac`
     (over the leaves of expansion round r). Fractions are of trajectories; empty batches give zeros."""
-    nodes = {(r["prompt_id"], r["tree_id"], r["node_id"]): r for r in rows}
-    leaves = [r for r in rows if r["is_leaf"]]
+    forest = Forest.from_rows(rows)
+    leaves = forest.leaves()
     calls = first_answers = truncated = cut = 0
     by_depth: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # leaves, truncated, pool-cut
     by_round: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for leaf in leaves:
-        node, first = leaf, leaf
-        while node is not None:
-            calls += _tool_call(node)
-            first = node
-            parent = node["parent_id"]
-            node = None if parent is None else nodes[(leaf["prompt_id"], leaf["tree_id"], parent)]
-        first_answers += first["action"] == "answer"
+    for key in leaves:
+        path = forest.path(key)
+        calls += sum(_tool_call(forest.nodes[k]) for k in path)
+        first_answers += forest.nodes[path[0]]["action"] == "answer"
+        leaf = forest.nodes[key]
         is_truncated, is_cut = leaf["finish_reason"] in TRUNCATED, leaf["finish_reason"] == POOL_CUT
         truncated += is_truncated
         cut += is_cut

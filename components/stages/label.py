@@ -9,49 +9,41 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from arborl.components.advantages.preferences import build_forest, granularity, node_advantage, preference_pairs
+from arborl.components.advantages.preferences import granularity, node_advantage, preference_pairs
 from arborl.components.advantages.registry import label_advantages
 from arborl.components.advantages.signal import signal_metrics
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
+from arborl.components.sampling.forest import Forest, leaf_key
 from arborl.components.sampling.mechanism import POOL_CUT
 from arborl.components.stages.base import run_stage
 from arborl.components.stages.contract import LabelInputs, StageResult
 from arborl.components.viewer.tree_html import build_html
 
 
-def without_pool_cuts(nodes: list[dict], rewards: list[dict]) -> tuple[list[dict], list[dict], int]:
-    """(nodes, rewards, count) without the leaves an exact token pool cut (finish reason `budget`, only under the
+def without_pool_cuts(forest: Forest, rewards: list[dict]) -> tuple[Forest, list[dict], int]:
+    """(forest, rewards, count) without the leaves an exact token pool cut (finish reason `budget`, only under the
     opt-in `budget.token_stop: exact`) and without the nodes that then have no leaf below them. A pool-cut
     trajectory says nothing about its actions, only that its prompt's pool ran out, so it joins no group statistic
     and no loss term (like DAPO's overlong filter); a tree or prompt group left with one member gets no advantage."""
-    key = lambda n: (n["prompt_id"], n["tree_id"], n["node_id"])  # noqa: E731
-    by_key = {key(n): n for n in nodes}
-    cut = {k for k, n in by_key.items() if n["is_leaf"] and n["finish_reason"] == POOL_CUT}
+    cut = {k for k in forest.leaves() if forest.nodes[k]["finish_reason"] == POOL_CUT}
     if not cut:
-        return nodes, rewards, 0
-    alive: set = set()
-    for k, n in by_key.items():
-        if n["is_leaf"] and k not in cut:
-            while k is not None and k not in alive:
-                alive.add(k)
-                parent = by_key[k]["parent_id"]
-                k = None if parent is None else (k[0], k[1], parent)
-    kept_rewards = [r for r in rewards if (r["prompt_id"], r["tree_id"], r["leaf_id"]) not in cut]
-    return [n for n in nodes if key(n) in alive], kept_rewards, len(cut)
+        return forest, rewards, 0
+    alive = {k for leaf in forest.leaves() if leaf not in cut for k in forest.path(leaf)}
+    kept_rewards = [r for r in rewards if leaf_key(r) not in cut]
+    return Forest.from_rows(n for k, n in forest.nodes.items() if k in alive), kept_rewards, len(cut)
 
 
 def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Advantages and token weights of every node from the leaves' rewards, then the granularity report,
     the preference pairs and the tree viewer."""
     given = LabelInputs.from_uris(inputs)
-    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    sampled = Forest.read(given.nodes)
     rewards = schemas.read(storage.join(given.rewards, schemas.REWARDS_FILE), schemas.REWARDS).to_pylist()
     est = cfg.advantage.estimator
-    all_nodes = nodes
-    nodes, rewards, excluded = without_pool_cuts(nodes, rewards)
-    leaf_rewards = {(r["prompt_id"], r["tree_id"], r["leaf_id"]): r["reward"] for r in rewards}
-    parents = {(n["prompt_id"], n["tree_id"], n["node_id"]): n["parent_id"] for n in nodes}
+    forest, rewards, excluded = without_pool_cuts(sampled, rewards)
+    leaf_rewards = {leaf_key(r): r["reward"] for r in rewards}
+    parents = forest.parents()
     labels = label_advantages(est, parents, leaf_rewards, cfg.advantage.eps)  # per leaf or per node (registry)
     leaf_adv, signal, weights = labels.leaf_advantages, labels.advantages, labels.weights
     rows = [
@@ -60,9 +52,9 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
         for k, w in sorted(weights.items())
     ]
     rows += [  # nodes only pool-cut trajectories pass through: in no loss term
-        {"prompt_id": n["prompt_id"], "tree_id": n["tree_id"], "node_id": n["node_id"], "adv_pos": 0.0,
+        {"prompt_id": k.prompt_id, "tree_id": k.tree_id, "node_id": k.node_id, "adv_pos": 0.0,
          "adv_neg": 0.0, "multiplicity": 0, "leaf_advantage": None, "estimator": est}
-        for n in all_nodes if (n["prompt_id"], n["tree_id"], n["node_id"]) not in weights
+        for k in sampled.nodes if k not in weights
     ]
     uri = storage.join(out, schemas.ADVANTAGES_FILE)
     schemas.write(rows, schemas.ADVANTAGES, uri)
@@ -75,8 +67,8 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
     }
     outputs = {"advantages": uri}
 
-    forest = build_forest(nodes, rewards)
-    trainable = {(n["prompt_id"], n["tree_id"], n["node_id"]): sum(n["loss_mask"]) for n in nodes}
+    forest.with_rewards(rewards)
+    trainable = {k: sum(n["loss_mask"]) for k, n in forest.nodes.items()}
     metrics.update(signal_metrics(forest, leaf_rewards, trainable, parents, signal, labels.estimator.per_node))
     margin = cfg.advantage.preference_margin
     report = granularity(forest, margin, {k: node_advantage(*w) for k, w in weights.items()})
@@ -92,7 +84,7 @@ def label_trees(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str
         metrics["preference_pairs"] = schemas.write(pairs, schemas.PREFERENCES, outputs["preferences"])
     if cfg.viewer.max_prompts:
         outputs["trees"] = storage.join(out, schemas.TREES_FILE)
-        page = build_html(nodes, rewards, rows, prompts, title=f"arborl trees: {out}",
+        page = build_html(forest, rewards, rows, prompts, title=f"arborl trees: {out}",
                           max_prompts=cfg.viewer.max_prompts)
         storage.write_bytes(outputs["trees"], page.encode())
     return outputs, metrics

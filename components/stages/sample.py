@@ -92,13 +92,19 @@ def check_bad_fraction(cfg: Config, stats: dict[str, dict], where: str) -> None:
         )
 
 
-def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dict[str, dict],
-            extra: dict) -> tuple[dict[str, str], dict]:
-    """Write nodes + prompt_stats (good prompts' rows, in iteration order) and return (outputs, metrics)."""
+def _finish(cfg: Config, out: str, part: str, rows: list[dict], prompt_tokens: dict[str, list[int]],
+            stats: dict[str, dict], extra: dict) -> tuple[dict[str, str], dict]:
+    """Write nodes, the prompts' token ids and prompt_stats (good prompts only, in iteration order) and return
+    (outputs, metrics). `part`: "" for a whole sample output, a shard's name suffix otherwise."""
     position = {pid: s["position"] for pid, s in stats.items()}
     rows = sorted((r for r in rows if not stats[r["prompt_id"]].get("bad")), key=lambda r: position[r["prompt_id"]])
-    nodes_uri, stats_uri = storage.join(out, nodes_name), storage.join(out, schemas.PROMPT_STATS_FILE)
+    good = sorted((pid for pid in prompt_tokens if not stats[pid].get("bad")), key=position.__getitem__)
+    nodes_uri = storage.join(out, _named(schemas.NODES_FILE, part))
+    tokens_uri = storage.join(out, _named(schemas.PROMPT_TOKENS_FILE, part))
+    stats_uri = storage.join(out, schemas.PROMPT_STATS_FILE)
     schemas.write(rows, schemas.NODES, nodes_uri)
+    schemas.write([{"prompt_id": pid, "token_ids": prompt_tokens[pid]} for pid in good], schemas.PROMPT_TOKENS,
+                  tokens_uri)
     stats, metrics = summarize(stats)
     storage.write_json(stats_uri, stats)
     bad = [{"prompt_id": pid, "reason": s["bad"]} for pid, s in sorted(stats.items(), key=lambda kv: kv[1]["position"])
@@ -107,7 +113,13 @@ def _finish(cfg: Config, out: str, nodes_name: str, rows: list[dict], stats: dic
     metrics.update(mechanism_metrics(rows))
     metrics.update({"nodes": len(rows), "bad_prompts": bad, "bad_prompt_count": len(bad),
                     "bad_prompt_fraction": len(bad) / max(len(stats), 1)})
-    return {"nodes": nodes_uri, "prompt_stats": stats_uri}, metrics
+    return {"nodes": nodes_uri, "prompt_tokens": tokens_uri, "prompt_stats": stats_uri}, metrics
+
+
+def _named(file: str, part: str) -> str:
+    """`nodes.parquet` for a whole output; `nodes-part-00001-of-00004.parquet` for a shard's part."""
+    stem, suffix = file.rsplit(".", 1)
+    return f"{stem.replace('_', '-')}-{part}.{suffix}" if part else file
 
 
 def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
@@ -148,8 +160,9 @@ def sample_nodes(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
     planned = {"plan_trees_per_prompt": sampling.trees_per_prompt,
                "plan_expansions_per_round": sampling.expansions_per_round,
                "plan_expansion_rounds": sampling.expansion_rounds}
-    name = schemas.NODES_FILE if shard is None else f"nodes-part-{index:05d}-of-{count:05d}.parquet"
-    outputs, metrics = _finish(cfg, out, name, node_rows(trees, policy_version=iteration - 1), stats, planned)
+    part = "" if shard is None else f"part-{index:05d}-of-{count:05d}"
+    outputs, metrics = _finish(cfg, out, part, node_rows(trees, policy_version=iteration - 1), dict(prompts), stats,
+                               planned)
     if shard is None:
         check_bad_fraction(cfg, stats, f"sample iteration {iteration}")
     return outputs, metrics
@@ -167,14 +180,17 @@ def run(cfg: Config, inputs: dict[str, str], out: str, iteration: int,
 def merge_shards(cfg: Config, shards: list[str], out: str, iteration: int) -> tuple[dict[str, str], dict]:
     """Join the shards' nodes and prompt stats, in iteration order, into one nodes.parquet under `out`."""
     rows: list[dict] = []
+    tokens: dict[str, list[int]] = {}
     stats: dict[str, dict] = {}
     planned: dict = {}
     for uri in shards:
         shard = StageResult.from_manifest(uri, manifests.read_manifest(uri))
         rows += schemas.read(shard.outputs["nodes"], schemas.NODES).to_pylist()
+        tokens.update({r["prompt_id"]: r["token_ids"] for r in schemas.read(
+            shard.outputs["prompt_tokens"], schemas.PROMPT_TOKENS).to_pylist()})
         stats.update(storage.read_json(shard.outputs["prompt_stats"]))
         planned.update({k: v for k, v in shard.metrics.items() if k.startswith("plan_")})
-    outputs, metrics = _finish(cfg, out, schemas.NODES_FILE, rows, stats, {**planned, "shards": len(shards)})
+    outputs, metrics = _finish(cfg, out, "", rows, tokens, stats, {**planned, "shards": len(shards)})
     check_bad_fraction(cfg, stats, f"sample iteration {iteration} ({len(shards)} shards)")
     return outputs, metrics
 

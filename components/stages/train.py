@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from arborl.components.advantages.registry import get_estimator
 from arborl.components.artifacts import manifests, model_files, schemas, storage
 from arborl.components.config import Config
+from arborl.components.sampling.forest import Forest, node_key, read_prompt_tokens
 from arborl.components.sampling.rng import train_shuffle_seed
 from arborl.components.stages.base import device, run_stage
 from arborl.components.stages.contract import StageResult, TrainInputs
@@ -153,21 +154,22 @@ def _check_fsdp(cfg: Config) -> None:
 
 def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, chat_template: str = "auto"
                     ) -> list[TreeUnit]:
-    """The labelled trees of the `nodes`, `advantages` and `world` inputs as training units, prompts
-    tokenized with `tokenizer` as sampling did (`models.row_prompt_ids`)."""
+    """The labelled trees of the `nodes`, `advantages` and `world` inputs as training units, each after the prompt
+    token ids it was sampled from (a sample output written before they were saved: its prompts tokenized with
+    `tokenizer` again, as sampling did, `models.row_prompt_ids`)."""
     given = TrainInputs.from_uris(inputs)
-    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    forest = Forest.read(given.nodes)
     adv = schemas.read(storage.join(given.advantages, schemas.ADVANTAGES_FILE), schemas.ADVANTAGES).to_pylist()
-    leaf_adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): a["leaf_advantage"]
-                for a in adv if a["leaf_advantage"] is not None}
-    wanted = {n["prompt_id"] for n in nodes}
-    prompts = {p["prompt_id"]: row_prompt_ids(tokenizer, p, chat_template)
-               for p in schemas.read_prompts(given.world) if p["prompt_id"] in wanted}
+    leaf_adv = {node_key(a): a["leaf_advantage"] for a in adv if a["leaf_advantage"] is not None}
+    prompts = read_prompt_tokens(given.nodes)
+    if prompts is None:
+        wanted = {k.prompt_id for k in forest.nodes}
+        prompts = {p["prompt_id"]: row_prompt_ids(tokenizer, p, chat_template)
+                   for p in schemas.read_prompts(given.world) if p["prompt_id"] in wanted}
     per_node = None  # labelled by a per-node estimator (registry kind "node"): the weights as labelled
     if any(get_estimator(name).per_node for name in {a["estimator"] for a in adv}):
-        per_node = {(a["prompt_id"], a["tree_id"], a["node_id"]): (a["adv_pos"], a["adv_neg"], a["multiplicity"])
-                    for a in adv}
-    return build_units(prompts, nodes, leaf_adv, node_weights=per_node)
+        per_node = {node_key(a): (a["adv_pos"], a["adv_neg"], a["multiplicity"]) for a in adv}
+    return build_units(prompts, list(forest.nodes.values()), leaf_adv, node_weights=per_node)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 
 from arborl.components.artifacts import schemas, storage
 from arborl.components.config import Config
+from arborl.components.sampling.forest import Forest, leaf_key
 from arborl.components.stages.base import run_stage
 from arborl.components.stages.contract import StageResult, VerifyInputs
 from arborl.components.verification.calls import sample_from_prompt
@@ -19,20 +20,9 @@ from arborl.components.verification.scoring import RewardErrors, check_reward_er
 __all__ = ["RewardErrors", "leaf_responses", "run", "verify_leaves"]
 
 
-def leaf_responses(nodes: list[dict]) -> list[tuple[str, int, int, str]]:
-    """(prompt_id, tree_id, leaf_id, response text along the root→leaf path) for every leaf."""
-    by_key = {(n["prompt_id"], n["tree_id"], n["node_id"]): n for n in nodes}
-    out = []
-    for n in nodes:
-        if not n["is_leaf"]:
-            continue
-        texts, cur = [], n
-        while cur is not None:
-            texts.append(cur["text"])
-            parent = cur["parent_id"]
-            cur = None if parent is None else by_key[(n["prompt_id"], n["tree_id"], parent)]
-        out.append((n["prompt_id"], n["tree_id"], n["node_id"], " ".join(reversed(texts))))
-    return out
+def leaf_responses(forest: Forest) -> list[tuple[str, int, int, str]]:
+    """(prompt_id, tree_id, leaf_id, response text along the root→leaf path) for every leaf, in row order."""
+    return [(*key, forest.response(key)) for key in forest.leaves()]
 
 
 def _metric_name(verifier: str) -> str:
@@ -43,14 +33,14 @@ def _metric_name(verifier: str) -> str:
 def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Score every leaf's root→leaf response with its prompt's reward → rewards.parquet."""
     given = VerifyInputs.from_uris(inputs)
-    nodes = schemas.read(storage.join(given.nodes, schemas.NODES_FILE), schemas.NODES).to_pylist()
+    forest = Forest.read(given.nodes)
     prompts = {p["prompt_id"]: p for p in schemas.read_prompts(given.world)}
-    leaves = leaf_responses(nodes)
+    leaves = leaf_responses(forest)
     samples = []
     for pid, tid, leaf, response in leaves:
         if pid not in prompts:
             raise KeyError(
-                f"{inputs['nodes']}/{schemas.NODES_FILE}: prompt_id {pid!r} (tree {tid}, leaf {leaf}) "
+                f"{given.nodes}/{schemas.NODES_FILE}: prompt_id {pid!r} (tree {tid}, leaf {leaf}) "
                 "has no ground truth"
             )
         samples.append(sample_from_prompt(prompts[pid], response))
@@ -59,8 +49,8 @@ def verify_leaves(cfg: Config, inputs: dict[str, str], out: str) -> tuple[dict[s
         row = {"reward": o.reward, "correct": o.correct, "f1": o.f1, "error": o.error,
                "details": json.dumps(o.details, default=str)}
         rows.append({"prompt_id": pid, "tree_id": tid, "leaf_id": leaf, "verifier": o.verifier, **row})
-    check_reward_errors([((r["prompt_id"], r["tree_id"], r["leaf_id"]), r["verifier"], r["error"]) for r in rows],
-                        cfg.verify.max_error_fraction, f"verify ({inputs['nodes']})")
+    check_reward_errors([(leaf_key(r), r["verifier"], r["error"]) for r in rows],
+                        cfg.verify.max_error_fraction, f"verify ({given.nodes})")
     uri = storage.join(out, schemas.REWARDS_FILE)
     schemas.write(rows, schemas.REWARDS, uri)
     n = max(len(rows), 1)

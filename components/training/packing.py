@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from arborl.components.sampling.forest import Forest
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -67,9 +69,7 @@ def build_units(
 
     `node_weights` (per-node estimators such as `process`): (A⁺, A⁻, m) for every node, applied to its
     trainable tokens as they are; `leaf_advantage` is then ignored and every tree is kept."""
-    by_tree: dict[tuple[str, int], dict[int, dict]] = {}
-    for n in nodes:
-        by_tree.setdefault((n["prompt_id"], n["tree_id"]), {})[n["node_id"]] = n
+    by_tree = Forest.from_rows(nodes).trees()
     labelled = node_weights if node_weights is not None else leaf_advantage
     for pid, tid, nid in labelled:
         if nid not in by_tree.get((pid, tid), {}):

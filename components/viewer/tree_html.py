@@ -12,8 +12,9 @@ from __future__ import annotations
 import html
 import json
 
-from arborl.components.advantages.preferences import build_forest, node_advantage
+from arborl.components.advantages.preferences import node_advantage
 from arborl.components.envs.protocol import INFO_CLOSE, INFO_OPEN
+from arborl.components.sampling.forest import Forest, leaf_key, node_key
 
 
 def split_step(text: str) -> tuple[str, str]:
@@ -30,16 +31,15 @@ def _json_for_script(data: object) -> str:
     return json.dumps(data, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def tree_data(nodes: list[dict], rewards: list[dict], advantages: list[dict], prompts: dict[str, str],
+def tree_data(trees: Forest, rewards: list[dict], advantages: list[dict], prompts: dict[str, str],
               max_prompts: int | None = None) -> dict:
     """The page's data: the first `max_prompts` prompts (by prompt_id) with one record per node."""
-    prompt_ids = sorted({n["prompt_id"] for n in nodes})
+    prompt_ids = sorted({k.prompt_id for k in trees.nodes})
     shown = set(prompt_ids[:max_prompts] if max_prompts is not None else prompt_ids)
-    nodes = [n for n in nodes if n["prompt_id"] in shown]
     rewards = [r for r in rewards if r["prompt_id"] in shown]
-    forest = build_forest(nodes, rewards)
-    reward = {(r["prompt_id"], r["tree_id"], r["leaf_id"]): r for r in rewards}
-    adv = {(a["prompt_id"], a["tree_id"], a["node_id"]): node_advantage(a["adv_pos"], a["adv_neg"], a["multiplicity"])
+    forest = Forest.from_rows(n for k, n in trees.nodes.items() if k.prompt_id in shown).with_rewards(rewards)
+    reward = {leaf_key(r): r for r in rewards}
+    adv = {node_key(a): node_advantage(a["adv_pos"], a["adv_neg"], a["multiplicity"])
            for a in advantages if a["prompt_id"] in shown}
     records = []
     for key in sorted(forest.nodes):
@@ -61,11 +61,11 @@ def tree_data(nodes: list[dict], rewards: list[dict], advantages: list[dict], pr
     }
 
 
-def build_html(nodes: list[dict], rewards: list[dict], advantages: list[dict], prompts: dict[str, str],
+def build_html(trees: Forest, rewards: list[dict], advantages: list[dict], prompts: dict[str, str],
                title: str = "arborl trees", max_prompts: int | None = None) -> str:
-    """One HTML document drawing the trees of node rows (NODES), reward rows (REWARDS) and advantage rows
+    """One HTML document drawing the sampled trees with their reward rows (REWARDS) and advantage rows
     (ADVANTAGES); `prompts` maps prompt_id → prompt text. Only the first `max_prompts` prompts are drawn."""
-    data = tree_data(nodes, rewards, advantages, prompts, max_prompts)
+    data = tree_data(trees, rewards, advantages, prompts, max_prompts)
     return (_PAGE.replace("__TITLE__", html.escape(title))
             .replace("__DATA__", _json_for_script(data)))
 

@@ -11,6 +11,7 @@ from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import Config, WorldConfig
 from arborl.components.envs.retriever import FTSRetriever, RetrieverError
 from arborl.components.envs.world import QUESTION_TEMPLATE
+from arborl.components.sampling.forest import read_prompt_tokens
 from arborl.components.stages import prepare, sample
 from arborl.components.training.models import save_policy
 
@@ -63,6 +64,8 @@ def test_two_shards_give_the_same_trees_as_one(dirs):
                     for p in parts]
     assert part_prompts[0] and part_prompts[1] and not part_prompts[0] & part_prompts[1]
     merged = sample.merge(cfg, [p.out for p in parts], out2, iteration=1)
+    whole_tokens = read_prompt_tokens(whole.out)  # the prompts as sampled, for train: merged like the nodes
+    assert whole_tokens and read_prompt_tokens(merged.out) == whole_tokens
 
     a = schemas.read(whole.outputs["nodes"], schemas.NODES).to_pylist()
     b = schemas.read(merged.outputs["nodes"], schemas.NODES).to_pylist()

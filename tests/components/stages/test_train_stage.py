@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from arborl.components.artifacts import manifests, schemas, storage
 from arborl.components.config import load_config
+from arborl.components.sampling.forest import read_prompt_tokens
 from arborl.components.stages import label, prepare, sample, train, warmstart
 from arborl.components.stages.train import CHECKPOINT_DIR
 from arborl.components.training import training_state
@@ -49,6 +50,28 @@ def inputs(tmp_path_factory) -> dict[str, str]:
                            started=time.time())
     advantages = label.run(cfg, {"nodes": nodes, "rewards": verify_out, "world": world}, str(root / "label")).out
     return {"model": model, "nodes": nodes, "advantages": advantages, "world": world}
+
+
+def test_train_reads_the_prompt_tokens_sampling_saved_and_an_older_output_still_trains(inputs, tmp_path):
+    from arborl.components.training.models import load_policy
+
+    _, tokenizer = load_policy(inputs["model"])
+    saved = read_prompt_tokens(inputs["nodes"])
+    units = train.load_tree_units(inputs, tokenizer)
+    assert units and all(u.input_ids[: len(saved[u.key[0]])].tolist() == saved[u.key[0]] for u in units)
+    # what train uses is the file: other ids there give other units
+    changed = tmp_path / "changed"
+    shutil.copytree(inputs["nodes"], changed)
+    schemas.write([{"prompt_id": pid, "token_ids": [*ids, ids[-1]]} for pid, ids in saved.items()],
+                  schemas.PROMPT_TOKENS, str(changed / schemas.PROMPT_TOKENS_FILE))
+    longer = train.load_tree_units({**inputs, "nodes": str(changed)}, tokenizer)
+    assert [u.num_tokens for u in longer] == [u.num_tokens + 1 for u in units]
+    # a sample output from before the file existed: the prompts are tokenized again, to the same ids
+    old = tmp_path / "old"
+    shutil.copytree(inputs["nodes"], old)
+    (old / schemas.PROMPT_TOKENS_FILE).unlink()
+    again = train.load_tree_units({**inputs, "nodes": str(old)}, tokenizer)
+    assert [u.input_ids.tolist() for u in again] == [u.input_ids.tolist() for u in units]
 
 
 def _command(inputs: dict[str, str], out: Path, *overrides: str) -> list[str]:

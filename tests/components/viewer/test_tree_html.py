@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from arborl.components.sampling.forest import Forest
 from arborl.components.viewer.tree_html import build_html, split_step, tree_data
 
 OBS = "<information> ann was born in rome . </information>"
@@ -56,20 +57,21 @@ def test_split_step():
 
 
 def test_tree_data_values_advantages_and_prompt_limit():
-    data = tree_data(NODES, REWARDS, ADVANTAGES, PROMPTS)
+    data = tree_data(Forest.from_rows(NODES), REWARDS, ADVANTAGES, PROMPTS)
     by = {n["key"]: n for n in data["nodes"]}
     assert len(by) == 5 and data["total_prompts"] == 1
     assert by["p1|0|0"]["value"] == pytest.approx(0.6) and by["p1|0|0"]["advantage"] == pytest.approx(-0.25)
     assert by["p1|0|0"]["observation"] == OBS and by["p1|0|0"]["parent"] is None
     assert by["p1|0|2"]["parent"] == "p1|0|0" and by["p1|0|2"]["reward"] == pytest.approx(0.2)
     other = [{**n, "prompt_id": "p0"} for n in NODES]
-    two = tree_data(NODES + other, REWARDS + [{**r, "prompt_id": "p0"} for r in REWARDS], ADVANTAGES, PROMPTS, 1)
+    both = Forest.from_rows(NODES + other)
+    two = tree_data(both, REWARDS + [{**r, "prompt_id": "p0"} for r in REWARDS], ADVANTAGES, PROMPTS, 1)
     assert [p["prompt_id"] for p in two["prompts"]] == ["p0"] and two["total_prompts"] == 2
     assert {n["prompt_id"] for n in two["nodes"]} == {"p0"} and two["nodes"][0]["advantage"] is None
 
 
 def test_page_is_self_contained_and_escapes_script_text():
-    page = build_html(NODES, REWARDS, ADVANTAGES, PROMPTS, title="t <1>")
+    page = build_html(Forest.from_rows(NODES), REWARDS, ADVANTAGES, PROMPTS, title="t <1>")
     assert page.count("</script>") == 2  # the data block and the code block; the node text's one is escaped
     assert "<title>t &lt;1&gt;</title>" in page
     for ref in ("http://", "https://", "src=", "href=", "@import", "fetch(", "XMLHttpRequest"):
@@ -161,7 +163,7 @@ def browser(tmp_path):
 
 def test_viewer_renders_in_chromium_and_shows_text_on_click(browser, tmp_path):
     html_file = tmp_path / "trees.html"
-    html_file.write_text(build_html(NODES, REWARDS, ADVANTAGES, PROMPTS), encoding="utf-8")
+    html_file.write_text(build_html(Forest.from_rows(NODES), REWARDS, ADVANTAGES, PROMPTS), encoding="utf-8")
     browser.call("Network.enable")
     browser.call("Page.enable")
     browser.call("Page.navigate", url=html_file.as_uri())
