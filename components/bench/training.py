@@ -38,7 +38,7 @@ def sample_labelled_trees(cfg: Config, workdir: str, warmstart_steps: int) -> tu
     labels = STAGES["label"](cfg, {"nodes": nodes, "rewards": rewards, "world": world},
                              storage.join(workdir, "label")).out
     _, tokenizer = load_policy(model, "cpu")
-    return model, load_tree_units({"nodes": nodes, "advantages": labels, "world": world}, tokenizer)
+    return model, load_tree_units(nodes, labels, world, tokenizer)
 
 
 def _prepared_rows(model, units: list[TreeUnit], form: str, cfg: Config, pad_id: int):

@@ -152,20 +152,19 @@ def _check_fsdp(cfg: Config) -> None:
                          "use 'ddp' with train.lora.enabled or train.save_every_steps")
 
 
-def load_tree_units(inputs: dict[str, str], tokenizer: PreTrainedTokenizerBase, chat_template: str = "auto"
-                    ) -> list[TreeUnit]:
-    """The labelled trees of the `nodes`, `advantages` and `world` inputs as training units, each after the prompt
-    token ids it was sampled from (a sample output written before they were saved: its prompts tokenized with
-    `tokenizer` again, as sampling did, `models.row_prompt_ids`)."""
-    given = TrainInputs.from_uris(inputs)
-    forest = Forest.read(given.nodes)
-    adv = schemas.read(storage.join(given.advantages, schemas.ADVANTAGES_FILE), schemas.ADVANTAGES).to_pylist()
+def load_tree_units(nodes: str, advantages: str, world: str, tokenizer: PreTrainedTokenizerBase,
+                    chat_template: str = "auto") -> list[TreeUnit]:
+    """The labelled trees of the sample output `nodes` and the label output `advantages` as training units, each
+    after the prompt token ids it was sampled from (a sample output written before they were saved: the prompts
+    of the prepare output `world` tokenized with `tokenizer` again, as sampling did, `models.row_prompt_ids`)."""
+    forest = Forest.read(nodes)
+    adv = schemas.read(storage.join(advantages, schemas.ADVANTAGES_FILE), schemas.ADVANTAGES).to_pylist()
     leaf_adv = {node_key(a): a["leaf_advantage"] for a in adv if a["leaf_advantage"] is not None}
-    prompts = read_prompt_tokens(given.nodes)
+    prompts = read_prompt_tokens(nodes)
     if prompts is None:
         wanted = {k.prompt_id for k in forest.nodes}
         prompts = {p["prompt_id"]: row_prompt_ids(tokenizer, p, chat_template)
-                   for p in schemas.read_prompts(given.world) if p["prompt_id"] in wanted}
+                   for p in schemas.read_prompts(world) if p["prompt_id"] in wanted}
     per_node = None  # labelled by a per-node estimator (registry kind "node"): the weights as labelled
     if any(get_estimator(name).per_node for name in {a["estimator"] for a in adv}):
         per_node = {node_key(a): (a["adv_pos"], a["adv_neg"], a["multiplicity"]) for a in adv}
@@ -208,7 +207,7 @@ def setup(cfg: Config, inputs: dict[str, str], dist: distributed.Dist) -> TrainS
     if dist.mode != "fsdp":  # FSDP's optimizer state is sharded; it starts fresh each iteration
         _carry_optimizer_state(optimizer, given.model, state, cfg.train.lr)
     del state  # the moments are in the optimizer now
-    units = load_tree_units(inputs, tokenizer, cfg.model.chat_template)
+    units = load_tree_units(given.nodes, given.advantages, given.world, tokenizer, cfg.model.chat_template)
     return TrainSetup(model, wrapped, tokenizer, optimizer, _reference(cfg, given, here), lora_base, units, here,
                       attention)
 

@@ -14,6 +14,7 @@ from arborl.components.artifacts import manifests, storage
 from arborl.components.config import load_config
 from arborl.components.orchestration import KubernetesExecutor, StageFailed, SubprocessExecutor, make_executor
 from arborl.components.stages import STAGES
+from arborl.components.stages.contract import StageResult
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -38,17 +39,17 @@ def test_a_stage_in_a_child_process_returns_the_in_process_result_and_a_rerun_is
     result = SubprocessExecutor(cfg).run("prepare", config_uri, {}, out, {})
     local = STAGES["prepare"](cfg, {}, str(tmp_path / "inprocess"))
 
-    assert set(result) == {"stage", "out", "outputs", "metrics", "seconds", "skipped"}
-    assert (result["stage"], result["out"], result["skipped"]) == ("prepare", out, False)
-    assert result["metrics"] == local.metrics and result["metrics"]["train_prompts"] == 60
-    assert set(result["outputs"]) == set(local.outputs)
-    for key, uri in result["outputs"].items():
+    assert isinstance(result, StageResult)
+    assert (result.stage, result.out, result.skipped) == ("prepare", out, False)
+    assert result.metrics == local.metrics and result.metrics["train_prompts"] == 60
+    assert set(result.outputs) == set(local.outputs)
+    for key, uri in result.outputs.items():
         assert Path(uri).read_bytes() == Path(local.outputs[key]).read_bytes(), key
 
     manifest = Path(out) / "_manifest.json"
     written = manifest.stat().st_mtime_ns
     again = SubprocessExecutor(cfg).run("prepare", config_uri, {}, out, {})
-    assert again["skipped"] is True and again["metrics"] == result["metrics"]
+    assert again.skipped is True and again.metrics == result.metrics
     assert manifest.stat().st_mtime_ns == written
 
 
@@ -61,10 +62,10 @@ def test_a_stage_process_reads_its_config_from_s3_and_writes_there(s3_bucket):
     assert config_uri == f"{root}/runs/micro/config.json"
     out = f"{root}/runs/micro/prepare"
     result = SubprocessExecutor(cfg).run("prepare", config_uri, {}, out, {})
-    assert result["skipped"] is False and result["metrics"]["test_prompts"] == 12
+    assert result.skipped is False and result.metrics["test_prompts"] == 12
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="arborl-test", Prefix="runs/micro/prepare/")["Contents"]}
     assert "runs/micro/prepare/_manifest.json" in keys
-    assert manifests.read_manifest(out)["metrics"] == result["metrics"]
+    assert manifests.read_manifest(out)["metrics"] == result.metrics
 
 
 @pytest.mark.slow  # starts processes

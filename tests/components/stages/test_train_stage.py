@@ -57,20 +57,20 @@ def test_train_reads_the_prompt_tokens_sampling_saved_and_an_older_output_still_
 
     _, tokenizer = load_policy(inputs["model"])
     saved = read_prompt_tokens(inputs["nodes"])
-    units = train.load_tree_units(inputs, tokenizer)
+    units = train.load_tree_units(inputs["nodes"], inputs["advantages"], inputs["world"], tokenizer)
     assert units and all(u.input_ids[: len(saved[u.key[0]])].tolist() == saved[u.key[0]] for u in units)
     # what train uses is the file: other ids there give other units
     changed = tmp_path / "changed"
     shutil.copytree(inputs["nodes"], changed)
     schemas.write([{"prompt_id": pid, "token_ids": [*ids, ids[-1]]} for pid, ids in saved.items()],
                   schemas.PROMPT_TOKENS, str(changed / schemas.PROMPT_TOKENS_FILE))
-    longer = train.load_tree_units({**inputs, "nodes": str(changed)}, tokenizer)
+    longer = train.load_tree_units(str(changed), inputs["advantages"], inputs["world"], tokenizer)
     assert [u.num_tokens for u in longer] == [u.num_tokens + 1 for u in units]
     # a sample output from before the file existed: the prompts are tokenized again, to the same ids
     old = tmp_path / "old"
     shutil.copytree(inputs["nodes"], old)
     (old / schemas.PROMPT_TOKENS_FILE).unlink()
-    again = train.load_tree_units({**inputs, "nodes": str(old)}, tokenizer)
+    again = train.load_tree_units(str(old), inputs["advantages"], inputs["world"], tokenizer)
     assert [u.input_ids.tolist() for u in again] == [u.input_ids.tolist() for u in units]
 
 
