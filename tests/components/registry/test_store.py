@@ -5,32 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from mlflow import MlflowClient
-
 from arborl.components.artifacts import storage
-from arborl.components.config import Config
 from arborl.components.registry.gate import CHALLENGER
 from arborl.components.registry.store import register_final_model, run_versions
-from arborl.components.tracking.mlflow_run import Tracker
 from arborl.components.training.models import save_policy
-
-
-@pytest.fixture
-def tracked_run(tmp_path, tokenizer, tiny_model, monkeypatch):
-    """A run of a fresh store under tmp_path/runs, a saved tiny model, and an empty working directory."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    cfg = Config(run={"output_root": str(tmp_path / "runs"), "name": "reg"}, registry={"model_name": "reg-model"},
-                 tracking={"experiment": "reg-experiment"})
-    root = storage.join(cfg.run.output_root, cfg.run.name)
-    tracker = Tracker(cfg, root)
-    model_dir = str(tmp_path / "model")
-    save_policy(tiny_model, tokenizer, model_dir)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    return cfg, tracker.run_id, model_dir, client, cwd
 
 
 def test_registering_twice_for_one_run_gives_one_version(tracked_run):
@@ -86,15 +64,3 @@ def test_a_version_is_tagged_with_its_weights_and_other_weights_are_another_vers
     second = register_final_model(cfg, run_id, model_dir, {"test_em": 0.6})
     assert second != first
     assert client.get_model_version(cfg.registry.model_name, second).tags[WEIGHTS_TAG] == weights_digest(model_dir)
-
-
-def test_promote_refuses_a_run_root_outside_the_output_root(tracked_run, tmp_path):
-    from arborl.components.registry.promotion import promote
-    from arborl.components.stages.evaluate import evaluate_model
-
-    cfg, run_id, model_dir, client, _ = tracked_run
-    version = register_final_model(cfg, run_id, model_dir, {"test_em": 0.5},
-                                   extra_tags={"arborl.run_root": str(tmp_path / "elsewhere")})
-    with pytest.raises(ValueError, match=r"arborl.run_root=.*elsewhere.* lies outside run.output_root"):
-        promote(cfg, evaluate_model)
-    assert not (tmp_path / "elsewhere").exists() and version == "1"
